@@ -1,0 +1,1 @@
+"""Command-line entry points. `tools/*.py` and the `detkit-*` console scripts call these `main`s."""

@@ -1,0 +1,32 @@
+"""detkit's user-facing exceptions.
+
+Every mistake a user can make (a bad config key, a missing file, an unreadable image, a broken
+annotation) raises a subclass of `DetkitError` whose message names the offending file/key/value and
+says what to do. The tools catch `DetkitError` at their boundary and print the message alone (the
+traceback only with `--debug`).
+"""
+
+
+class DetkitError(Exception):
+    """Base class of the errors detkit reports to users as one clear message."""
+
+
+class ConfigError(DetkitError):
+    """An unknown key, a wrong type or an invalid value in a YAML config or a CLI override."""
+
+
+class DataError(DetkitError):
+    """A dataset, annotation file or image that cannot be used as given."""
+
+
+class ImageReadError(DataError):
+    """One image file that cannot be decoded (corrupt, truncated, empty, not an image)."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot read image {self.path}: {reason}")
+
+
+class CheckpointError(DetkitError):
+    """A checkpoint or weights file that is missing, unsafe or does not fit the model."""

@@ -1,0 +1,88 @@
+"""The detector and its stages; `build_model(cfg)` turns a config into a ready model."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from detkit.modeling.backbone import ResNetTrunk, build_res5
+from detkit.modeling.detector import FasterRCNN
+from detkit.modeling.roi_heads import Res5ROIHeads
+from detkit.modeling.rpn import RPN
+from detkit.modeling.weights import load_backbone_weights, load_detector_weights
+
+__all__ = ["FasterRCNN", "RPN", "Res5ROIHeads", "ResNetTrunk", "build_model", "build_res5"]
+
+
+def build_model(cfg, device: Optional[torch.device | str] = None, load_weights: bool = True) -> FasterRCNN:
+    """FasterRCNN from a `detkit.config.Config` (or its `model` section).
+
+    Loads `model.backbone.weights`, then `model.weights` (which wins where both have a tensor).
+    """
+    m = getattr(cfg, "model", cfg)
+    b = m.backbone
+    trunk = ResNetTrunk(
+        depth=m.depth, norm=b.norm, freeze_at=b.freeze_at, stride_in_1x1=b.stride_in_1x1, shortcut=b.shortcut
+    )
+    res5, res5_channels = build_res5(
+        depth=m.depth, norm=b.norm, freeze=b.freeze_at >= 5, stride_in_1x1=b.stride_in_1x1, shortcut=b.shortcut
+    )
+    r = m.rpn
+    rpn = RPN(
+        in_channels=trunk.out_channels,
+        anchor_sizes=r.anchor_sizes,
+        aspect_ratios=r.aspect_ratios,
+        anchor_stride=r.anchor_stride,
+        iou_thresholds=r.iou_thresholds,
+        allow_low_quality_matches=r.allow_low_quality_matches,
+        batch_size_per_image=r.batch_size_per_image,
+        positive_fraction=r.positive_fraction,
+        bbox_reg_weights=r.bbox_reg_weights,
+        smooth_l1_beta=r.smooth_l1_beta,
+        loss_weight=r.loss_weight,
+        pre_nms_topk=(r.pre_nms_topk_train, r.pre_nms_topk_test),
+        post_nms_topk=(r.post_nms_topk_train, r.post_nms_topk_test),
+        nms_thresh=r.nms_thresh,
+        min_box_size=r.min_box_size,
+    )
+    h = m.roi_heads
+    roi_heads = Res5ROIHeads(
+        res5=res5,
+        res5_out_channels=res5_channels,
+        num_classes=m.num_classes,
+        feature_stride=trunk.stride,
+        batch_size_per_image=h.batch_size_per_image,
+        positive_fraction=h.positive_fraction,
+        iou_threshold=h.iou_threshold,
+        pooler_resolution=h.pooler_resolution,
+        sampling_ratio=h.sampling_ratio,
+        aligned=h.aligned,
+        bbox_reg_weights=h.bbox_reg_weights,
+        smooth_l1_beta=h.smooth_l1_beta,
+        cls_agnostic_bbox_reg=h.cls_agnostic_bbox_reg,
+        score_thresh=h.score_thresh,
+        nms_thresh=h.nms_thresh,
+        detections_per_image=h.detections_per_image,
+    )
+    model = FasterRCNN(
+        backbone=trunk,
+        rpn=rpn,
+        roi_heads=roi_heads,
+        pixel_mean=m.pixel_mean,
+        pixel_std=m.pixel_std,
+        input_format=m.input_format,
+    )
+    if load_weights and b.weights:
+        load_backbone_weights(model, b.weights)
+    if load_weights and m.weights:
+        load_detector_weights(model, m.weights)
+    if device is not None:
+        model.to(device)
+    if m.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if m.compile:
+        # Module.compile() compiles in place: parameter names (and so checkpoints) stay the same.
+        model.backbone.compile()
+        model.roi_heads.res5.compile()
+    return model

@@ -1,0 +1,267 @@
+"""ResNet split for the C4 detector: a trunk (stem, res2, res3, res4) and res5 for the RoI head.
+
+Shapes: N images, H x W the padded input. The trunk maps (N, 3, H, W) to the res4 map
+(N, C4, H/16, W/16) with C4 = 1024 for Bottleneck depths (50/101/152) and 256 for 18/34; res5 maps
+RoI crops (R, C4, 14, 14) to (R, C5, 7, 7) with C5 = 2048 (or 512).
+
+Parameter names follow torchvision's ResNet (`conv1`, `bn1`, `layer1`..`layer4`, blocks with
+`conv1..3`, `bn1..3`, `downsample.0/1`), so its ImageNet state dicts load without renaming:
+layer1..layer3 live in the trunk, layer4 is `res5` in the RoI head.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+# depth -> (block kind, blocks in res2..res5)
+RESNET_SPECS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm with fixed statistics and affine parameters, all stored as buffers.
+
+    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, folded into one scale and
+    shift. Buffers (not parameters) so an optimizer never sees them; names match nn.BatchNorm2d so
+    torchvision checkpoints load into it.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features) - eps)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # nn.BatchNorm2d checkpoints carry a counter that has no meaning here.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        # (C,) -> (1, C, 1, 1); in the input's dtype so bf16/fp16 activations stay in that dtype.
+        return x * scale.reshape(1, -1, 1, 1).to(x.dtype) + shift.reshape(1, -1, 1, 1).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+    @classmethod
+    def convert(cls, module: nn.Module) -> nn.Module:
+        """Replace every BatchNorm / SyncBatchNorm in `module` by a FrozenBatchNorm2d with its values."""
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            frozen = cls(module.num_features, module.eps)
+            if module.affine:
+                frozen.weight.copy_(module.weight.detach())
+                frozen.bias.copy_(module.bias.detach())
+            if module.running_mean is not None:
+                frozen.running_mean.copy_(module.running_mean)
+                frozen.running_var.copy_(module.running_var)
+            return frozen
+        for name, child in module.named_children():
+            new_child = cls.convert(child)
+            if new_child is not child:
+                setattr(module, name, new_child)
+        return module
+
+
+def make_norm(kind: str) -> Callable[[int], nn.Module]:
+    """Norm layer factory: 'FrozenBN' | 'BN' | 'SyncBN' | 'GN' (32 groups)."""
+    if kind == "FrozenBN":
+        return FrozenBatchNorm2d
+    if kind == "BN":
+        return nn.BatchNorm2d
+    if kind == "SyncBN":
+        return nn.SyncBatchNorm
+    if kind == "GN":
+        return lambda channels: nn.GroupNorm(32, channels)
+    raise ValueError(f"unknown norm {kind!r}: use FrozenBN, BN, SyncBN or GN")
+
+
+def conv_init_(conv: nn.Conv2d) -> None:
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
+class PadShortcut(nn.Module):
+    """Option A shortcut of the ResNet paper: subsample spatially, zero-pad the new channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.extra_channels = out_channels - in_channels
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        # (N, C_in, h, w) -> (N, C_out, h, w): zero channels appended.
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+
+
+def make_shortcut(
+    in_channels: int, out_channels: int, stride: int, shortcut: str, norm: Callable[[int], nn.Module]
+) -> Optional[nn.Module]:
+    """None (identity), a PadShortcut (option A) or a 1x1 projection conv + norm (options B, C)."""
+    changes_shape = in_channels != out_channels or stride != 1
+    if shortcut == "C" or (shortcut == "B" and changes_shape):
+        conv = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+        conv_init_(conv)
+        return nn.Sequential(conv, norm(out_channels))
+    if shortcut == "A" and changes_shape:
+        if out_channels < in_channels:
+            raise ValueError("shortcut A cannot reduce channels")
+        return PadShortcut(in_channels, out_channels, stride)
+    if shortcut not in ("A", "B", "C"):
+        raise ValueError(f"unknown shortcut option {shortcut!r}: use A, B or C")
+    return None
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (ResNet-18/34)."""
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, channels: int, stride: int, *, norm, shortcut: str, stride_in_1x1: bool = False):
+        super().__init__()
+        out_channels = channels * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = norm(channels)
+        self.conv2 = nn.Conv2d(channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = norm(out_channels)
+        self.downsample = make_shortcut(in_channels, out_channels, stride, shortcut, norm)
+        for conv in (self.conv1, self.conv2):
+            conv_init_(conv)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu_(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu_(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3, 1x1 expand (ResNet-50/101/152).
+
+    stride_in_1x1: put the stride in the first 1x1 conv (MSRA/Caffe2 weights) instead of the 3x3
+    (torchvision weights, "ResNet v1.5").
+    """
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, channels: int, stride: int, *, norm, shortcut: str, stride_in_1x1: bool = False):
+        super().__init__()
+        out_channels = channels * self.expansion
+        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = nn.Conv2d(in_channels, channels, 1, stride=stride_1x1, bias=False)
+        self.bn1 = norm(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride=stride_3x3, padding=1, bias=False)
+        self.bn2 = norm(channels)
+        self.conv3 = nn.Conv2d(channels, out_channels, 1, bias=False)
+        self.bn3 = norm(out_channels)
+        self.downsample = make_shortcut(in_channels, out_channels, stride, shortcut, norm)
+        for conv in (self.conv1, self.conv2, self.conv3):
+            conv_init_(conv)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu_(self.bn1(self.conv1(x)))
+        out = F.relu_(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu_(out + identity)
+
+
+def make_stage(block_cls, in_channels: int, channels: int, num_blocks: int, first_stride: int, **block_kwargs) -> nn.Sequential:
+    blocks = []
+    for i in range(num_blocks):
+        blocks.append(block_cls(in_channels, channels, first_stride if i == 0 else 1, **block_kwargs))
+        in_channels = channels * block_cls.expansion
+    return nn.Sequential(*blocks)
+
+
+def freeze_(module: nn.Module) -> None:
+    """No gradients for `module`, and its BatchNorms become FrozenBatchNorm2d."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    FrozenBatchNorm2d.convert(module)
+
+
+class ResNetTrunk(nn.Module):
+    """Stem + res2 + res3 + res4: (N, 3, H, W) -> (N, out_channels, H/16, W/16)."""
+
+    def __init__(
+        self,
+        *,
+        depth: int = 101,
+        norm: str = "FrozenBN",
+        freeze_at: int = 2,
+        stride_in_1x1: bool = False,
+        shortcut: str = "B",
+    ):
+        super().__init__()
+        if depth not in RESNET_SPECS:
+            raise ValueError(f"ResNet depth {depth} not supported: use one of {sorted(RESNET_SPECS)}")
+        kind, blocks = RESNET_SPECS[depth]
+        block_cls = BasicBlock if kind == "basic" else Bottleneck
+        norm_layer = make_norm(norm)
+        kwargs = dict(norm=norm_layer, shortcut=shortcut, stride_in_1x1=stride_in_1x1)
+
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        conv_init_(self.conv1)
+        self.bn1 = norm_layer(64)
+        self.layer1 = make_stage(block_cls, 64, 64, blocks[0], 1, **kwargs)
+        self.layer2 = make_stage(block_cls, 64 * block_cls.expansion, 128, blocks[1], 2, **kwargs)
+        self.layer3 = make_stage(block_cls, 128 * block_cls.expansion, 256, blocks[2], 2, **kwargs)
+        self.out_channels = 256 * block_cls.expansion
+        self.stride = 16
+
+        if freeze_at >= 1:
+            freeze_(self.conv1)
+            self.bn1 = FrozenBatchNorm2d.convert(self.bn1)
+            for p in self.bn1.parameters():
+                p.requires_grad_(False)
+        for stage_index, stage in enumerate((self.layer1, self.layer2, self.layer3), start=2):
+            if freeze_at >= stage_index:
+                freeze_(stage)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu_(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        return self.layer3(x)
+
+
+def build_res5(
+    *, depth: int = 101, norm: str = "FrozenBN", freeze: bool = False, stride_in_1x1: bool = False, shortcut: str = "B"
+) -> tuple[nn.Sequential, int]:
+    """res5 (torchvision's layer4), first block stride 2: (R, C4, 14, 14) -> (R, C5, 7, 7).
+
+    Returns the stage and C5.
+    """
+    kind, blocks = RESNET_SPECS[depth]
+    block_cls = BasicBlock if kind == "basic" else Bottleneck
+    stage = make_stage(
+        block_cls,
+        256 * block_cls.expansion,
+        512,
+        blocks[3],
+        2,
+        norm=make_norm(norm),
+        shortcut=shortcut,
+        stride_in_1x1=stride_in_1x1,
+    )
+    if freeze:
+        freeze_(stage)
+    return stage, 512 * block_cls.expansion
