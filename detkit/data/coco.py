@@ -1,0 +1,444 @@
+"""COCO-format annotation files -> validated, compact per-image records.
+
+    dataset = load_coco_json("datasets/coco/annotations/instances_val2017.json", "datasets/coco/val2017")
+    dataset.class_names[0], dataset.category_ids[0]    # 'person', 1
+    record = dataset.records[0]                          # ImageRecord(image_id, file_name, height, width,
+                                                         #             boxes (G, 4) xyxy, labels (G,))
+
+Shapes: N images, M kept boxes over all images, G kept boxes of one image, K categories.
+
+Category ids map to contiguous labels 0..K-1 in sorted id order; `category_ids[label]` gives the
+original id back (the evaluator and `detkit-infer` write original ids).
+
+The json is parsed with `json` and checked with numpy rather than through pycocotools' `COCO` index,
+which silently keeps the last of two images sharing an id; pycocotools reads the same file for
+evaluation (detkit.engine.evaluator), and the tests check these records against its index.
+
+Everything that is wrong with a file is found in one pass and reported at once, before training:
+  dropped with a warning  boxes with w or h <= 0 or a non-finite value, boxes entirely outside the
+                          image; boxes partly outside are clipped to the image (also counted)
+  kept out of targets     iscrowd=1 annotations (the evaluator still reads them from the json)
+  errors (DataError)      duplicate image ids, unknown category ids, annotations of unknown images,
+                          images without a positive width/height, missing image files; the message
+                          lists the first offenders of each kind and their counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from detkit.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+# How many offenders of one kind an error or warning names before it just counts.
+MAX_LISTED = 5
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image and its usable (non-crowd, valid, clipped) boxes, in original image pixels.
+
+    boxes: (G, 4) float32 xyxy; labels: (G,) int64 contiguous class indices in [0, K).
+    """
+
+    image_id: int
+    file_name: str
+    height: int
+    width: int
+    boxes: np.ndarray
+    labels: np.ndarray
+
+
+class DetectionRecords:
+    """N image records stored column-wise in a few numpy arrays.
+
+    A list of 118k Python dicts (COCO train) is copied page by page into every data-loader worker as
+    reference counts change; flat arrays are not, and they index and concatenate cheaply.
+
+    image_ids (N,) int64, heights/widths (N,) int64, boxes (M, 4) float32 xyxy, labels (M,) int64,
+    box_offsets (N + 1,) int64: image i owns boxes[box_offsets[i]:box_offsets[i + 1]].
+    File names are one utf-8 byte blob with (N + 1,) offsets.
+    """
+
+    def __init__(
+        self,
+        image_ids: Sequence[int],
+        heights: Sequence[int],
+        widths: Sequence[int],
+        file_names: Sequence[str],
+        boxes: np.ndarray,
+        labels: np.ndarray,
+        box_counts: Sequence[int],
+    ):
+        self.image_ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
+        self.heights = np.asarray(heights, dtype=np.int64).reshape(-1)
+        self.widths = np.asarray(widths, dtype=np.int64).reshape(-1)
+        n = len(self.image_ids)
+        if not (len(self.heights) == len(self.widths) == len(file_names) == len(box_counts) == n):
+            raise ValueError("image_ids, heights, widths, file_names and box_counts must have one entry per image")
+        encoded = [name.encode("utf-8") for name in file_names]
+        self._name_blob = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+        self._name_offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self._name_offsets[1:])
+        self.boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        self.box_offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.asarray(box_counts, dtype=np.int64), out=self.box_offsets[1:])
+        if self.box_offsets[-1] != len(self.boxes) or len(self.labels) != len(self.boxes):
+            raise ValueError(f"box_counts sum to {self.box_offsets[-1]} but there are {len(self.boxes)} boxes and {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def file_name(self, i: int) -> str:
+        return bytes(self._name_blob[self._name_offsets[i] : self._name_offsets[i + 1]]).decode("utf-8")
+
+    @property
+    def file_names(self) -> list[str]:
+        return [self.file_name(i) for i in range(len(self))]
+
+    @property
+    def box_counts(self) -> np.ndarray:
+        """(N,) int64 number of usable boxes per image."""
+        return np.diff(self.box_offsets)
+
+    def __getitem__(self, i: int) -> ImageRecord:
+        i = int(i)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"record {i} out of range for {len(self)} images")
+        i %= len(self)
+        lo, hi = self.box_offsets[i], self.box_offsets[i + 1]
+        return ImageRecord(
+            image_id=int(self.image_ids[i]),
+            file_name=self.file_name(i),
+            height=int(self.heights[i]),
+            width=int(self.widths[i]),
+            boxes=self.boxes[lo:hi].copy(),
+            labels=self.labels[lo:hi].copy(),
+        )
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> "DetectionRecords":
+        """The records at `indices`, in that order."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        counts = self.box_counts[idx]
+        # box k of the j-th chosen image sits at offsets[idx[j]] + k; built for all boxes at once
+        first_out = np.cumsum(counts) - counts  # where each chosen image's boxes start in the output
+        box_idx = np.repeat(self.box_offsets[idx] - first_out, counts) + np.arange(int(counts.sum()))
+        return DetectionRecords(
+            self.image_ids[idx],
+            self.heights[idx],
+            self.widths[idx],
+            [self.file_name(i) for i in idx],
+            self.boxes[box_idx],
+            self.labels[box_idx],
+            counts,
+        )
+
+    @staticmethod
+    def concat(parts: Sequence["DetectionRecords"]) -> "DetectionRecords":
+        """One record set holding all images of `parts`, in order."""
+        if len(parts) == 1:
+            return parts[0]
+        return DetectionRecords(
+            np.concatenate([p.image_ids for p in parts]),
+            np.concatenate([p.heights for p in parts]),
+            np.concatenate([p.widths for p in parts]),
+            [name for p in parts for name in p.file_names],
+            np.concatenate([p.boxes for p in parts]),
+            np.concatenate([p.labels for p in parts]),
+            np.concatenate([p.box_counts for p in parts]),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AnnotationReport:
+    """What loading one annotation file changed or dropped (errors are raised, not reported)."""
+
+    num_images: int = 0
+    num_annotations: int = 0
+    num_boxes: int = 0  # kept as training targets
+    num_crowd: int = 0  # iscrowd=1, kept out of the targets
+    num_degenerate: int = 0  # w or h <= 0, non-finite, or not 4 numbers: dropped
+    num_outside: int = 0  # entirely outside the image: dropped
+    num_clipped: int = 0  # partly outside the image: clipped
+    num_images_without_boxes: int = 0
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        parts = []
+        for count, key, what in (
+            (self.num_degenerate, "degenerate", "boxes with w or h <= 0 or non-finite values dropped"),
+            (self.num_outside, "outside", "boxes entirely outside their image dropped"),
+            (self.num_clipped, "clipped", "boxes partly outside their image clipped"),
+        ):
+            if count:
+                listed = ", ".join(self.examples.get(key, []))
+                parts.append(f"{count} {what} (first: {listed})")
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class CocoDataset:
+    """A loaded annotation file: every image (boxes or not) and its category table."""
+
+    name: str
+    ann_file: str
+    image_root: str
+    records: DetectionRecords
+    class_names: tuple[str, ...]
+    category_ids: tuple[int, ...]  # index = contiguous label, value = original category id
+    report: AnnotationReport
+
+
+def _first(items: Iterable, n: int = MAX_LISTED) -> str:
+    items = list(items)
+    text = ", ".join(str(x) for x in items[:n])
+    return text + (", ..." if len(items) > n else "")
+
+
+def _read_json(ann_file: Path) -> dict:
+    if not ann_file.is_file():
+        hint = " (see datasets/README.md for where COCO goes)" if "coco" in str(ann_file).lower() else ""
+        raise DataError(f"annotation file not found: {ann_file}{hint}")
+    try:
+        with open(ann_file, "rb") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{ann_file} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{ann_file}: a COCO annotation file is a JSON object with images, annotations and categories; got a {type(data).__name__}")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(f"{ann_file}: the COCO key {key!r} is missing or not a list")
+    if data.get("annotations") is None:
+        data["annotations"] = []  # an image list without annotations (test-dev style) is fine
+    if not isinstance(data["annotations"], list):
+        raise DataError(f"{ann_file}: the COCO key 'annotations' must be a list")
+    return data
+
+
+def _missing_files(image_root: Path, file_names: Sequence[str]) -> list[str]:
+    """file_names (relative to image_root, or absolute) that do not exist, listing each folder once."""
+    by_dir: dict[str, list[str]] = defaultdict(list)
+    for name in file_names:
+        path = os.path.join(image_root, name)
+        by_dir[os.path.dirname(path)].append(name)
+    missing = []
+    for folder, names in by_dir.items():
+        try:
+            present = set(os.listdir(folder))
+        except OSError:
+            present = set()
+        missing.extend(n for n in names if os.path.basename(n) not in present)
+    return missing
+
+
+def load_coco_json(ann_file: str | os.PathLike, image_root: str | os.PathLike, *, name: str = "", check_image_files: bool = True) -> CocoDataset:
+    """Load and validate a COCO-format detection json; see the module docstring for the rules.
+
+    Raises DataError listing every problem that must be fixed by the user.
+    """
+    ann_path = Path(ann_file)
+    root = Path(image_root)
+    data = _read_json(ann_path)
+    errors: list[str] = []
+
+    # --- categories: sorted ids -> contiguous labels
+    cat_names: dict[int, str] = {}
+    bad_cats, dup_cats = [], []
+    for cat in data["categories"]:
+        cid = cat.get("id") if isinstance(cat, dict) else None
+        if isinstance(cid, bool) or not isinstance(cid, int):
+            bad_cats.append(repr(cat)[:60])
+        elif cid in cat_names:
+            dup_cats.append(cid)
+        else:
+            cat_names[cid] = str(cat.get("name", f"class_{cid}"))
+    if bad_cats:
+        errors.append(f"{len(bad_cats)} categories without an integer id (first: {_first(bad_cats)})")
+    if dup_cats:
+        errors.append(f"{len(dup_cats)} duplicate category ids (first: {_first(dup_cats)})")
+    if not cat_names and not bad_cats:
+        errors.append("no categories: the 'categories' list is empty")
+    category_ids = sorted(cat_names)
+    label_of = {cid: i for i, cid in enumerate(category_ids)}
+
+    # --- images
+    images = data["images"]
+    index_of: dict[int, int] = {}
+    image_ids, heights, widths, file_names = [], [], [], []
+    dup_ids, bad_images = [], []
+    for img in images:
+        iid = img.get("id") if isinstance(img, dict) else None
+        if isinstance(iid, bool) or not isinstance(iid, int) or not isinstance(img.get("file_name"), str):
+            bad_images.append(repr(img)[:60])
+            continue
+        h, w = img.get("height"), img.get("width")
+        if not (isinstance(h, (int, float)) and isinstance(w, (int, float)) and h > 0 and w > 0):
+            bad_images.append(f"id {iid} ({img['file_name']}: height={h!r}, width={w!r})")
+            continue
+        if iid in index_of:
+            dup_ids.append(iid)
+            continue
+        index_of[iid] = len(image_ids)
+        image_ids.append(iid)
+        heights.append(int(h))
+        widths.append(int(w))
+        file_names.append(img["file_name"])
+    if dup_ids:
+        errors.append(f"{len(dup_ids)} duplicate image ids (first: {_first(dup_ids)}); every entry of 'images' needs its own id")
+    if bad_images:
+        errors.append(f"{len(bad_images)} images without an integer id, a file_name or a positive height/width (first: {_first(bad_images)})")
+
+    # --- annotations
+    anns = data["annotations"]
+    num_anns = len(anns)
+    raw = np.full((num_anns, 4), np.nan, dtype=np.float64)
+    ann_image_idx = np.full(num_anns, -1, dtype=np.int64)
+    ann_label = np.full(num_anns, -1, dtype=np.int64)
+    ann_crowd = np.zeros(num_anns, dtype=bool)
+    unknown_cat, unknown_img = [], []
+    for j, ann in enumerate(anns):
+        if not isinstance(ann, dict):
+            unknown_img.append(f"annotation #{j} is not an object")
+            continue
+        aid = ann.get("id", f"#{j}")
+        idx = index_of.get(ann.get("image_id"))
+        if idx is None:
+            unknown_img.append(f"annotation {aid} -> image_id {ann.get('image_id')!r}")
+        else:
+            ann_image_idx[j] = idx
+        label = label_of.get(ann.get("category_id"))
+        if label is None:
+            unknown_cat.append(f"annotation {aid} -> category_id {ann.get('category_id')!r}")
+        else:
+            ann_label[j] = label
+        ann_crowd[j] = bool(ann.get("iscrowd", 0))
+        bbox = ann.get("bbox")
+        if isinstance(bbox, (list, tuple)) and len(bbox) == 4:
+            try:
+                raw[j] = bbox
+            except (TypeError, ValueError):
+                pass  # stays NaN: reported as degenerate
+    if unknown_cat:
+        errors.append(f"{len(unknown_cat)} annotations with unknown category ids (first: {_first(unknown_cat)}); the categories are {_first(category_ids, 20)}")
+    if unknown_img:
+        errors.append(f"{len(unknown_img)} annotations of image ids that are not in 'images' (first: {_first(unknown_img)})")
+
+    if check_image_files and file_names:
+        if not root.is_dir():
+            errors.append(f"the image folder {root} does not exist (image_root of this dataset)")
+        else:
+            missing = _missing_files(root, file_names)
+            if missing:
+                errors.append(f"{len(missing)} of {len(file_names)} image files missing under {root} (first: {_first(missing)})")
+
+    where = f"dataset {name!r} ({ann_path})" if name else str(ann_path)
+    if errors:
+        listing = "\n  - ".join(errors)
+        raise DataError(f"{where}: {len(errors)} problem(s) must be fixed before this dataset can be used:\n  - {listing}")
+
+    # --- boxes: drop degenerate, clip to the image, keep crowd out (all vectorized over annotations)
+    report = AnnotationReport(num_images=len(image_ids), num_annotations=num_anns)
+    aid_text = np.array([str(a.get("id", f"#{j}")) for j, a in enumerate(anns)], dtype=object) if num_anns else np.zeros(0, object)
+    img_h = np.asarray(heights, dtype=np.float64)[ann_image_idx] if num_anns else np.zeros(0)
+    img_w = np.asarray(widths, dtype=np.float64)[ann_image_idx] if num_anns else np.zeros(0)
+    x, y, w, h = raw.T
+    degenerate = ~np.isfinite(raw).all(axis=1) | ~(w > 0) | ~(h > 0)
+    with np.errstate(invalid="ignore"):
+        xyxy = np.stack([x, y, x + w, y + h], axis=1)
+        clipped_xyxy = np.stack(
+            [np.clip(xyxy[:, 0], 0, img_w), np.clip(xyxy[:, 1], 0, img_h), np.clip(xyxy[:, 2], 0, img_w), np.clip(xyxy[:, 3], 0, img_h)],
+            axis=1,
+        )
+        outside = ~degenerate & ~((clipped_xyxy[:, 2] > clipped_xyxy[:, 0]) & (clipped_xyxy[:, 3] > clipped_xyxy[:, 1]))
+        clipped = ~degenerate & ~outside & (np.abs(clipped_xyxy - xyxy) > 1e-6).any(axis=1)
+    keep = ~degenerate & ~outside & ~ann_crowd
+    report.num_crowd = int(ann_crowd.sum())
+    report.num_degenerate = int(degenerate.sum())
+    report.num_outside = int(outside.sum())
+    report.num_clipped = int((clipped & ~ann_crowd).sum())
+    for key, mask in (("degenerate", degenerate), ("outside", outside), ("clipped", clipped & ~ann_crowd)):
+        if mask.any():
+            js = np.flatnonzero(mask)[:MAX_LISTED]
+            report.examples[key] = [f"annotation {aid_text[j]} bbox {anns[j].get('bbox')}" for j in js]
+
+    kept = np.flatnonzero(keep)
+    order = kept[np.argsort(ann_image_idx[kept], kind="stable")]
+    counts = np.bincount(ann_image_idx[order], minlength=len(image_ids)) if len(image_ids) else np.zeros(0, np.int64)
+    report.num_boxes = int(len(order))
+    report.num_images_without_boxes = int((counts == 0).sum())
+    records = DetectionRecords(
+        image_ids,
+        heights,
+        widths,
+        [str(root / f) for f in file_names],
+        clipped_xyxy[order].astype(np.float32),
+        ann_label[order],
+        counts,
+    )
+    summary = report.summary()
+    if summary:
+        logger.warning("%s: %s", where, summary)
+    logger.info(
+        "%s: %d images, %d boxes kept as targets, %d crowd regions kept out, %d images without boxes, %d categories",
+        where,
+        report.num_images,
+        report.num_boxes,
+        report.num_crowd,
+        report.num_images_without_boxes,
+        len(category_ids),
+    )
+    return CocoDataset(
+        name=name or ann_path.stem,
+        ann_file=str(ann_path),
+        image_root=str(root),
+        records=records,
+        class_names=tuple(cat_names[c] for c in category_ids),
+        category_ids=tuple(category_ids),
+        report=report,
+    )
+
+
+# A training run asks for the same file a few times (dataset info, train loader, evaluation);
+# COCO train2017 takes tens of seconds to parse, so the last few loads are kept.
+_CACHE: "OrderedDict[tuple, CocoDataset]" = OrderedDict()
+_CACHE_SIZE = 4
+
+
+def load_coco_json_cached(ann_file: str | os.PathLike, image_root: str | os.PathLike, *, name: str = "", check_image_files: bool = True) -> CocoDataset:
+    """`load_coco_json`, reusing the result while the file's size and mtime are unchanged."""
+    ann_path = Path(ann_file)
+    try:
+        st = ann_path.stat()
+        key: Optional[tuple] = (str(ann_path.resolve()), st.st_mtime_ns, st.st_size, str(Path(image_root).resolve()), name, check_image_files)
+    except OSError:
+        key = None
+    if key is not None and key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    dataset = load_coco_json(ann_path, image_root, name=name, check_image_files=check_image_files)
+    if key is not None:
+        _CACHE[key] = dataset
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return dataset
