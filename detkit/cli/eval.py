@@ -1,0 +1,188 @@
+"""detkit-eval / tools/eval.py: COCO box AP of a model, or of an existing predictions file.
+
+Model mode (inference on the config's test set, then evaluation):
+    python tools/eval.py configs/shapes_r18.yaml --weights output/model_final.pth [key=value ...]
+    -> {output_dir}/predictions.json (COCO results) and {output_dir}/metrics.json, tables on stdout.
+    CONFIG may be left out: the checkpoint's own config is used. Under torchrun each rank runs its
+    shard of the test set and rank 0 evaluates and writes.
+
+File mode (no model, predictions from any tool):
+    python tools/eval.py --gt instances_val.json --predictions predictions.json [--out metrics.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from detkit.cli.common import run_cli, setup_logging
+from detkit.errors import ConfigError
+
+logger = logging.getLogger("detkit.cli.eval")
+
+_BACKEND_CHOICES = ("auto", "pycocotools", "faster_coco_eval")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="detkit-eval",
+        description="COCO box evaluation. Model mode: CONFIG --weights CKPT [key=value ...]. "
+        "File mode: --gt instances.json --predictions predictions.json [--out metrics.json].",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  python tools/eval.py configs/shapes_r18.yaml --weights output/model_final.pth output_dir=output/eval\n"
+        "  python tools/eval.py --gt annotations/instances_val2017.json --predictions predictions.json",
+    )
+    parser.add_argument("config", nargs="?", help="model mode: YAML config (default: the checkpoint's config)")
+    parser.add_argument("overrides", nargs="*", help="model mode: config overrides key=value")
+    parser.add_argument("--weights", help="model mode: detkit checkpoint (.pth)")
+    parser.add_argument("--gt", help="file mode: COCO instances json (ground truth)")
+    parser.add_argument("--predictions", help="file mode: COCO results json to evaluate")
+    parser.add_argument("--out", help="file mode: write metrics.json here (default: only print)")
+    parser.add_argument(
+        "--backend", choices=_BACKEND_CHOICES, default=None,
+        help="evaluation backend (default: test.eval_backend in model mode, auto in file mode)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_intermixed_args(list(argv))
+    setup_logging()
+    # `tools/eval.py key=value` with no CONFIG: argparse puts the first override into `config`.
+    if args.config is not None and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides.insert(0, args.config)
+        args.config = None
+
+    file_mode = args.gt is not None or args.predictions is not None
+    if file_mode:
+        if args.weights or args.config or args.overrides:
+            raise ConfigError("choose one mode: --gt/--predictions (file mode) or CONFIG --weights (model mode)")
+        if not (args.gt and args.predictions):
+            raise ConfigError("file mode needs both --gt instances.json and --predictions predictions.json")
+        return _file_mode(args)
+    if not args.weights:
+        parser.print_usage(sys.stderr)
+        raise ConfigError(
+            "nothing to evaluate: give CONFIG --weights CKPT (model mode) or --gt and --predictions (file mode)"
+        )
+    if args.out:
+        raise ConfigError("--out is for file mode; in model mode metrics.json goes to output_dir (output_dir=DIR)")
+    return _model_mode(args)
+
+
+def _print_metrics(metrics: dict, header: str) -> None:
+    from detkit.engine.evaluator import format_metrics
+
+    print(header)
+    print(format_metrics(metrics))
+
+
+def _file_mode(args: argparse.Namespace) -> int:
+    from detkit.engine.evaluator import COCOEvaluator, dump_metrics, load_predictions
+
+    predictions = load_predictions(args.predictions)
+    evaluator = COCOEvaluator(args.gt, backend=args.backend or "auto")
+    metrics = evaluator.run(predictions, source=args.predictions).metrics
+    _print_metrics(metrics, f"{len(predictions)} predictions on {len(evaluator.image_ids)} images of {args.gt} "
+                            f"(backend {evaluator.backend}):")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        dump_metrics(metrics, args.out)
+        print(f"metrics written to {args.out}")
+    return 0
+
+
+def load_eval_config(weights_config: dict, config_path: Optional[str], overrides: Sequence[str]):
+    """The config of a model-mode run: CONFIG (when given) or the checkpoint's, plus overrides."""
+    from detkit.config import load_config
+    from detkit.engine.predictor import config_with_overrides
+
+    if config_path:
+        return load_config(config_path, overrides)
+    return config_with_overrides(weights_config, overrides)
+
+
+def _model_mode(args: argparse.Namespace) -> int:
+    from detkit.config import dump_config
+    from detkit.data import build_test_loader, get_dataset_info
+    from detkit.engine.checkpoint import load_checkpoint
+    from detkit.engine.distributed import destroy, init_distributed
+    from detkit.engine.evaluator import COCOEvaluator, dump_metrics, dump_predictions, inference_on_dataset
+    from detkit.engine.predictor import build_model_from_checkpoint, check_checkpoint
+    from detkit.utils.env import resolve_device, select_amp
+
+    state = load_checkpoint(args.weights)
+    check_checkpoint(state, args.weights)
+    cfg = load_eval_config(state["config"], args.config, args.overrides)
+    backend = args.backend or cfg.test.eval_backend
+    if not cfg.data.test:
+        raise ConfigError(
+            f"{args.config or args.weights}: data.test is empty; name a test dataset in the config "
+            "(see README, Datasets) or use file mode"
+        )
+
+    dist = init_distributed("cuda" if resolve_device(cfg.device).type == "cuda" else "cpu")
+    device = resolve_device(cfg.device, dist.local_rank)
+    if not dist.is_main:
+        logging.getLogger("detkit").setLevel(logging.WARNING)  # one rank reports progress
+    info = get_dataset_info(cfg, split="test")
+    category_ids = _category_ids_for(state, info, args.weights)
+    # Load the ground truth before the long inference so a bad file fails fast.
+    evaluator = COCOEvaluator(info.ann_file, backend=backend) if dist.is_main else None
+
+    model = build_model_from_checkpoint(state, cfg, device, source=args.weights)
+    loader = build_test_loader(cfg, rank=dist.rank, world_size=dist.world_size)
+    amp_dtype = select_amp(cfg.solver.amp, device).dtype
+    try:
+        predictions = inference_on_dataset(model, loader, category_ids, device, amp_dtype=amp_dtype)
+    finally:
+        destroy()
+    if evaluator is None:
+        return 0
+
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_predictions(predictions, out_dir / "predictions.json")
+    metrics = evaluator.run(predictions, source=f"the predictions of {args.weights}").metrics
+    dump_metrics(metrics, out_dir / "metrics.json")
+    dump_config(cfg, out_dir / "eval_config.yaml")
+    _print_metrics(metrics, f"{args.weights} on {info.ann_file} ({len(predictions)} detections, "
+                            f"backend {evaluator.backend}):")
+    print(f"predictions and metrics written to {out_dir}/predictions.json, {out_dir}/metrics.json")
+    return 0
+
+
+def _category_ids_for(state: dict, info, weights: str) -> list[int]:
+    """The dataset's original id of each contiguous label of the checkpoint's model.
+
+    The model's label k means the checkpoint's class k; the test set must have the same classes in
+    the same order, otherwise AP would be computed against the wrong categories.
+    """
+    ckpt_names = list(state.get("class_names") or [])
+    if ckpt_names and ckpt_names != list(info.class_names):
+        raise ConfigError(
+            f"{weights} was trained on classes {_preview(ckpt_names)} but the test set has "
+            f"{_preview(list(info.class_names))}; evaluate on a dataset with the same categories in the same order"
+        )
+    ckpt_ids = list(state.get("category_ids") or [])
+    if ckpt_ids and ckpt_ids != list(info.category_ids):
+        logger.warning("%s: category ids differ from the test set's (same names); using the test set's ids", weights)
+    return list(info.category_ids)
+
+
+def _preview(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}] ({len(names)})"
+
+
+def entry_point() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,555 @@
+"""COCO box evaluation (pycocotools or faster-coco-eval) and the inference loop that feeds it.
+
+    evaluator = COCOEvaluator("annotations/instances_val2017.json")     # backend="auto"
+    predictions = inference_on_dataset(model, loader, info.category_ids, device)
+    metrics = evaluator.evaluate(predictions)  # {"AP": 41.1, "AP50": ..., "per_class": {"person": 55.2, ...}}
+    print(format_metrics(metrics))
+
+A prediction is a COCO result dict {"image_id": int, "category_id": int, "bbox": [x, y, w, h],
+"score": float}: the box in original image pixels, the dataset's original category id (not detkit's
+contiguous label). Extra keys (file_name, category_name, ...) are ignored.
+
+Numbers are COCOeval's 12 summary stats times 100, as Detectron2 prints them: AP (IoU .50:.95),
+AP50, AP75, APs/APm/APl (area < 32^2, 32^2..96^2, > 96^2), AR1/AR10/AR100 (max detections per image);
+`per_class` is the AP of each category (area all, 100 detections), named by the ground-truth json.
+A number COCO cannot define (no ground truth in that area range, or of that class) is NaN in
+Python and null in metrics.json (`dump_metrics`), where COCOeval itself prints -1.
+
+Bad input never reaches pycocotools' asserts: a predictions list with unknown image or category
+ids or malformed entries raises `DataError` naming the first offenders and the fix; an empty list
+is a documented zero result (AP 0 wherever there is ground truth) with a warning.
+
+Backends: `pycocotools` (the reference) and `faster_coco_eval` (C++ matching and accumulation, the
+`fast-eval` extra). "auto" picks faster_coco_eval when it imports. Both give the same 12 stats: on
+the tests' hand-made data (crowd, empty images, ties, > 100 detections per image) the largest
+difference seen is 5.6e-17, floating-point summation order; the tests assert 1e-9.
+
+Shapes in this file: T = 10 IoU thresholds, R = 101 recall thresholds, K categories,
+A = 4 area ranges (all, small, medium, large), M = 3 max-detection settings (1, 10, 100).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from detkit.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+# COCOeval.stats order for iouType "bbox".
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+# What `evaluate` returns and metrics.json holds (plus "per_class").
+METRIC_KEYS = STAT_NAMES[:9]
+BACKENDS = ("pycocotools", "faster_coco_eval")
+
+# How many offending entries an error message shows.
+_MAX_EXAMPLES = 5
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------
+
+
+def _backend_importable(name: str) -> bool:
+    try:
+        importlib.import_module("pycocotools.cocoeval" if name == "pycocotools" else "faster_coco_eval")
+    except Exception:  # a missing package or a broken binary wheel: either way not usable
+        return False
+    return True
+
+
+def available_backends() -> list[str]:
+    """The evaluation backends that import in this environment."""
+    return [name for name in BACKENDS if _backend_importable(name)]
+
+
+def resolve_backend(name: str = "auto") -> str:
+    """'auto' -> 'faster_coco_eval' when it imports, else 'pycocotools'; a named one is checked."""
+    if name == "auto":
+        return "faster_coco_eval" if _backend_importable("faster_coco_eval") else "pycocotools"
+    if name not in BACKENDS:
+        raise ConfigError(f"test.eval_backend={name!r} is not a backend; use auto, {' or '.join(BACKENDS)}")
+    if not _backend_importable(name):
+        package = "faster-coco-eval" if name == "faster_coco_eval" else "pycocotools"
+        raise ConfigError(
+            f"test.eval_backend={name!r} but {package} does not import here; install it "
+            f"(pip install {package}) or set test.eval_backend=auto"
+        )
+    return name
+
+
+def _coco_classes(backend: str) -> tuple[type, type]:
+    """(COCO, COCOeval) classes of a backend."""
+    if backend == "faster_coco_eval":
+        from faster_coco_eval import COCO, COCOeval_faster
+
+        return COCO, COCOeval_faster
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    return COCO, COCOeval
+
+
+def _silent_print(*args: Any, **kwargs: Any) -> None:
+    """faster-coco-eval's print_function: its progress lines are noise in detkit's logs."""
+
+
+def _make_coco(backend: str, dataset: dict) -> Any:
+    """A backend COCO object indexing `dataset` (not copied), without its console prints."""
+    coco_cls, _ = _coco_classes(backend)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = coco_cls()
+        if backend == "faster_coco_eval":
+            coco.print_function = _silent_print
+        coco.dataset = dataset
+        coco.createIndex()
+    return coco
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and checking ground truth and predictions
+# --------------------------------------------------------------------------------------------
+
+
+def _read_json(path: str | Path, what: str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} file not found: {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{what} file {path} is not valid JSON: {exc}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _bbox_problem(bbox: Any) -> Optional[str]:
+    """Why `bbox` is not a usable [x, y, w, h], or None when it is."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return f"bbox must be a list of 4 numbers [x, y, w, h], got {bbox!r}"
+    if not all(_is_number(v) and math.isfinite(v) for v in bbox):
+        return f"bbox values must be finite numbers, got {bbox!r}"
+    if bbox[2] < 0 or bbox[3] < 0:
+        return f"bbox width and height must be >= 0 ([x, y, w, h], not [x1, y1, x2, y2]?), got {bbox!r}"
+    return None
+
+
+def load_ground_truth(ann_file: str | Path) -> dict:
+    """Read and check a COCO instances json; returns the dataset dict ready for COCOeval.
+
+    Fixes two things pycocotools gets wrong silently, with a warning: annotations without "area"
+    get w*h (COCOeval needs it for the area ranges), and annotation ids that are missing, 0 or
+    duplicated are renumbered 1..N (COCOeval keys matches by id, and id 0 reads as "unmatched").
+    """
+    data = _read_json(ann_file, "ground-truth")
+    if not isinstance(data, dict):
+        raise DataError(f"ground-truth file {ann_file} must hold a COCO dict with images, annotations, categories")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list) or not data[key]:
+            raise DataError(
+                f"ground-truth file {ann_file} has no {key!r} list (or it is empty); a COCO instances json "
+                "needs 'images', 'annotations' and 'categories'"
+            )
+    annotations = data.get("annotations", [])
+    if not isinstance(annotations, list):
+        raise DataError(f"ground-truth file {ann_file}: 'annotations' must be a list")
+    for where, entries in (("images", data["images"]), ("categories", data["categories"])):
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not _is_int(entry.get("id")):
+                raise DataError(f"ground-truth file {ann_file}: {where}[{i}] needs an integer 'id', got {entry!r}")
+    image_ids = {img["id"] for img in data["images"]}
+    category_ids = {cat["id"] for cat in data["categories"]}
+    filled_area = 0
+    for i, ann in enumerate(annotations):
+        problem = None
+        if not isinstance(ann, dict):
+            problem = "is not a dict"
+        elif ann.get("image_id") not in image_ids:
+            problem = f"has image_id {ann.get('image_id')!r}, which is not in 'images'"
+        elif ann.get("category_id") not in category_ids:
+            problem = f"has category_id {ann.get('category_id')!r}, which is not in 'categories'"
+        else:
+            problem = _bbox_problem(ann.get("bbox"))
+        if problem:
+            raise DataError(f"ground-truth file {ann_file}: annotations[{i}] {problem}")
+        if not _is_number(ann.get("area")):
+            ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
+            filled_area += 1
+    if filled_area:
+        logger.warning("%s: %d annotations had no 'area'; using bbox w*h", ann_file, filled_area)
+    ann_ids = [ann.get("id") for ann in annotations]
+    if any(not _is_int(a) or a == 0 for a in ann_ids) or len(set(ann_ids)) != len(ann_ids):
+        logger.warning("%s: annotation ids are missing, 0 or duplicated; renumbering them 1..N", ann_file)
+        for new_id, ann in enumerate(annotations, start=1):
+            ann["id"] = new_id
+    data["annotations"] = annotations
+    return data
+
+
+def load_predictions(path: str | Path) -> list[dict]:
+    """Read a COCO results json (a list of {image_id, category_id, bbox, score})."""
+    data = _read_json(path, "predictions")
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        raise DataError(
+            f"predictions file {path} is a COCO dataset dict; a results file is a plain JSON list of "
+            '{"image_id", "category_id", "bbox", "score"} entries'
+        )
+    if not isinstance(data, list):
+        raise DataError(
+            f"predictions file {path} must hold a JSON list of "
+            f'{{"image_id", "category_id", "bbox", "score"}} entries, got {type(data).__name__}'
+        )
+    return data
+
+
+def check_predictions(
+    predictions: Sequence[Any],
+    image_ids: Iterable[int],
+    category_ids: Iterable[int],
+    source: str = "predictions",
+) -> list[dict]:
+    """Validate COCO results against a ground truth; returns fresh, minimal dicts for COCOeval.
+
+    Raises DataError naming up to 5 offenders: entries that are not dicts or lack a field, ids that
+    are not integers, a bbox that is not 4 finite numbers with w, h >= 0, a non-finite score, image
+    ids not in the ground truth, category ids not in the ground truth.
+    """
+    known_images = set(image_ids)
+    known_categories = set(category_ids)
+    malformed: list[str] = []
+    unknown_images: dict[int, int] = {}
+    unknown_categories: dict[int, int] = {}
+    checked: list[dict] = []
+    for i, pred in enumerate(predictions):
+        problem = None
+        if not isinstance(pred, dict):
+            problem = f"is a {type(pred).__name__}, not a dict"
+        else:
+            missing = [k for k in ("image_id", "category_id", "bbox", "score") if k not in pred]
+            if missing:
+                problem = f"lacks {', '.join(missing)}"
+            elif not _is_int(pred["image_id"]):
+                problem = f"image_id must be an integer, got {pred['image_id']!r}"
+            elif not _is_int(pred["category_id"]):
+                problem = f"category_id must be an integer, got {pred['category_id']!r}"
+            elif not (_is_number(pred["score"]) and math.isfinite(pred["score"])):
+                problem = f"score must be a finite number, got {pred['score']!r}"
+            else:
+                problem = _bbox_problem(pred["bbox"])
+        if problem:
+            malformed.append(f"[{i}] {problem}")
+            continue
+        image_id, category_id = int(pred["image_id"]), int(pred["category_id"])
+        if image_id not in known_images:
+            unknown_images[image_id] = unknown_images.get(image_id, 0) + 1
+        if category_id not in known_categories:
+            unknown_categories[category_id] = unknown_categories.get(category_id, 0) + 1
+        x, y, w, h = (float(v) for v in pred["bbox"])
+        # The fields pycocotools' loadRes sets for bbox results (the polygon is not needed for boxes).
+        checked.append(
+            {"image_id": image_id, "category_id": category_id, "bbox": [x, y, w, h],
+             "score": float(pred["score"]), "area": w * h, "id": len(checked) + 1, "iscrowd": 0}
+        )
+    if malformed:
+        shown = "; ".join(malformed[:_MAX_EXAMPLES])
+        raise DataError(
+            f"{source}: {len(malformed)} of {len(predictions)} entries are malformed: {shown}. Each entry must "
+            'be {"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}'
+        )
+    if unknown_images:
+        shown = ", ".join(str(k) for k in sorted(unknown_images)[:_MAX_EXAMPLES])
+        raise DataError(
+            f"{source}: {sum(unknown_images.values())} predictions name {len(unknown_images)} image ids that "
+            f"are not in the ground truth (e.g. {shown}); were they made on another dataset or split?"
+        )
+    if unknown_categories:
+        shown = ", ".join(str(k) for k in sorted(unknown_categories)[:_MAX_EXAMPLES])
+        valid = sorted(known_categories)
+        hint = ""
+        if all(0 <= c < len(valid) for c in unknown_categories):
+            hint = (" They look like contiguous labels 0..K-1: map label k to the dataset's category id "
+                    "category_ids[k].")
+        raise DataError(
+            f"{source}: {sum(unknown_categories.values())} predictions have category ids that are not in "
+            f"the ground truth (e.g. {shown}; valid: {_short_list(valid)}).{hint}"
+        )
+    return checked
+
+
+def _short_list(values: Sequence[int], limit: int = 12) -> str:
+    text = ", ".join(str(v) for v in values[:limit])
+    return text + (f", ... ({len(values)} in all)" if len(values) > limit else "")
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluator
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    """Everything one evaluation computed.
+
+    metrics:   {"AP", ..., "AR100": 0..100 or NaN, "per_class": {name: 0..100 or NaN}}
+    stats:     (12,) COCOeval.stats as COCOeval returns them: 0..1, -1 where undefined
+    precision: (T, R, K, A, M) COCOeval.eval["precision"], -1 where undefined
+    backend:   the backend that computed it
+    """
+
+    metrics: dict
+    stats: np.ndarray
+    precision: np.ndarray
+    backend: str
+
+
+class COCOEvaluator:
+    """COCO box AP of predictions against one ground-truth json, loaded once and reused.
+
+    ann_file: a COCO instances json. backend: "auto" | "pycocotools" | "faster_coco_eval".
+    """
+
+    def __init__(self, ann_file: str | Path, backend: str = "auto"):
+        self.ann_file = str(ann_file)
+        self.backend = resolve_backend(backend)
+        self._gt_dataset = load_ground_truth(self.ann_file)
+        self._coco_gt = _make_coco(self.backend, self._gt_dataset)
+        self.image_ids: list[int] = sorted(img["id"] for img in self._gt_dataset["images"])
+        self.category_ids: list[int] = sorted(cat["id"] for cat in self._gt_dataset["categories"])
+        self.category_names: dict[int, str] = _unique_names(self._gt_dataset["categories"])
+
+    def evaluate(self, predictions: Sequence[dict]) -> dict:
+        """Metrics dict (see module docstring) of COCO results `predictions`."""
+        return self.run(predictions).metrics
+
+    def run(self, predictions: Sequence[dict], source: str = "predictions") -> EvalResult:
+        """Evaluate and return the metrics together with COCOeval's raw stats and precision."""
+        start = time.perf_counter()
+        checked = check_predictions(predictions, self.image_ids, self.category_ids, source)
+        if not checked:
+            logger.warning(
+                "%s: no predictions; every AP and AR is 0 where %s has ground truth", source, self.ann_file
+            )
+        dt_dataset = {
+            "images": self._gt_dataset["images"],
+            "categories": self._gt_dataset["categories"],
+            "annotations": checked,
+        }
+        coco_dt = _make_coco(self.backend, dt_dataset)
+        _, cocoeval_cls = _coco_classes(self.backend)
+        with contextlib.redirect_stdout(io.StringIO()):
+            if self.backend == "faster_coco_eval":
+                coco_eval = cocoeval_cls(self._coco_gt, coco_dt, iouType="bbox", print_function=_silent_print)
+            else:
+                coco_eval = cocoeval_cls(self._coco_gt, coco_dt, iouType="bbox")
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+            coco_eval.summarize()
+        stats = np.asarray(coco_eval.stats[: len(STAT_NAMES)], dtype=np.float64)
+        precision = np.asarray(coco_eval.eval["precision"], dtype=np.float64)
+        metrics = {name: _percent(stats[i]) for i, name in enumerate(METRIC_KEYS)}
+        metrics["per_class"] = self._per_class_ap(precision, list(coco_eval.params.catIds))
+        logger.info(
+            "Evaluated %d predictions on %d images with %s in %.2f s: AP %.3f, AP50 %.3f",
+            len(checked), len(self.image_ids), self.backend, time.perf_counter() - start,
+            metrics["AP"], metrics["AP50"],
+        )
+        return EvalResult(metrics=metrics, stats=stats, precision=precision, backend=self.backend)
+
+    def _per_class_ap(self, precision: np.ndarray, category_ids: list[int]) -> dict[str, float]:
+        """AP per category as Detectron2 computes it: mean of the valid (> -1) precisions over
+        IoU thresholds and recall thresholds, area "all", 100 detections.
+
+        precision: (T, R, K, A, M); category_ids: the K ids in precision's order.
+        """
+        per_class = {}
+        for k, category_id in enumerate(category_ids):
+            values = precision[:, :, k, 0, -1]  # (T, R)
+            values = values[values > -1]
+            per_class[self.category_names[category_id]] = float(values.mean() * 100) if values.size else math.nan
+        return per_class
+
+
+def _unique_names(categories: list[dict]) -> dict[int, str]:
+    """category id -> name; a repeated or missing name gets its id appended so dict keys stay unique."""
+    names = [str(cat.get("name", cat["id"])) for cat in categories]
+    out = {}
+    for cat, name in zip(categories, names):
+        out[cat["id"]] = f"{name} (id {cat['id']})" if names.count(name) > 1 else name
+    return out
+
+
+def _percent(stat: float) -> float:
+    return float(stat * 100) if stat > -1 else math.nan
+
+
+def evaluate_files(gt_file: str | Path, predictions_file: str | Path, backend: str = "auto") -> dict:
+    """Metrics of a COCO results file against a COCO instances file (tools/eval.py file mode)."""
+    predictions = load_predictions(predictions_file)
+    return COCOEvaluator(gt_file, backend=backend).run(predictions, source=str(predictions_file)).metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Writing and printing
+# --------------------------------------------------------------------------------------------
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def dump_metrics(metrics: dict, path: str | Path) -> None:
+    """Write metrics as strict JSON: NaN (undefined) becomes null."""
+    Path(path).write_text(json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n")
+
+
+def dump_predictions(predictions: Sequence[dict], path: str | Path) -> None:
+    """Write COCO results as a JSON list (one entry per line, so big files stay greppable)."""
+    with open(path, "w") as f:
+        f.write("[\n")
+        for i, pred in enumerate(predictions):
+            f.write(json.dumps(pred) + (",\n" if i + 1 < len(predictions) else "\n"))
+        f.write("]\n")
+
+
+def _cell(value: float) -> str:
+    return "nan" if not math.isfinite(value) else f"{value:.3f}"
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.center(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    rule = "|" + "|".join(":" + "-" * w + ":" for w in widths) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def format_metrics(metrics: dict, columns: int = 3) -> str:
+    """Markdown tables of the summary numbers and of the per-class AP (`columns` name/AP pairs a row)."""
+    ap_keys, ar_keys = METRIC_KEYS[:6], METRIC_KEYS[6:]
+    parts = [
+        "Box AP (COCO, IoU .50:.95 unless named):",
+        _markdown_table(ap_keys, [[_cell(metrics[k]) for k in ap_keys]]),
+        _markdown_table(ar_keys, [[_cell(metrics[k]) for k in ar_keys]]),
+    ]
+    per_class = list(metrics.get("per_class", {}).items())
+    if per_class:
+        columns = max(1, min(columns, len(per_class)))
+        cells = [c for name, ap in per_class for c in (name, _cell(ap))]
+        cells += [""] * (-len(cells) % (2 * columns))
+        rows = [cells[i : i + 2 * columns] for i in range(0, len(cells), 2 * columns)]
+        parts += ["Per-class AP:", _markdown_table(["category", "AP"] * columns, rows)]
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Inference over a test loader (eval model mode and the trainer's periodic evaluation)
+# --------------------------------------------------------------------------------------------
+
+
+def detections_to_coco(
+    detections: dict, image_id: int, category_ids: Sequence[int]
+) -> list[dict]:
+    """One image's model output -> COCO result dicts.
+
+    detections: {"boxes": (D, 4) xyxy original pixels, "scores": (D,), "labels": (D,) in [0, K)},
+    on the CPU. category_ids: (K,) the dataset's original id of each contiguous label.
+    """
+    boxes = detections["boxes"].float()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)  # (D, 4) xyxy -> xywh
+    labels = detections["labels"].tolist()
+    return [
+        {"image_id": int(image_id), "category_id": int(category_ids[label]), "bbox": box, "score": score}
+        for box, score, label in zip(xywh.tolist(), detections["scores"].float().tolist(), labels)
+    ]
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    # DistributedDataParallel's forward would broadcast buffers for nothing at test time.
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+@torch.no_grad()
+def inference_on_dataset(
+    model: torch.nn.Module,
+    loader: Iterable,
+    category_ids: Sequence[int],
+    device: torch.device | str,
+    amp_dtype: Optional[torch.dtype] = None,
+) -> list[dict]:
+    """Run the model over a test loader and return COCO results.
+
+    loader yields (images: ImageBatch, targets, metas) with meta["image_id"] per image (the
+    targets are not used). category_ids: (K,) original COCO id of each contiguous label.
+    amp_dtype: torch.bfloat16 / torch.float16 to run under autocast, None for full precision.
+
+    Under torch.distributed each rank runs its own shard of the loader; the results are gathered
+    to rank 0, which returns all of them sorted by image id (an image seen by two ranks counts
+    once), while the other ranks return []. Logs images/s. The model's train/eval mode is restored.
+    """
+    device = torch.device(device)
+    net = _unwrap(model)
+    was_training = net.training
+    net.eval()
+    per_image: dict[int, list[dict]] = {}
+    num_images = 0
+    model_seconds = 0.0
+    start = time.perf_counter()
+    try:
+        for batch in loader:
+            images, metas = batch[0], batch[-1]
+            images = images.to(device, non_blocking=True)
+            model_start = time.perf_counter()
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                outputs = net(images)
+            # One device->host copy per batch; it also waits for the GPU, so the timing is honest.
+            outputs = [{k: v.detach().to("cpu") for k, v in out.items()} for out in outputs]
+            model_seconds += time.perf_counter() - model_start
+            for out, meta in zip(outputs, metas):
+                image_id = int(meta["image_id"])
+                per_image[image_id] = detections_to_coco(out, image_id, category_ids)
+            num_images += len(metas)
+    finally:
+        net.train(was_training)
+    total_seconds = time.perf_counter() - start
+    logger.info(
+        "Inference on %d images: %.2f s (%.2f images/s), model alone %.2f s (%.2f images/s)",
+        num_images, total_seconds, num_images / max(total_seconds, 1e-9),
+        model_seconds, num_images / max(model_seconds, 1e-9),
+    )
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world_size = torch.distributed.get_world_size()
+        if world_size > 1:
+            gathered: list[Optional[dict]] = [None] * world_size
+            torch.distributed.all_gather_object(gathered, per_image)
+            if torch.distributed.get_rank() != 0:
+                return []
+            per_image = {}
+            for shard in gathered:
+                for image_id, results in shard.items():
+                    per_image.setdefault(image_id, results)
+            logger.info("Gathered the results of %d images from %d ranks", len(per_image), world_size)
+    return [result for image_id in sorted(per_image) for result in per_image[image_id]]

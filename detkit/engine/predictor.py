@@ -1,0 +1,252 @@
+"""Run a trained detector on images: load a checkpoint, resize as at test time, batch, detect.
+
+    predictor = Predictor("output/model_final.pth", device="cuda", score_thresh=0.5)
+    dets = predictor(read_image("street.jpg"))             # one RGB (H, W, 3) uint8 image
+    dets.boxes, dets.scores, dets.labels, dets.class_names  # boxes xyxy in the image's own pixels
+    many = predictor.predict([img1, img2, img3])            # batches of `batch_size`
+
+The checkpoint brings the model's config and class names, so a checkpoint alone is enough; a config
+(file or `Config`) replaces the checkpoint's, and dotted overrides apply on top of either (e.g.
+"data.min_size_test=600"). Images go in as RGB whatever the model's `input_format` (a BGR model gets
+its channels swapped here). On a GPU inference runs under autocast as `solver.amp` says (auto: bf16
+where the GPU has it, else fp16); on the CPU in fp32.
+
+Shapes: N images in a batch; D detections of one image; K classes.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from detkit.config import Config, config_from_dict, load_config, parse_override, replace
+from detkit.errors import CheckpointError, ConfigError
+from detkit.structures.image_batch import ImageBatch
+
+logger = logging.getLogger(__name__)
+
+_REQUIRED_KEYS = ("model", "config", "class_names")
+
+
+@dataclass
+class Detections:
+    """The detections of one image, best first.
+
+    boxes: (D, 4) float32 xyxy in the original image's pixels; scores: (D,) float32;
+    labels: (D,) int64 contiguous class index in [0, K); class_names: (D,) the labels' names.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def to_coco(self, image_id: int, category_ids: Sequence[int]) -> list[dict]:
+        """COCO result dicts (bbox [x, y, w, h]) with the dataset's original category ids."""
+        return [
+            {"image_id": int(image_id), "category_id": int(category_ids[label]), "category_name": name,
+             "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)], "score": float(score)}
+            for (x1, y1, x2, y2), score, label, name in zip(self.boxes.tolist(), self.scores.tolist(),
+                                                            self.labels.tolist(), self.class_names)
+        ]
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint -> model
+# --------------------------------------------------------------------------------------------
+
+
+def check_checkpoint(state: dict, source: Union[str, Path]) -> None:
+    """Raise CheckpointError unless `state` is a detkit checkpoint usable for inference."""
+    missing = [k for k in _REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{source} lacks {', '.join(missing)}: it is not a detkit checkpoint (tools/train.py writes them; "
+            "Detectron2 or torchvision weights go through model.weights in a config or tools/convert_weights.py)"
+        )
+    if not isinstance(state["config"], dict):
+        raise CheckpointError(f"{source}: 'config' must be a dict (config_to_dict of the training config)")
+    names = state["class_names"]
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{source}: 'class_names' must be a non-empty list of strings, got {names!r}")
+
+
+def config_with_overrides(base: dict, overrides: Sequence[str]) -> Config:
+    """`Config` from a plain dict (a checkpoint's config) plus dotted key=value overrides."""
+    data = copy.deepcopy(base)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part} is a value, not a section")
+        node[parts[-1]] = value
+    return config_from_dict(data)
+
+
+def build_model_from_checkpoint(state: dict, cfg: Config, device: torch.device, source: str = "checkpoint"):
+    """The model of `cfg` with the checkpoint's weights, on `device`, in eval mode.
+
+    Pretrained-weight paths in the config are not read (the checkpoint has every tensor). A state
+    dict that does not fit (another depth, another number of classes) raises CheckpointError.
+    """
+    from detkit.modeling import build_model
+
+    num_classes = len(state["class_names"])
+    if cfg.model.num_classes != num_classes:
+        raise CheckpointError(
+            f"{source} has {num_classes} classes but the config says model.num_classes={cfg.model.num_classes}; "
+            f"use the checkpoint's config or set model.num_classes={num_classes}"
+        )
+    model = build_model(cfg, load_weights=False)
+    try:
+        missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        first = " ".join(str(exc).split())[:400]
+        raise CheckpointError(
+            f"{source} does not fit the model of this config (model.depth={cfg.model.depth}?): {first}"
+        ) from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not fit the model of this config (model.depth={cfg.model.depth}): "
+            f"{len(missing)} missing tensors (e.g. {', '.join(missing[:3])}), "
+            f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})"
+        )
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# The predictor
+# --------------------------------------------------------------------------------------------
+
+
+class Preprocessor:
+    """RGB (H, W, 3) uint8 image -> (3, h, w) uint8 tensor resized as at test time, in the model's
+    channel order. Holds no model, so image-reading worker processes can carry it."""
+
+    def __init__(self, cfg: Config):
+        from detkit.data.transforms import build_test_transform
+
+        self.transform = build_test_transform(cfg)
+        self.bgr = cfg.model.input_format == "BGR"
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
+            desc = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+            raise ConfigError(f"Predictor takes RGB (H, W, 3) uint8 images (detkit.data.read_image), got a {desc}")
+        resized = self.transform(image).image  # (h, w, 3)
+        if self.bgr:
+            resized = resized[:, :, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)  # (h, w, 3) -> (3, h, w)
+
+
+class Predictor:
+    """A checkpoint ready to detect objects in RGB images (see the module docstring).
+
+    weights: a detkit checkpoint. config: a YAML path or a `Config` replacing the checkpoint's.
+    overrides: dotted "key=value" strings applied on top. device: "auto" | "cpu" | "cuda" (or a
+    torch.device). score_thresh: keep detections scoring at least this (None: the config's
+    model.roi_heads.score_thresh). batch_size: images per forward pass. amp: "auto" | "bf16" |
+    "fp16" | "off" (None: the config's solver.amp; "auto" is fp32 on the CPU).
+    """
+
+    def __init__(
+        self,
+        weights: Union[str, Path],
+        config: Union[None, str, Path, Config] = None,
+        overrides: Sequence[str] = (),
+        device: Union[str, torch.device] = "auto",
+        score_thresh: Optional[float] = None,
+        batch_size: int = 8,
+        amp: Optional[str] = None,
+    ):
+        from detkit.engine.checkpoint import load_checkpoint
+        from detkit.utils.env import resolve_device, select_amp
+
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size}: must be at least 1")
+        if score_thresh is not None and not 0.0 <= score_thresh <= 1.0:
+            raise ConfigError(f"score_thresh={score_thresh}: must be in [0, 1]")
+        state = load_checkpoint(weights)
+        check_checkpoint(state, weights)
+        if isinstance(config, Config):
+            cfg = config_with_overrides(_config_dict(config), overrides) if overrides else config
+        elif config is not None:
+            cfg = load_config(config, overrides)
+        else:
+            cfg = config_with_overrides(state["config"], overrides)
+        if score_thresh is not None:
+            # Filtering before NMS keeps the same boxes as filtering after it (a box is only
+            # suppressed by higher-scoring ones) and spares the NMS the low scores.
+            cfg = replace(cfg, **{"model.roi_heads.score_thresh": float(score_thresh)})
+        self.cfg: Config = cfg
+        self.score_thresh = float(cfg.model.roi_heads.score_thresh)
+        self.class_names: list[str] = list(state["class_names"])
+        ids = state.get("category_ids")
+        self.category_ids: list[int] = list(ids) if ids else list(range(1, len(self.class_names) + 1))
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.amp_dtype = select_amp(amp or cfg.solver.amp, self.device).dtype
+        self.batch_size = batch_size
+        self.model = build_model_from_checkpoint(state, cfg, self.device, source=str(weights))
+        self.preprocessor = Preprocessor(cfg)
+        self.iteration = int(state.get("iteration", 0))
+        logger.info(
+            "Loaded %s (iteration %d, %d classes, ResNet-%d) on %s, amp %s, score >= %.2f",
+            weights, self.iteration, len(self.class_names), cfg.model.depth, self.device,
+            {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype], self.score_thresh,
+        )
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """RGB (H, W, 3) uint8 -> (3, h, w) uint8 resized for the model, in its channel order."""
+        return self.preprocessor(image)
+
+    @torch.no_grad()
+    def predict_preprocessed(self, tensors: Sequence[torch.Tensor], original_sizes: Sequence[Sequence[int]]) -> list[Detections]:
+        """One forward pass over (3, h_i, w_i) tensors from `preprocess`; original_sizes (N, 2) (h, w)."""
+        batch = ImageBatch.from_tensors(list(tensors), self.cfg.data.size_divisibility, original_sizes)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        batch = batch.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            outputs = self.model(batch)
+        results = []
+        for out in outputs:
+            # One device->host copy per tensor; keep the detections at or above the threshold, best first.
+            scores = out["scores"].float().cpu().numpy()
+            boxes = out["boxes"].float().cpu().numpy()
+            labels = out["labels"].cpu().numpy().astype(np.int64)
+            keep = np.flatnonzero(scores >= self.score_thresh)
+            keep = keep[np.argsort(-scores[keep], kind="stable")]
+            results.append(Detections(
+                boxes=boxes[keep], scores=scores[keep], labels=labels[keep],
+                class_names=[self.class_names[k] for k in labels[keep].tolist()],
+            ))
+        return results
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        """Detections of each RGB (H, W, 3) uint8 image, run in batches of `batch_size`."""
+        results: list[Detections] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            tensors = [self.preprocess(image) for image in chunk]
+            results += self.predict_preprocessed(tensors, [image.shape[:2] for image in chunk])
+        return results
+
+    def __call__(self, image: np.ndarray) -> Detections:
+        return self.predict([image])[0]
+
+
+def _config_dict(cfg: Config) -> dict:
+    from detkit.config import config_to_dict
+
+    return config_to_dict(cfg)
