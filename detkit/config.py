@@ -36,7 +36,7 @@ from detkit.errors import ConfigError
 @dataclass(frozen=True)
 class BackboneConfig:
     weights: str = ""  # ImageNet ResNet checkpoint: a local file, or a torchvision weights enum name
-    weights_format: Literal["auto", "torchvision", "msra"] = "auto"
+    weights_format: Literal["auto", "torchvision", "msra", "detectron2", "detkit"] = "auto"
     norm: Literal["FrozenBN", "BN", "SyncBN", "GN"] = "FrozenBN"
     freeze_at: int = 2
     stride_in_1x1: bool = False
@@ -84,6 +84,7 @@ class ModelConfig:
     depth: int = 101
     num_classes: int = 80
     weights: str = ""  # a full detector checkpoint (detkit .pth, Detectron2 .pkl/.pth)
+    weights_format: Literal["auto", "detkit", "detectron2", "msra", "torchvision"] = "auto"
     input_format: Literal["RGB", "BGR"] = "RGB"
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)

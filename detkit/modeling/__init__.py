@@ -74,9 +74,9 @@ def build_model(cfg, device: Optional[torch.device | str] = None, load_weights: 
         input_format=m.input_format,
     )
     if load_weights and b.weights:
-        load_backbone_weights(model, b.weights)
+        load_backbone_weights(model, b.weights, fmt=b.weights_format)
     if load_weights and m.weights:
-        load_detector_weights(model, m.weights)
+        load_detector_weights(model, m.weights, fmt=m.weights_format)
     if device is not None:
         model.to(device)
     if m.channels_last:
