@@ -199,7 +199,9 @@ class Res5ROIHeads(nn.Module):
         num_images = image_sizes.shape[0]
         scores = F.softmax(cls_logits.float(), dim=-1)[:, :k]  # drop background (last): (R, K)
         boxes = self.box_coder.decode(box_deltas, rois)  # (R, 4K) or (R, 4)
-        boxes = boxes.view(boxes.shape[0], -1, 4)  # (R, K, 4) or (R, 1, 4)
+        # (R, 4K) -> (R, K, 4) or (R, 1, 4); the class count is explicit so that R = 0 (no proposal
+        # in any image) still reshapes.
+        boxes = boxes.view(boxes.shape[0], box_deltas.shape[1] // 4, 4)
         boxes = clip_boxes(boxes, image_sizes[roi_image_idx][:, None, :])
         finite = torch.isfinite(boxes).all(dim=(1, 2)) & torch.isfinite(scores).all(dim=1)  # (R,)
 
