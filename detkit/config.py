@@ -136,6 +136,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class SolverConfig:
     ims_per_batch: int = 16
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     base_lr: float = 0.02
     momentum: float = 0.9
     nesterov: bool = False

@@ -1,0 +1,157 @@
+"""detkit-train / tools/train.py: train a detector from a YAML config.
+
+    python tools/train.py configs/shapes_r18.yaml                       # one process (GPU if present)
+    python tools/train.py configs/frcnn_r101.yaml solver.ims_per_batch=8 solver.base_lr=0.01
+    python tools/train.py configs/frcnn_r101.yaml --resume              # continue in output_dir
+    torchrun --nproc_per_node 8 tools/train.py configs/frcnn_r101.yaml  # 8 GPUs, one node
+    python tools/train.py configs/shapes_r18.yaml --eval-only --weights output/model_final.pth
+
+The output dir receives config.yaml (resolved), log.txt, metrics.jsonl, model_*.pth,
+model_final.pth, last_checkpoint and summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from detkit.cli.common import run_cli, setup_logging
+
+logger = logging.getLogger("detkit.cli.train")
+
+_EPILOG = """\
+config overrides:
+  Any key of configs/base.yaml, dotted, value parsed as YAML, e.g.
+    output_dir=runs/r101 device=cpu seed=1 solver.max_iter=90000 solver.steps=[60000,80000]
+    solver.ims_per_batch=8 solver.base_lr=0.01 solver.amp=off solver.checkpoint_period=1000
+    solver.clip_grad_norm=1.0 test.eval_period=5000 model.backbone.norm=SyncBN data.num_workers=2
+
+batch size and learning rate:
+  solver.ims_per_batch is the total over all processes (each of N processes takes 1/N). When you
+  change it from the config's value B to B', scale solver.base_lr by B'/B and solver.max_iter,
+  solver.steps and solver.warmup_iters by B/B'.
+
+multiple GPUs / nodes:
+  torchrun --nproc_per_node 8 tools/train.py CONFIG ...
+  torchrun --nnodes 2 --node_rank R --master_addr HOST --master_port 29500 --nproc_per_node 8 \\
+      tools/train.py CONFIG ...          (output_dir must be on a shared filesystem for --resume)
+
+output (in output_dir):
+  config.yaml  log.txt  metrics.jsonl  model_0005000.pth ...  model_final.pth  last_checkpoint
+  summary.json; `python tools/plot.py OUTPUT_DIR` draws metrics.jsonl as PNG curves.
+
+exit status: 0 done, 2 a configuration/data/checkpoint error or a non-finite loss (one line on
+stderr; --debug for the traceback), 130 interrupted.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="detkit-train",
+        description="Train a Faster R-CNN (ResNet C4) detector, or evaluate a checkpoint with --eval-only.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
+    )
+    parser.add_argument("config", help="YAML config, e.g. configs/frcnn_r101.yaml (inherits configs/base.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (see below)")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="continue from the checkpoint named by output_dir/last_checkpoint: model, optimizer, "
+        "iteration, RNG and data position (starts from scratch when there is none)",
+    )
+    parser.add_argument(
+        "--eval-only", action="store_true",
+        help="no training: evaluate --weights on the config's test set (writes predictions.json and "
+        "metrics.json to output_dir)",
+    )
+    parser.add_argument("--weights", help="with --eval-only: the checkpoint to evaluate (.pth)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of configuration and data errors")
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    from detkit.config import load_config
+    from detkit.errors import ConfigError
+
+    if args.eval_only:
+        if not args.weights:
+            raise ConfigError("--eval-only needs --weights CHECKPOINT (e.g. --weights output/model_final.pth)")
+        if args.resume:
+            raise ConfigError("--eval-only and --resume do not go together")
+        from detkit.cli.eval import main as eval_main
+
+        return eval_main([args.config, *args.overrides, "--weights", args.weights])
+    if args.weights:
+        raise ConfigError(
+            "--weights is for --eval-only; to start training from a checkpoint use the override "
+            f"model.weights={args.weights}"
+        )
+
+    cfg = load_config(args.config, args.overrides)
+    return train(cfg, resume=args.resume)
+
+
+def train(cfg, resume: bool = False) -> int:
+    """Train `cfg` in this process (one rank of a torchrun group, or alone)."""
+    from detkit.engine import distributed as dist
+    from detkit.engine.trainer import Trainer
+
+    info = dist.dist_info_from_env()
+    output_dir = Path(cfg.output_dir)
+    file_handler = None
+    if info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(logging.INFO, log_file=str((output_dir / "log.txt").resolve()))
+        file_handler = _handler_for(output_dir / "log.txt")
+    else:
+        setup_logging(logging.WARNING)
+    try:
+        if info.is_main:
+            logger.info("command: %s", " ".join(sys.argv))
+        # A resumed run gets every tensor from the checkpoint: skip reading the initial weights files.
+        has_checkpoint = resume and (output_dir / "last_checkpoint").is_file()
+        trainer = Trainer(cfg, load_weights=not has_checkpoint)
+        trainer.resume_or_load(resume=resume)
+        summary = trainer.train()
+        if info.is_main:
+            eval_part = summary["eval"]
+            shown = {k: eval_part[k] for k in ("bbox/AP", "bbox/AP50") if k in eval_part} or {
+                k: v for k, v in eval_part.items() if k.startswith("val/")
+            }
+            metrics = "  ".join(f"{k} {v:.2f}" for k, v in shown.items())
+            if summary["s_per_iter"] is None:
+                done = f"nothing left to train: {output_dir} already holds iteration {summary['iterations']}"
+            else:
+                done = (
+                    f"trained {summary['iterations'] - summary['resumed_from']} iterations in "
+                    f"{summary['wall_time_s']:.0f} s ({summary['s_per_iter']} s/iter)"
+                )
+            print(done + (f"; {metrics}" if metrics else ""))
+            print(f"outputs in {output_dir}/: model_final.pth, metrics.jsonl, log.txt, summary.json")
+        return 0
+    finally:
+        dist.destroy()
+        if file_handler is not None:
+            # Leave no handler behind when main() is called in-process (tests, notebooks).
+            logging.getLogger("detkit").removeHandler(file_handler)
+            file_handler.close()
+
+
+def _handler_for(log_file: Path):
+    target = str(log_file.resolve())
+    for handler in logging.getLogger("detkit").handlers:
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename == target:
+            return handler
+    return None
+
+
+def entry_point() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entry_point()

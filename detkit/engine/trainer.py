@@ -1,0 +1,520 @@
+"""The training loop: SGD + warmup schedule, AMP, DDP, checkpoints, exact resume, logging, evaluation.
+
+    trainer = Trainer(cfg)            # builds model, optimizer, schedule, loader on this rank
+    trainer.resume_or_load(resume=True)
+    summary = trainer.train()
+
+One iteration (k = 1..max_iter, as logged; `self.iteration` counts completed iterations):
+    batch = next(loader)                        # its own RNG use is isolated, see `_next_batch`
+    losses = model(images, targets)             # under autocast when solver.amp is bf16/fp16
+    scaler.scale(sum(losses)).backward()        # DDP all-reduces gradients here
+    loss values -> host (one sync; averaged over ranks) -> stop if any is non-finite
+    clip (optional) -> optimizer.step() -> scheduler.step()
+    every log_period: progress line + metrics.jsonl row; every checkpoint_period: checkpoint;
+    every test.eval_period (and at the end): evaluation
+
+Exact resume: a checkpoint holds model, optimizer, scaler, iteration, every rank's python/numpy/
+torch/CUDA RNG states and the data position; the loader restarts at that position
+(`build_train_loader(start_iter=...)` is deterministic) and the RNG states are restored right before
+the first resumed step, so on CPU a resumed run repeats the uninterrupted run's losses bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from detkit.config import Config, config_to_dict, dump_config
+from detkit.engine import distributed as dist
+from detkit.engine.checkpoint import (
+    FINAL_NAME,
+    Checkpointer,
+    capture_rng_state,
+    checkpoint_name,
+    load_checkpoint,
+    restore_rng_state,
+)
+from detkit.engine.lr_schedule import build_lr_scheduler, build_optimizer
+from detkit.errors import CheckpointError, ConfigError, DetkitError
+from detkit.utils.env import AmpChoice, configure_backends, resolve_device, seed_all, select_amp
+from detkit.utils.logging import WindowedValue, format_progress, peak_memory_mb
+from detkit.utils.metrics import MetricsWriter
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+
+
+class NonFiniteLossError(DetkitError):
+    """A loss became nan or inf; the run stopped after saving the last good state."""
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def move_targets(targets: Sequence[dict], device: torch.device, non_blocking: bool) -> list[dict]:
+    return [
+        {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets
+    ]
+
+
+@contextlib.contextmanager
+def isolated_rng(cuda: bool = False):
+    """Run a block without disturbing the global python/numpy/torch(/CUDA) random streams.
+
+    Training losses depend on those streams (the RPN and RoI samplers draw from torch's), so work
+    that happens in one run but not in another (an evaluation, a loader's first `next()` creating
+    its iterator) must leave them as it found them for a resumed run to match an uninterrupted one.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    torch_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if cuda else None
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _dataset_info(cfg: Config, split: str):
+    """(class_names, category_ids, ann_file or None) from the data package; empty when unknown."""
+    from detkit.data import get_dataset_info
+
+    info = get_dataset_info(cfg, split)
+    return list(info.class_names), [int(c) for c in info.category_ids], getattr(info, "ann_file", None)
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Trains one detector per process group; every rank builds one and calls `train()`.
+
+    cfg: the resolved config. model / train_loader_fn: optional replacements (tests, custom
+    models): `train_loader_fn(start_iter)` must return an iterable of (images, targets, metas)
+    batches like `detkit.data.build_train_loader`. hooks: callables run as hook(trainer) after
+    every iteration (after logging, checkpointing and evaluation).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        model: Optional[nn.Module] = None,
+        train_loader_fn: Optional[Callable[[int], Iterable]] = None,
+        hooks: Sequence[Callable[["Trainer"], None]] = (),
+        load_weights: bool = True,
+    ):
+        self.cfg = cfg
+        solver = cfg.solver
+        env = dist.dist_info_from_env()
+        if solver.ims_per_batch % env.world_size != 0:
+            raise ConfigError(
+                f"solver.ims_per_batch={solver.ims_per_batch} is not divisible by the {env.world_size} "
+                "processes; use a multiple of the number of GPUs"
+            )
+        self.device = resolve_device(cfg.device, env.local_rank)
+        self.dist = dist.init_distributed(self.device.type)
+        configure_backends(self.device, cfg.cudnn_benchmark)
+        seed_all(cfg.seed + self.dist.rank)
+        self.amp: AmpChoice = select_amp(solver.amp, self.device)
+        self.output_dir = Path(cfg.output_dir)
+        self.is_main = self.dist.is_main
+
+        if model is None:
+            from detkit.modeling import build_model
+
+            model = build_model(cfg, load_weights=load_weights)
+        model.to(self.device)
+        self.optimizer = build_optimizer(model, solver)
+        self.scheduler = build_lr_scheduler(self.optimizer, solver)
+        # Disabled unless fp16: then scale()/step()/update() pass straight through.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp.use_scaler)
+        if self.dist.distributed:
+            model = DistributedDataParallel(
+                model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                # Frozen BN needs no buffer sync; SyncBN syncs its own statistics.
+                broadcast_buffers=False,
+                gradient_as_bucket_view=True,
+            )
+        self.model = model
+        self._train_loader_fn = train_loader_fn
+        self.hooks = list(hooks)
+
+        self.checkpointer = Checkpointer(self.output_dir, max_to_keep=solver.max_to_keep, enabled=self.is_main)
+        self.metrics = MetricsWriter(self.output_dir, enabled=self.is_main)
+        self.iteration = 0  # completed iterations
+        self.start_iter = 0
+        self._rng_to_restore: Optional[dict] = None
+        self.class_names, self.category_ids = self._class_info()
+        self.last_losses: dict[str, float] = {}
+        self.eval_results: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- set-up ------------------
+
+    def _class_info(self) -> tuple[list[str], list[int]]:
+        if not self.cfg.data.train:
+            return [], []
+        names, ids, _ = _dataset_info(self.cfg, "train")
+        return names, ids
+
+    def resume_or_load(self, resume: bool) -> int:
+        """With resume=True and a `last_checkpoint` in output_dir, restore everything from it.
+
+        Returns the iteration training starts from (0 for a fresh run).
+        """
+        path = self.checkpointer.last_checkpoint() if resume and self.is_main else None
+        path = dist.broadcast_object(str(path) if path else None)
+        if path is None:
+            if resume:
+                logger.info("--resume: no checkpoint in %s, starting from iteration 0", self.output_dir)
+            return 0
+        self.load_training_state(path)
+        return self.start_iter
+
+    def load_training_state(self, path: str | Path) -> None:
+        """Restore model, optimizer, scaler, iteration and (at the first step) RNG from a checkpoint."""
+        if not Path(path).is_file():
+            raise CheckpointError(f"{path} is not visible on rank {self.dist.rank}: resuming needs a shared output_dir")
+        state = load_checkpoint(path, map_location="cpu")
+        missing = [k for k in ("model", "optimizer", "iteration") if k not in state]
+        if missing:
+            raise CheckpointError(f"{path} is not a training checkpoint (no {', '.join(missing)}); use model.weights=... to start from it")
+        try:
+            unwrap(self.model).load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path} does not fit the model of this config: {exc}") from None
+        self._load_optimizer(state["optimizer"], path)
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.iteration = self.start_iter = int(state["iteration"])
+        # The schedule is a function of the iteration: the current config's schedule applies from here.
+        self.scheduler.last_epoch = self.start_iter
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
+            group["lr"] = lr
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+        rng = state.get("rng") or []
+        if len(rng) == self.dist.world_size:
+            self._rng_to_restore = rng[self.dist.rank]
+        else:
+            logger.warning(
+                "%s holds RNG states of %d processes, this run has %d: sampling will differ from an uninterrupted run",
+                path, len(rng), self.dist.world_size,
+            )
+        data = state.get("data") or {}
+        if data.get("world_size", self.dist.world_size) != self.dist.world_size:
+            logger.warning("resuming with %d processes instead of %d: images per rank change", self.dist.world_size, data["world_size"])
+        self.metrics.truncate_after(self.start_iter)
+        logger.info("resumed from %s at iteration %d", path, self.start_iter)
+
+    def _load_optimizer(self, saved: dict, path: str | Path) -> None:
+        # Keep the config's hyper-parameters (a resumed run may change weight decay, momentum or
+        # base_lr); take only the per-parameter state (momentum buffers) from the checkpoint.
+        current = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        try:
+            self.optimizer.load_state_dict(saved)
+        except ValueError as exc:
+            raise CheckpointError(
+                f"{path}: the optimizer state does not fit this model's parameter groups ({exc}); were "
+                "solver.bias_lr_factor / weight_decay_* or model.backbone.freeze_at changed?"
+            ) from None
+        for group, hparams in zip(self.optimizer.param_groups, current):
+            group.update(hparams)
+
+    # ---------------------------------------------------------------- checkpoints -------------
+
+    def checkpoint_state(self) -> dict:
+        """Everything needed to continue exactly; collective (every rank must call it)."""
+        rng = dist.all_gather_object(capture_rng_state())
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "config": config_to_dict(self.cfg),
+            "class_names": list(self.class_names),
+            "category_ids": list(self.category_ids),
+            "iteration": self.iteration,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "rng": rng,
+            "data": {
+                "start_iter": self.iteration,
+                "world_size": self.dist.world_size,
+                "ims_per_batch": self.cfg.solver.ims_per_batch,
+                "seed": self.cfg.seed,
+            },
+        }
+
+    def save_checkpoint(self, name: str) -> Optional[Path]:
+        state = self.checkpoint_state()
+        return self.checkpointer.save(name, state) if self.is_main else None
+
+    # ---------------------------------------------------------------- the loop ----------------
+
+    def build_train_loader(self, start_iter: int) -> Iterable:
+        if self._train_loader_fn is not None:
+            return self._train_loader_fn(start_iter)
+        from detkit.data import build_train_loader
+
+        return build_train_loader(self.cfg, rank=self.dist.rank, world_size=self.dist.world_size, start_iter=start_iter)
+
+    def _next_batch(self, batches: Iterator):
+        with isolated_rng():
+            return next(batches)
+
+    def train(self) -> dict:
+        """Run iterations start_iter+1 .. max_iter; returns (and writes) the final summary."""
+        cfg, solver = self.cfg, self.cfg.solver
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.output_dir / "config.yaml")
+        logger.info(
+            "training on %s x%d, amp %s, %d images/iteration (%d per process), iterations %d..%d",
+            self.device, self.dist.world_size, self.amp.name, solver.ims_per_batch,
+            solver.ims_per_batch // self.dist.world_size, self.start_iter + 1, solver.max_iter,
+        )
+        self.model.train()
+        batches = iter(self.build_train_loader(self.start_iter))
+        if self._rng_to_restore is not None:
+            restore_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
+        window = max(solver.log_period, 20)
+        iter_times, data_times = WindowedValue(window), WindowedValue(window)
+        loss_sums: dict[str, float] = {}
+        loss_count = 0
+        train_start = time.perf_counter()
+        while self.iteration < solver.max_iter:
+            t0 = time.perf_counter()
+            batch = self._next_batch(batches)
+            data_time = time.perf_counter() - t0
+            lr = self.current_lr()
+            losses = self.run_step(batch)
+            self.iteration += 1
+            iter_times.add(time.perf_counter() - t0)
+            data_times.add(data_time)
+            for k, v in losses.items():
+                loss_sums[k] = loss_sums.get(k, 0.0) + v
+            loss_count += 1
+
+            it, last = self.iteration, self.iteration == solver.max_iter
+            if it % solver.log_period == 0 or last:
+                self.last_losses = {k: v / loss_count for k, v in loss_sums.items()}
+                self._log(self.last_losses, lr, iter_times, data_times)
+                loss_sums, loss_count = {}, 0
+            if last:
+                self.save_checkpoint(FINAL_NAME)
+            elif solver.checkpoint_period > 0 and it % solver.checkpoint_period == 0:
+                self.save_checkpoint(checkpoint_name(it))
+            if self.cfg.test.eval_period > 0 and it % self.cfg.test.eval_period == 0 and not last:
+                self.evaluate()
+            for hook in self.hooks:
+                hook(self)
+
+        wall = time.perf_counter() - train_start
+        if self.cfg.data.test:
+            self.evaluate()
+        summary = self._summary(wall)
+        self.metrics.close()
+        return summary
+
+    def run_step(self, batch) -> dict[str, float]:
+        """One optimizer step on `batch`; returns total_loss and each term (averaged over ranks)."""
+        images, targets, _ = batch
+        non_blocking = self.device.type == "cuda"
+        images = images.to(self.device, non_blocking=non_blocking)
+        targets = move_targets(targets, self.device, non_blocking)
+        with torch.autocast(self.device.type, dtype=self.amp.dtype, enabled=self.amp.dtype is not None):
+            loss_dict = self.model(images, targets)
+        names = sorted(loss_dict)
+        total = sum(loss_dict[k].float() for k in names)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+
+        # The one host-device sync of the step: every rank must agree on whether to step, and the
+        # log needs the values. After backward, so the GPU queue is full while we wait.
+        values = torch.stack([total.detach()] + [loss_dict[k].detach().float() for k in names])
+        values = dist.all_reduce_mean(values).tolist()
+        losses = dict(zip(["total_loss"] + names, values))
+        if not all(math.isfinite(v) for v in values):
+            self._stop_non_finite(losses)
+
+        if self.cfg.solver.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.solver.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return losses
+
+    def current_lr(self) -> float:
+        """The lr of the next step (base_lr times the schedule; bias groups may scale it)."""
+        return self.cfg.solver.base_lr * self.scheduler.factor(self.iteration)
+
+    def _stop_non_finite(self, losses: dict[str, float]) -> None:
+        """Save the last good state (parameters were not updated by this step) and raise."""
+        bad_iter = self.iteration + 1
+        saved = ""
+        if self.iteration > 0:
+            path = self.save_checkpoint(checkpoint_name(self.iteration))
+            dist.barrier()
+            saved = f" The last good state (iteration {self.iteration}) is saved as {path or self.output_dir / checkpoint_name(self.iteration)}."
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
+        raise NonFiniteLossError(
+            f"non-finite loss at iteration {bad_iter}: {terms}.{saved} Lower solver.base_lr or set "
+            "solver.clip_grad_norm (e.g. 1.0), check the data for degenerate boxes, then continue with --resume."
+        )
+
+    def _log(self, losses: dict[str, float], lr: float, iter_times: WindowedValue, data_times: WindowedValue) -> None:
+        solver = self.cfg.solver
+        seconds = iter_times.median()
+        eta = seconds * (solver.max_iter - self.iteration)
+        mem = peak_memory_mb(self.device)
+        if self.is_main:
+            logger.info(
+                format_progress(
+                    self.iteration, solver.max_iter, losses, lr=lr, time=seconds,
+                    data_time=data_times.median(), eta_seconds=eta, max_mem_mb=mem,
+                )
+            )
+        self.metrics.write(
+            self.iteration,
+            {**losses, "lr": lr, "time": seconds, "data_time": data_times.median(), "eta_seconds": eta, "max_mem_mb": mem},
+        )
+
+    # ---------------------------------------------------------------- evaluation --------------
+
+    def evaluate(self) -> dict[str, Any]:
+        """COCO evaluation of the test set (rank 0 gets the numbers; every rank must call)."""
+        if not self.cfg.data.test:
+            return {}
+        model = unwrap(self.model)
+        with isolated_rng(cuda=self.device.type == "cuda"):
+            results = evaluate_model(self.cfg, model, self.device, self.amp, rank=self.dist.rank, world_size=self.dist.world_size)
+        model.train()
+        if self.is_main and results:
+            flat = {k: v for k, v in results.items() if isinstance(v, (int, float))}
+            self.metrics.write(self.iteration, flat)
+        self.eval_results = results
+        return results
+
+    def _summary(self, wall_seconds: float) -> dict:
+        done = self.iteration - self.start_iter
+        summary = {
+            "iterations": self.iteration,
+            "max_iter": self.cfg.solver.max_iter,
+            "resumed_from": self.start_iter,
+            "wall_time_s": round(wall_seconds, 2),
+            "s_per_iter": round(wall_seconds / done, 4) if done else None,
+            "device": str(self.device),
+            "world_size": self.dist.world_size,
+            "amp": self.amp.name,
+            "final_losses": self.last_losses,
+            "eval": {k: v for k, v in self.eval_results.items() if k != "per_class"},
+            "checkpoint": str(self.output_dir / FINAL_NAME),
+            "metrics": str(self.output_dir / "metrics.jsonl"),
+        }
+        if self.is_main:
+            (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            logger.info(
+                "done: %d iterations in %.1f s (%s s/iter); final model %s",
+                done, wall_seconds, summary["s_per_iter"], summary["checkpoint"],
+            )
+            if summary["eval"]:
+                logger.info("evaluation: %s", ", ".join(f"{k} {v:.2f}" for k, v in summary["eval"].items() if isinstance(v, (int, float))))
+        return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation (shared by the periodic hook and --eval-only)
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate_model(
+    cfg: Config, model: nn.Module, device: torch.device, amp: AmpChoice, rank: int = 0, world_size: int = 1
+) -> dict[str, Any]:
+    """Evaluate `model` on the first test dataset; returns {"bbox/AP": ..., ...} on rank 0.
+
+    With the COCO evaluator (`detkit.engine.evaluator`): AP, AP50, ... in 0..100 and per-class AP.
+    Without it: the training losses on the test set ("val/total_loss", ...), a fallback that at
+    least shows over-fitting.
+    """
+    try:
+        from detkit.engine.evaluator import COCOEvaluator, inference_on_dataset
+    except ImportError:
+        return held_out_losses(cfg, model, device, amp, rank, world_size)
+    from detkit.data import build_test_loader
+
+    _, category_ids, ann_file = _dataset_info(cfg, "test")
+    loader = build_test_loader(cfg, rank=rank, world_size=world_size)
+    model.eval()
+    start = time.perf_counter()
+    predictions = inference_on_dataset(model, loader, category_ids, device, amp_dtype=amp.dtype)
+    if rank != 0:
+        return {}
+    metrics = COCOEvaluator(ann_file, backend=cfg.test.eval_backend).evaluate(predictions)
+    results: dict[str, Any] = {f"bbox/{k}": float(v) for k, v in metrics.items() if k != "per_class"}
+    for name, ap in (metrics.get("per_class") or {}).items():
+        results[f"bbox/AP-{name}"] = float(ap)
+    results["per_class"] = dict(metrics.get("per_class") or {})
+    logger.info(
+        "evaluation of %d detections in %.1f s: %s",
+        len(predictions), time.perf_counter() - start,
+        "  ".join(f"{k} {metrics[k]:.2f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in metrics),
+    )
+    return results
+
+
+@torch.no_grad()
+def held_out_losses(cfg: Config, model: nn.Module, device: torch.device, amp: AmpChoice, rank: int = 0, world_size: int = 1) -> dict:
+    """Mean training losses over the test set (norm layers kept in eval mode), averaged over ranks."""
+    from detkit.data import build_test_loader
+
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()  # do not update running statistics with test images
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    for images, targets, _ in build_test_loader(cfg, rank=rank, world_size=world_size):
+        images = images.to(device)
+        with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
+            loss_dict = model(images, move_targets(targets, device, False))
+        for k, v in loss_dict.items():
+            sums[k] = sums.get(k, 0) + v.detach().float() * len(images)
+        count += len(images)
+    if not sums:
+        return {}
+    names = sorted(sums)
+    vec = torch.stack([sums[k] for k in names] + [torch.tensor(float(count), device=device)])
+    vec = dist.all_reduce_mean(vec) * dist.get_world_size()  # sums over ranks
+    values = (vec[:-1] / vec[-1]).tolist()
+    out = {f"val/{k}": v for k, v in zip(names, values)}
+    out["val/total_loss"] = sum(values)
+    logger.info("held-out losses (no COCO evaluator available): %s", ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
+    return out

@@ -1,0 +1,168 @@
+"""tools/train.py end to end on the real detector (ResNet-18 C4) and real shapes data, on CPU.
+
+The module runs three trainings once (a fixture) and the tests read their outputs:
+  A: 20 iterations uninterrupted;
+  B: the same command, SIGKILLed right after its checkpoint at iteration 10 is on disk;
+  C: B's output dir continued with --resume.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from detkit.cli.train import main as train_main
+from detkit.engine.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, str(ROOT / "tools" / "train.py")]
+
+# Small enough for 2 shared cores: 64 px images, the trunk frozen (res5, RPN and box head train),
+# few anchors and RoIs, a 4x4 RoIAlign.
+TINY_CONFIG = """\
+_base_: {base}
+device: cpu
+seed: 3
+model:
+  depth: 18
+  num_classes: 3
+  backbone: {{freeze_at: 4}}
+  rpn: {{pre_nms_topk_train: 200, post_nms_topk_train: 32, pre_nms_topk_test: 100, post_nms_topk_test: 16,
+        batch_size_per_image: 32}}
+  roi_heads: {{batch_size_per_image: 8, pooler_resolution: 4}}
+data:
+  train: [{{type: shapes, root: {data}, split: train, num_images: 16, image_size: [64, 64], num_classes: 3, max_objects: 3}}]
+  test: [{{type: shapes, root: {data}, split: val, num_images: 4, image_size: [64, 64], num_classes: 3, max_objects: 3}}]
+  min_size_train: [56, 64]
+  max_size_train: 64
+  min_size_test: 64
+  max_size_test: 64
+  num_workers: 0
+solver: {{ims_per_batch: 2, base_lr: 0.02, max_iter: 20, steps: [15], warmup_iters: 4, checkpoint_period: 10,
+         log_period: 1}}
+test: {{ims_per_batch: 4}}
+"""
+
+LOSS_KEYS = ("total_loss", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "lr")
+
+
+def write_tiny_config(folder: Path) -> Path:
+    path = folder / "tiny.yaml"
+    path.write_text(TINY_CONFIG.format(base=ROOT / "configs" / "base.yaml", data=folder / "shapes"))
+    return path
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def training_rows(run: Path) -> dict[int, dict]:
+    return {r["iteration"]: r for r in rows(run) if "total_loss" in r}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = write_tiny_config(tmp)
+    # One intra-op thread: on 2 cores shared with other processes, torch's two spinning OpenMP
+    # threads make a step ~10x slower than one thread does.
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    a, bc = tmp / "A", tmp / "BC"
+
+    subprocess.run(TRAIN + [str(cfg), f"output_dir={a}"], check=True, env=env, capture_output=True, timeout=600)
+
+    b = subprocess.Popen(TRAIN + [str(cfg), f"output_dir={bc}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    pointer = bc / "last_checkpoint"
+    deadline = time.monotonic() + 600
+    while not (pointer.is_file() and pointer.read_text().strip() == "model_0000010.pth"):
+        assert b.poll() is None, b.stderr.read().decode()
+        assert time.monotonic() < deadline, "run B never wrote its iteration-10 checkpoint"
+        time.sleep(0.01)
+    b.send_signal(signal.SIGKILL)
+    assert b.wait(timeout=60) == -signal.SIGKILL
+    killed_at = max(training_rows(bc))  # the last iteration B logged before it died
+    assert not (bc / "model_final.pth").exists()
+
+    c = subprocess.run(TRAIN + [str(cfg), f"output_dir={bc}", "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert c.returncode == 0, c.stderr
+    return {"cfg": cfg, "A": a, "BC": bc, "killed_at": killed_at, "resume_stdout": c.stdout}
+
+
+@pytest.mark.slow
+def test_resumed_run_repeats_the_uninterrupted_losses_exactly(runs):
+    a, bc = training_rows(runs["A"]), training_rows(runs["BC"])
+    assert sorted(a) == sorted(bc) == list(range(1, 21))  # B's rows after 10 were dropped and redone
+    assert 10 <= runs["killed_at"] < 20
+    for it in range(11, 21):
+        assert {k: bc[it][k] for k in LOSS_KEYS} == {k: a[it][k] for k in LOSS_KEYS}, f"iteration {it}"
+    # The losses moved (the comparison is not between constants) and the final weights are equal.
+    assert len({a[it]["total_loss"] for it in a}) > 10
+    wa = load_checkpoint(runs["A"] / "model_final.pth")["model"]
+    wc = load_checkpoint(runs["BC"] / "model_final.pth")["model"]
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+    assert "resumed from" in (runs["BC"] / "log.txt").read_text()
+
+
+@pytest.mark.slow
+def test_output_dir_has_config_logs_metrics_checkpoints_and_summary(runs):
+    a = runs["A"]
+    names = {p.name for p in a.iterdir()}
+    assert {"config.yaml", "log.txt", "metrics.jsonl", "model_0000010.pth", "model_final.pth", "last_checkpoint", "summary.json"} <= names
+    ckpt = load_checkpoint(a / "model_final.pth")
+    assert ckpt["iteration"] == 20
+    assert ckpt["class_names"] == ["circle", "square", "triangle"] and ckpt["category_ids"] == [1, 2, 3]
+    assert ckpt["data"]["start_iter"] == 20 and ckpt["config"]["model"]["depth"] == 18
+    summary = json.loads((a / "summary.json").read_text())
+    assert summary["iterations"] == 20 and 0.0 <= summary["eval"]["bbox/AP50"] <= 100.0
+    eval_rows = [r for r in rows(a) if "bbox/AP" in r]
+    assert len(eval_rows) == 1 and eval_rows[0]["iteration"] == 20  # the final evaluation
+    log = (a / "log.txt").read_text()
+    assert "iter 20/20" in log and "s/it" in log and "eta" in log and "max_mem" in log
+
+
+@pytest.mark.slow
+def test_eval_only_evaluates_the_given_weights(runs, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = train_main([str(runs["cfg"]), f"output_dir={out}", "--eval-only", "--weights", str(runs["A"] / "model_final.pth")])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    # Same weights, same test set as the final evaluation of run A.
+    assert metrics["AP50"] == pytest.approx(json.loads((runs["A"] / "summary.json").read_text())["eval"]["bbox/AP50"])
+
+
+@pytest.mark.slow
+def test_plot_writes_png_curves(runs, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "plot.py"), str(runs["A"]), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    for name in ("losses.png", "lr.png", "eval.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--resume", "--eval-only", "--weights", "torchrun", "key=value", "ims_per_batch", "base_lr"):
+        assert flag in text
+
+
+def test_errors_are_one_line_with_exit_code_2(tmp_path):
+    cfg = write_tiny_config(tmp_path)
+    result = subprocess.run(
+        TRAIN + [str(cfg), "solver.max_itr=5"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "solver.max_iter" in result.stderr
+    result = subprocess.run(TRAIN + [str(cfg), "--eval-only"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--weights" in result.stderr
