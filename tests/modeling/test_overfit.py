@@ -61,7 +61,7 @@ def test_overfit_one_image_loss_falls_and_boxes_are_recovered():
         total.backward()
         optimizer.step()
         schedule.step()
-        history.append(float(total))
+        history.append(float(total.detach()))
 
     final = sum(history[-10:]) / 10
     assert final <= 0.2 * history[0], f"loss fell only from {history[0]:.3f} to {final:.3f}"
