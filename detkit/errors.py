@@ -30,3 +30,7 @@ class ImageReadError(DataError):
 
 class CheckpointError(DetkitError):
     """A checkpoint or weights file that is missing, unsafe or does not fit the model."""
+
+
+class NonFiniteLossError(DetkitError):
+    """A training loss became nan or inf; the run stopped after saving the last good state."""

@@ -46,7 +46,7 @@ from detkit.engine.checkpoint import (
     restore_rng_state,
 )
 from detkit.engine.lr_schedule import build_lr_scheduler, build_optimizer
-from detkit.errors import CheckpointError, ConfigError, DetkitError
+from detkit.errors import CheckpointError, ConfigError, NonFiniteLossError
 from detkit.utils.env import AmpChoice, configure_backends, resolve_device, seed_all, select_amp
 from detkit.utils.logging import WindowedValue, format_progress, peak_memory_mb
 from detkit.utils.metrics import MetricsWriter
@@ -54,10 +54,6 @@ from detkit.utils.metrics import MetricsWriter
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
-
-
-class NonFiniteLossError(DetkitError):
-    """A loss became nan or inf; the run stopped after saving the last good state."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ from torch import nn
 
 from detkit.config import load_config
 from detkit.engine.checkpoint import load_checkpoint
-from detkit.engine.trainer import NonFiniteLossError, Trainer
-from detkit.errors import ConfigError
+from detkit.engine.trainer import Trainer
+from detkit.errors import ConfigError, NonFiniteLossError
 from detkit.structures.image_batch import ImageBatch
 from detkit.utils.env import select_amp
 
