@@ -1,5 +1,6 @@
 """The lr schedule (warmup, multistep, cosine) and the optimizer's parameter groups."""
 
+import copy
 import math
 
 import pytest
@@ -122,3 +123,25 @@ def test_scheduler_state_dict_loads_with_weights_only(tmp_path):
     torch.save(sched.state_dict(), tmp_path / "s.pth")
     state = torch.load(tmp_path / "s.pth", weights_only=True)
     assert state["last_epoch"] == 7 and state["steps"] == [60, 80]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_optimizer_is_fused_on_cpu_and_matches_the_reference_update(optimizer):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 4), nn.LayerNorm(4))
+    ref = copy.deepcopy(net)
+    solver = SolverConfig(optimizer=optimizer, base_lr=0.01, weight_decay=1e-2, max_iter=3)
+    opt = build_optimizer(net, solver)
+    assert all(g["fused"] for g in opt.param_groups)  # torch >= 2.4 has CPU kernels for both
+    groups = build_param_groups(ref, base_lr=0.01, weight_decay=1e-2)
+    ref_opt = (torch.optim.AdamW(groups, lr=0.01, foreach=False) if optimizer == "adamw"
+               else torch.optim.SGD(groups, lr=0.01, momentum=solver.momentum, foreach=False))
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        for model, o in ((net, opt), (ref, ref_opt)):
+            o.zero_grad()
+            model(x).pow(2).sum().backward()
+            o.step()
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(p, torch.zeros_like(p))
