@@ -9,8 +9,10 @@ from torch import nn
 from detkit.config import load_config, replace
 from detkit.modeling import build_model
 from detkit.modeling.backbone import (
+    GEMM_CONV_MAX_POSITIONS,
     BasicBlock,
     Bottleneck,
+    Conv2d,
     FrozenBatchNorm2d,
     PadShortcut,
     ResNetTrunk,
@@ -273,3 +275,49 @@ def assert_close_to_scale(got: torch.Tensor, expected: torch.Tensor, tolerance: 
     assert scale > 1.0
     error = (got - expected).abs().max().item()
     assert error <= tolerance * scale, f"max error {error:.3g} > {tolerance} * {scale:.3g}"
+
+
+# ----------------------------------------------------------------------- small-map GEMM conv
+
+
+def _count_library_convs(monkeypatch) -> list:
+    """Patch F.conv2d (what nn.Conv2d calls) to record its calls; returns the record."""
+    calls, conv2d = [], torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **kw: calls.append(1) or conv2d(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "in_shape, cin, cout, k, stride, padding, bias",
+    [
+        ((6, 32, 2, 2), 32, 16, 3, 1, 1, False),  # res5 of the demo: 2 x 2 RoI maps
+        ((6, 16, 4, 4), 16, 32, 3, 2, 1, True),  # first res5 block, stride 2
+        ((6, 16, 4, 4), 16, 32, 1, 2, 0, False),  # its 1x1 projection shortcut
+        ((3, 8, 5, 3), 8, 8, 3, 1, 1, True),  # 15 positions, not square
+    ],
+)
+def test_small_map_conv_runs_as_gemm_and_matches_the_library_conv(in_shape, cin, cout, k, stride, padding, bias, monkeypatch):
+    torch.manual_seed(0)
+    conv = Conv2d(cin, cout, k, stride=stride, padding=padding, bias=bias)
+    ref = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, bias=bias)
+    ref.load_state_dict(conv.state_dict())  # same keys and shapes as nn.Conv2d
+    x = torch.randn(in_shape, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    calls = _count_library_convs(monkeypatch)
+    out = conv(x)
+    monkeypatch.undo()
+    assert calls == [] and out.shape[-2] * out.shape[-1] <= GEMM_CONV_MAX_POSITIONS
+    expected = ref(x_ref)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_larger_maps_keep_the_library_conv(monkeypatch):
+    conv = Conv2d(8, 8, 3, padding=1)
+    calls = _count_library_convs(monkeypatch)
+    out = conv(torch.randn(2, 8, 5, 5))  # 25 positions
+    assert calls == [1] and out.shape == (2, 8, 5, 5)

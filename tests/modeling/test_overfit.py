@@ -5,6 +5,9 @@ grow), RoIAlign 7x7 (res5 -> 4x4) and 16 RoIs per step to keep 200 steps within 
 The RPN keeps 20 proposals after an NMS at 0.5: with the default 0.7, each object keeps a ring of
 proposals at IoU 0.4-0.7 that are resampled every step and sit on the fg/bg boundary (IoU 0.5), so
 their classification and box losses cannot be driven down on one image in 200 steps.
+At test time it keeps the same 20: proposals beyond them were never shown to the box head, and
+one of them (a part of an object, IoU 0.27) scored 0.98 in one run, an artefact of overfitting
+one image, not something this test is about.
 """
 
 import pytest
@@ -40,7 +43,7 @@ def test_overfit_one_image_loss_falls_and_boxes_are_recovered():
             "model.rpn.post_nms_topk_train=20",
             "model.rpn.nms_thresh=0.5",
             "model.rpn.pre_nms_topk_test=300",
-            "model.rpn.post_nms_topk_test=50",
+            "model.rpn.post_nms_topk_test=20",
             "model.roi_heads.batch_size_per_image=16",
             "model.roi_heads.pooler_resolution=7",
         ],
