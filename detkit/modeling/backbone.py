@@ -104,7 +104,8 @@ class Conv2d(nn.Conv2d):
     res5 runs on many small RoI maps (R x 512 x 2 x 2 for the CPU demo), where oneDNN's
     convolution backward is 2-4x slower than the same arithmetic as a matmul (measured with
     torch 2.14 on the 2-core CPU machine: 3x3 512->512 on 64 x 2 x 2, forward + backward 102 ms
-    with oneDNN, 47 ms as GEMM on 2 threads). Larger maps and GPUs keep the library convolution.
+    with oneDNN, 47 ms as GEMM on 2 threads). A 1x1 map skips the unfold: only the tap at (padding,
+    padding) sees the input. Larger maps and GPUs keep the library convolution.
     """
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -116,6 +117,12 @@ class Conv2d(nn.Conv2d):
             h, w = input.shape[-2:]
             ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
             wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+            if h == w == 1 and ho == wo == 1 and 0 <= ph < kh and 0 <= pw < kw:
+                # A 1x1 map: every tap but (ph, pw) reads padding, so the conv is one (Cin -> Cout) matmul.
+                out = input.flatten(1) @ weight[:, :, ph, pw].t()  # (N, Cin) @ (Cin, Cout)
+                if bias is not None:
+                    out = out + bias
+                return out.view(input.shape[0], weight.shape[0], 1, 1)
             if 0 < ho * wo <= GEMM_CONV_MAX_POSITIONS:
                 cols = F.unfold(input, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
                 out = weight.reshape(weight.shape[0], -1) @ cols  # (Cout, Cin*kh*kw) @ (N, Cin*kh*kw, L)

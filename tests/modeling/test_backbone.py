@@ -294,6 +294,8 @@ def _count_library_convs(monkeypatch) -> list:
         ((6, 16, 4, 4), 16, 32, 3, 2, 1, True),  # first res5 block, stride 2
         ((6, 16, 4, 4), 16, 32, 1, 2, 0, False),  # its 1x1 projection shortcut
         ((3, 8, 5, 3), 8, 8, 3, 1, 1, True),  # 15 positions, not square
+        ((6, 32, 1, 1), 32, 16, 3, 1, 1, True),  # 1 x 1 maps (res5 of the demo): the centre tap only
+        ((6, 16, 1, 1), 16, 32, 1, 2, 0, False),  # 1x1 stride 2 on a 1 x 1 map
     ],
 )
 def test_small_map_conv_runs_as_gemm_and_matches_the_library_conv(in_shape, cin, cout, k, stride, padding, bias, monkeypatch):
