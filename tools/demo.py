@@ -4,7 +4,7 @@
     python tools/demo.py                        # configs/shapes_r18.yaml -> output/demo
     python tools/demo.py --output output/demo2 solver.max_iter=300
 
-Runs on the CPU (about 8 minutes on 2 cores) or on a GPU when one is visible. Re-running continues
+Runs on the CPU (about 7 minutes on 2 cores after the 2-3 minute install) or on a GPU when one is visible. Re-running continues
 an interrupted training (--resume) or, when it finished, only evaluates and draws again; --fresh
 starts over in a new output folder.
 """
