@@ -101,11 +101,12 @@ class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters, same state-dict keys) that computes tiny maps on the CPU as an
     im2col GEMM: `unfold` (N, Cin*kh*kw, L) then weight (Cout, Cin*kh*kw) @ cols -> (N, Cout, L).
 
-    res5 runs on many small RoI maps (R x 512 x 2 x 2 for the CPU demo), where oneDNN's
-    convolution backward is 2-4x slower than the same arithmetic as a matmul (measured with
-    torch 2.14 on the 2-core CPU machine: 3x3 512->512 on 64 x 2 x 2, forward + backward 102 ms
-    with oneDNN, 47 ms as GEMM on 2 threads). A 1x1 map skips the unfold: only the tap at (padding,
-    padding) sees the input. Larger maps and GPUs keep the library convolution.
+    res5 runs on many small RoI maps (R x 512 x 1 x 1 for the CPU demo), where oneDNN's
+    convolution, its backward most, is far slower than the same arithmetic as a matmul (torch 2.14,
+    2-core CPU machine: 3x3 512->512 on 64 x 2 x 2, forward + backward 102 ms with oneDNN, 47 ms as
+    GEMM on 2 threads). A 1x1 map skips the unfold: only the tap at (padding, padding) sees the
+    input (192 x 512 x 1 x 1, 1 thread: 493 ms with oneDNN, 13 ms). Larger maps and GPUs keep the
+    library convolution (BENCHMARKS.md, "Profile").
     """
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -117,7 +118,7 @@ class Conv2d(nn.Conv2d):
             h, w = input.shape[-2:]
             ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
             wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-            if h == w == 1 and ho == wo == 1 and 0 <= ph < kh and 0 <= pw < kw:
+            if h == w == 1 and ho == wo == 1 and dh == dw == 1 and 0 <= ph < kh and 0 <= pw < kw:
                 # A 1x1 map: every tap but (ph, pw) reads padding, so the conv is one (Cin -> Cout) matmul.
                 out = input.flatten(1) @ weight[:, :, ph, pw].t()  # (N, Cin) @ (Cin, Cout)
                 if bias is not None:
