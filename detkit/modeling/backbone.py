@@ -120,16 +120,15 @@ class Conv2d(nn.Conv2d):
             wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
             if h == w == 1 and ho == wo == 1 and dh == dw == 1 and 0 <= ph < kh and 0 <= pw < kw:
                 # A 1x1 map: every tap but (ph, pw) reads padding, so the conv is one (Cin -> Cout) matmul.
-                out = input.flatten(1) @ weight[:, :, ph, pw].t()  # (N, Cin) @ (Cin, Cout)
-                if bias is not None:
-                    out = out + bias
-                return out.view(input.shape[0], weight.shape[0], 1, 1)
-            if 0 < ho * wo <= GEMM_CONV_MAX_POSITIONS:
+                out = (input.flatten(1) @ weight[:, :, ph, pw].t())[:, :, None]  # (N, Cin) @ (Cin, Cout) -> (N, Cout, 1)
+            elif 0 < ho * wo <= GEMM_CONV_MAX_POSITIONS:
                 cols = F.unfold(input, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
                 out = weight.reshape(weight.shape[0], -1) @ cols  # (Cout, Cin*kh*kw) @ (N, Cin*kh*kw, L)
-                if bias is not None:
-                    out = out + bias[:, None]
-                return out.view(input.shape[0], weight.shape[0], ho, wo)
+            else:
+                return super()._conv_forward(input, weight, bias)
+            if bias is not None:
+                out = out + bias[:, None]
+            return out.view(input.shape[0], weight.shape[0], ho, wo)
         return super()._conv_forward(input, weight, bias)
 
 
