@@ -34,3 +34,7 @@ class CheckpointError(DetkitError):
 
 class NonFiniteLossError(DetkitError):
     """A training loss became nan or inf; the run stopped after saving the last good state."""
+
+
+class ExportError(DetkitError):
+    """A model that cannot be exported as asked, or an export extra that is not installed."""

@@ -60,6 +60,22 @@ class Detections:
         ]
 
 
+def detections_from_arrays(
+    boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, score_thresh: float, class_names: Sequence[str]
+) -> Detections:
+    """The detections of one image scoring at least `score_thresh`, best first (stable).
+
+    boxes (D, 4), scores (D,), labels (D,): a model's outputs (eager, ONNX Runtime or TorchScript).
+    """
+    labels = labels.astype(np.int64)
+    keep = np.flatnonzero(scores >= score_thresh)
+    keep = keep[np.argsort(-scores[keep], kind="stable")]
+    return Detections(
+        boxes=boxes[keep], scores=scores[keep], labels=labels[keep],
+        class_names=[class_names[k] for k in labels[keep].tolist()],
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Checkpoint -> model
 # --------------------------------------------------------------------------------------------
@@ -219,19 +235,12 @@ class Predictor:
         batch = batch.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             outputs = self.model(batch)
-        results = []
-        for out in outputs:
-            # One device->host copy per tensor; keep the detections at or above the threshold, best first.
-            scores = out["scores"].float().cpu().numpy()
-            boxes = out["boxes"].float().cpu().numpy()
-            labels = out["labels"].cpu().numpy().astype(np.int64)
-            keep = np.flatnonzero(scores >= self.score_thresh)
-            keep = keep[np.argsort(-scores[keep], kind="stable")]
-            results.append(Detections(
-                boxes=boxes[keep], scores=scores[keep], labels=labels[keep],
-                class_names=[self.class_names[k] for k in labels[keep].tolist()],
-            ))
-        return results
+        # One device->host copy per tensor.
+        return [
+            detections_from_arrays(out["boxes"].float().cpu().numpy(), out["scores"].float().cpu().numpy(),
+                                   out["labels"].cpu().numpy(), self.score_thresh, self.class_names)
+            for out in outputs
+        ]
 
     def predict(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """Detections of each RGB (H, W, 3) uint8 image, run in batches of `batch_size`."""

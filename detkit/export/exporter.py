@@ -1,0 +1,209 @@
+"""Write a detkit checkpoint as one self-contained ONNX or TorchScript file (`tools/export.py`).
+
+    predictor = Predictor("output/model_final.pth", device="cpu")
+    export_model(predictor, "model.onnx", fmt="onnx")            # or fmt="torchscript", "model.pt"
+
+The file holds the whole test-time model of `detkit.export.graph.SingleImageDetector` (image in,
+detections out) and, as ONNX metadata_props / TorchScript extra files, everything a consumer needs
+besides it (`export_metadata`): class names and dataset category ids, the input channel order, the
+pixel statistics (already inside the graph; informative), the test-time resize rule and the
+detkit config it was built from.
+
+Why two exporters: ONNX goes through torch's dynamo-based exporter (`torch.export` + onnxscript),
+which keeps H and W symbolic and lowers the data-dependent parts (nonzero, top-k of min(k, M),
+torchvision's nms and roi_align) to ONNX ops; TorchScript goes through `torch.jit.script` of the
+post-processing with the convolutional parts traced (graph.trace_parts_), because scripting the
+model's modules as they are would need TorchScript-only rewrites of them, and a full trace would
+freeze the padding, the top-k size and the number of detections of the example image.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+
+from detkit.errors import ExportError
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript")
+# Bumped when the inputs, outputs or metadata keys change; consumers check it.
+EXPORT_FORMAT_VERSION = "1"
+METADATA_VERSION_KEY = "detkit_export_version"
+INPUT_NAMES = ("image", "original_size")
+OUTPUT_NAMES = ("boxes", "scores", "labels")
+EXTRA_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
+
+
+def require_export_packages(names=EXTRA_PACKAGES) -> None:
+    """ExportError naming the `export` extra when onnx / onnxruntime / onnxscript is missing."""
+    import importlib.util
+
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ExportError(
+            f"{', '.join(missing)} not installed: ONNX export and ONNX Runtime inference need the export extra, "
+            "pip install \"detkit[export]\""
+        )
+
+
+def export_metadata(predictor) -> dict[str, str]:
+    """String key -> string value pairs stored with the model (JSON for lists and the config)."""
+    from detkit.config import config_to_dict
+
+    cfg = predictor.cfg
+    return {
+        METADATA_VERSION_KEY: EXPORT_FORMAT_VERSION,
+        "class_names": json.dumps(predictor.class_names),
+        "category_ids": json.dumps(predictor.category_ids),
+        "input_format": cfg.model.input_format,
+        "pixel_mean": json.dumps(list(cfg.model.pixel_mean)),
+        "pixel_std": json.dumps(list(cfg.model.pixel_std)),
+        "resize": json.dumps({"min_size_test": cfg.data.min_size_test, "max_size_test": cfg.data.max_size_test,
+                              "rule": "Detectron2 ResizeShortestEdge, bilinear (see README, Export)"}),
+        "size_divisibility": str(cfg.data.size_divisibility),
+        "score_thresh": repr(float(cfg.model.roi_heads.score_thresh)),
+        "inputs": "image: (3, h, w) uint8 resized image in input_format channel order; "
+                  "original_size: (2,) int64 (h0, w0) the size before resizing",
+        "outputs": "boxes: (D, 4) float32 xyxy in original pixels; scores: (D,) float32; "
+                   "labels: (D,) int64 index into class_names; best first",
+        "config": json.dumps(config_to_dict(cfg)),
+        "iteration": str(predictor.iteration),
+    }
+
+
+def example_input(predictor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A smooth random image at the model's test size for a 480 x 640 photo: (3, h, w) uint8, (2,)."""
+    from detkit.data.transforms import resized_hw
+
+    data = predictor.cfg.data
+    h, w = resized_hw(480, 640, data.min_size_test, data.max_size_test)
+    generator = torch.Generator().manual_seed(seed)
+    small = torch.randint(0, 256, (1, 3, max(h // 16, 2), max(w // 16, 2)), generator=generator).float()
+    image = torch.nn.functional.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    return image[0].round().clamp(0, 255).to(torch.uint8), torch.tensor([480, 640], dtype=torch.int64)
+
+
+def build_single_image_detector(predictor):
+    from detkit.export.graph import SingleImageDetector
+
+    if predictor.cfg.model.compile:
+        raise ExportError("model.compile=true: export the eager model (add the override model.compile=false)")
+    return SingleImageDetector(predictor.model.float().cpu().eval(), predictor.cfg.data.size_divisibility).eval()
+
+
+def export_model(predictor, output: Union[str, Path], fmt: str) -> Path:
+    """Write `predictor`'s model to `output` as `fmt` ("onnx" | "torchscript"); returns the path.
+
+    The file is written next to `output` and renamed over it, so an interrupted export leaves
+    no half-written model.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    output = Path(output)
+    if not output.parent.is_dir():
+        raise ExportError(f"--output {output}: folder {output.parent} does not exist")
+    if fmt == "onnx":
+        require_export_packages()
+    detector = build_single_image_detector(predictor)
+    image, original_size = example_input(predictor)
+    metadata = export_metadata(predictor)
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=output.suffix, dir=output.parent)
+    os.close(fd)
+    start = time.perf_counter()
+    try:
+        if fmt == "onnx":
+            _export_onnx(detector, image, original_size, metadata, tmp_name)
+        else:
+            _export_torchscript(detector, image, original_size, metadata, tmp_name)
+        os.replace(tmp_name, output)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    logger.info("exported %s (%s, %.1f MB) in %.1f s", output, fmt, output.stat().st_size / 2**20,
+                time.perf_counter() - start)
+    return output
+
+
+def _failing_part(exc: BaseException) -> str:
+    """'file:line in function' of the innermost detkit frame of `exc` (what could not be exported)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}detkit{os.sep}" in f.filename]
+    cause = exc.__cause__ or exc.__context__
+    while not frames and cause is not None:
+        frames = [f for f in traceback.extract_tb(cause.__traceback__) if f"{os.sep}detkit{os.sep}" in f.filename]
+        cause = cause.__cause__ or cause.__context__
+    if not frames:
+        return "the model"
+    frame = frames[-1]
+    rel = frame.filename[frame.filename.rfind(f"detkit{os.sep}"):]
+    return f"{rel}:{frame.lineno} in {frame.name}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text[:300]
+
+
+def _export_onnx(detector, image, original_size, metadata: dict[str, str], path: str) -> None:
+    import onnx
+    from torch.export import Dim
+
+    dynamic_shapes = ({1: Dim.DYNAMIC, 2: Dim.DYNAMIC}, None)  # image (3, h, w): h and w free
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                detector, (image, original_size), dynamo=True, dynamic_shapes=dynamic_shapes,
+                input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), verbose=False,
+            )
+    except Exception as exc:  # torch.export / onnxscript raise many kinds; name the part instead of a trace
+        raise ExportError(f"ONNX export failed at {_failing_part(exc)}: {_first_line(exc)}") from exc
+    model = program.model_proto
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    model.producer_name = "detkit"
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+def _export_torchscript(detector, image, original_size, metadata: dict[str, str], path: str) -> None:
+    from detkit.export.graph import trace_parts_
+
+    try:
+        scripted = torch.jit.script(trace_parts_(detector, image, original_size))
+    except Exception as exc:
+        raise ExportError(f"TorchScript export failed at {_failing_part(exc)}: {_first_line(exc)}") from exc
+    torch.jit.save(scripted, path, _extra_files={key: value.encode() for key, value in metadata.items()})
+
+
+def check_metadata(metadata: dict[str, str], path: Union[str, Path]) -> dict[str, str]:
+    """`metadata` if it is detkit's (export_metadata); CheckpointError for another tool's model."""
+    from detkit.errors import CheckpointError
+
+    if metadata.get(METADATA_VERSION_KEY) != EXPORT_FORMAT_VERSION or any(k not in metadata for k in REQUIRED_METADATA):
+        raise CheckpointError(
+            f"--model {path} has no detkit metadata ({METADATA_VERSION_KEY}={EXPORT_FORMAT_VERSION}): it was not "
+            "written by tools/export.py; export a detkit checkpoint with tools/export.py first"
+        )
+    return metadata
+
+
+REQUIRED_METADATA = ("class_names", "category_ids", "input_format", "score_thresh", "config")
+
+
+def smooth_random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """An RGB (h, w, 3) uint8 image of smooth random blobs, for parity checks."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(max(h // 8, 2), max(w // 8, 2), 3), dtype=np.uint8)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)

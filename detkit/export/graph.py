@@ -1,0 +1,189 @@
+"""The whole detector on one image as flat tensors: what `tools/export.py` writes to ONNX / TorchScript.
+
+Shapes: h x w the resized input image; Hp x Wp it padded to `size_divisibility`; M = H * W * A
+anchors of the res4 grid; K candidates before the RPN's NMS; P proposals (<= post-NMS top-k);
+C (RoI, class) candidates above the score threshold; D detections (<= detections per image).
+
+    image (3, h, w) uint8, channels in the model's input format; original_size (2,) int64 (h0, w0)
+      -> normalise -> zero-pad to a multiple of size_divisibility -> trunk -> res4 (1, C4, H, W)
+      -> RPN head -> top-k logits -> decode -> clip -> drop empty -> NMS -> top-k -> proposals (P, 4)
+      -> RoIAlign -> res5 -> mean -> class logits, deltas -> softmax -> decode -> clip
+      -> score > thresh -> class-wise NMS -> top-D -> rescale to (h0, w0) -> clip -> drop empty
+      -> boxes (D, 4) xyxy float32, scores (D,) float32, labels (D,) int64 in [0, K), best first
+
+Every step is the eager model's own code on one image (the modules and functions of detkit.modeling
+and detkit.structures), in the same order and with the same operations, so fp32 outputs match the
+eager `FasterRCNN` run on a batch of that one image. Two choices differ from the batched eager
+code only where that code itself chooses at run time:
+- NMS within the RPN is plain `nms` (one image is one group: batched_nms adds a zero offset);
+- class-wise NMS shifts each class into its own tile (torchvision's "coordinate trick", which
+  eager `batched_nms` uses on the CPU up to 1000 candidates; above that it loops over classes,
+  whose IoUs can differ in the last bit from the shifted boxes').
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.ops import nms
+
+from detkit.modeling.anchors import AnchorGenerator
+from detkit.modeling.detector import FasterRCNN
+from detkit.modeling.roi_heads import Res5ROIHeads
+from detkit.structures.boxes import BoxCoder, clip_boxes, nonempty_mask
+
+# The parts of SingleImageDetector that hold no data-dependent control flow: `tools/export.py
+# --format torchscript` traces each of them (exact at every size, tested) and scripts the rest.
+TRACEABLE_PARTS = ("trunk", "rpn_head", "anchors", "rpn_decode", "box_head", "box_decode")
+
+
+class GridAnchors(nn.Module):
+    """features (1, C, H, W) -> the (M, 4) anchors of its grid (AnchorGenerator, no cache)."""
+
+    def __init__(self, generator: AnchorGenerator):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.generator._grid_anchors(features.shape[-2], features.shape[-1])
+
+
+class Decode(nn.Module):
+    """BoxCoder.decode as a module: deltas (R, 4k), boxes (R, 4) -> (R, 4k)."""
+
+    def __init__(self, coder: BoxCoder):
+        super().__init__()
+        self.coder = coder
+
+    def forward(self, deltas: Tensor, boxes: Tensor) -> Tensor:
+        return self.coder.decode(deltas, boxes)
+
+
+class BoxHead(nn.Module):
+    """features (1, C4, H, W), rois (R, 4) -> class logits (R, K + 1), deltas (R, 4K) or (R, 4)."""
+
+    def __init__(self, heads: Res5ROIHeads):
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, features: Tensor, rois: Tensor) -> Tuple[Tensor, Tensor]:
+        roi_image_idx = torch.zeros_like(rois[:, 0], dtype=torch.int64)  # (R,): all in image 0
+        return self.heads.box_predictor(self.heads.box_features(features, rois, roi_image_idx))
+
+
+class SingleImageDetector(nn.Module):
+    """`FasterRCNN` at test time on one unbatched image, returning flat tensors (module docstring).
+
+    Holds the model's own submodules (no copy of the weights). `forward(image, original_size)`:
+    image (3, h, w) uint8 (or float 0..255); original_size (2,) int64 (h0, w0), the size the boxes
+    are rescaled to (pass (h, w) when the image was not resized). The forward is TorchScript-able
+    once the TRACEABLE_PARTS are traced.
+    """
+
+    def __init__(self, model: FasterRCNN, size_divisibility: int):
+        super().__init__()
+        if model.training:
+            raise ValueError("SingleImageDetector needs a model in eval mode")
+        rpn, heads = model.rpn, model.roi_heads
+        self.trunk = model.backbone
+        self.rpn_head = rpn.head
+        self.anchors = GridAnchors(rpn.anchor_generator)
+        self.rpn_decode = Decode(rpn.box_coder)
+        self.box_head = BoxHead(heads)
+        self.box_decode = Decode(heads.box_coder)
+        self.register_buffer("pixel_mean", model.pixel_mean.detach().clone(), persistent=False)  # (1, 3, 1, 1)
+        self.register_buffer("pixel_std", model.pixel_std.detach().clone(), persistent=False)
+        self.size_divisibility = int(size_divisibility)
+        self.pre_nms_topk = int(rpn.pre_nms_topk[1])
+        self.post_nms_topk = int(rpn.post_nms_topk[1])
+        self.rpn_nms_thresh = float(rpn.nms_thresh)
+        self.min_box_size = float(rpn.min_box_size)
+        self.num_classes = int(heads.num_classes)
+        self.score_thresh = float(heads.score_thresh)
+        self.nms_thresh = float(heads.nms_thresh)
+        self.detections_per_image = int(heads.detections_per_image)
+
+    def forward(self, image: Tensor, original_size: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        h, w = image.shape[1], image.shape[2]
+        image_size = torch.tensor([h, w], dtype=torch.int64, device=image.device)  # (2,)
+        x = (image.float()[None] - self.pixel_mean) / self.pixel_std  # (3, h, w) -> (1, 3, h, w)
+        # Zero padding after normalising, as FasterRCNN.normalize does (its mask sets the pad to 0).
+        d = self.size_divisibility
+        x = F.pad(x, [0, (d - w % d) % d, 0, (d - h % d) % d])  # (1, 3, Hp, Wp)
+        features = self.trunk(x)  # (1, C4, Hp/16, Wp/16)
+        proposals = self.proposals(features, image_size)  # (P, 4)
+        return self.detections(features, proposals, image_size, original_size)
+
+    def proposals(self, features: Tensor, image_size: Tensor) -> Tensor:
+        """features (1, C4, H, W); image_size (2,) -> proposals (P, 4) xyxy, best first (RPN.predict_proposals)."""
+        logits, deltas = self.rpn_head(features)  # (1, M), (1, M, 4)
+        anchors = self.anchors(features)  # (M, 4)
+        pre_k = min(self.pre_nms_topk, logits.shape[1])
+        top_logits, top_idx = logits[0].float().topk(pre_k)  # (K,)
+        boxes = self.rpn_decode(deltas[0][top_idx], anchors[top_idx])  # (K, 4)
+        boxes = clip_boxes(boxes, image_size[None, :])
+        keep = nonempty_mask(boxes, self.min_box_size) & torch.isfinite(boxes).all(dim=-1) & torch.isfinite(top_logits)
+        kept = torch.nonzero(keep).squeeze(1)
+        survivors = kept[nms(boxes[kept], top_logits[kept], self.rpn_nms_thresh)][: self.post_nms_topk]
+        return boxes[survivors]
+
+    def detections(
+        self, features: Tensor, proposals: Tensor, image_size: Tensor, original_size: Tensor
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """The box head and its post-processing on one image (Res5ROIHeads.forward + inference).
+
+        Returns boxes (D, 4) in original pixels, scores (D,), labels (D,) int64, best first.
+        """
+        cls_logits, box_deltas = self.box_head(features, proposals)  # (P, K + 1), (P, 4K) or (P, 4)
+        scores = F.softmax(cls_logits.float(), dim=-1)[:, : self.num_classes]  # background (last) dropped: (P, K)
+        boxes = self.box_decode(box_deltas, proposals)
+        # (P, 4K) -> (P, K, 4) or (P, 1, 4)
+        boxes = boxes.view(boxes.shape[0], box_deltas.shape[1] // 4, 4)
+        boxes = clip_boxes(boxes, image_size[None, None, :])
+        finite = torch.isfinite(boxes).all(dim=2).all(dim=1) & torch.isfinite(scores).all(dim=1)  # (P,)
+
+        candidates = torch.nonzero((scores > self.score_thresh) & finite[:, None])  # (C, 2) (roi, class), row-major
+        roi_idx, class_idx = candidates[:, 0], candidates[:, 1]
+        box_class = class_idx if box_deltas.shape[1] > 4 else torch.zeros_like(class_idx)
+        det_boxes = boxes[roi_idx, box_class]  # (C, 4)
+        det_scores = scores[roi_idx, class_idx]
+        # Class-wise NMS with each class shifted into its own tile (module docstring). Boxes are
+        # clipped (>= 0), so the appended 0 changes the max only when there is no candidate.
+        tile = torch.cat((det_boxes.flatten(), det_boxes.new_zeros(1))).max() + 1.0
+        keep = nms(det_boxes + (class_idx.to(det_boxes.dtype) * tile)[:, None], det_scores, self.nms_thresh)
+        keep = keep[: self.detections_per_image]
+        det_boxes, det_scores, det_labels = det_boxes[keep], det_scores[keep], class_idx[keep]
+
+        scale = original_size.to(det_boxes.dtype) / image_size.to(det_boxes.dtype)  # (2,) (sy, sx)
+        det_boxes = det_boxes * scale.flip(0).repeat(2)[None, :]  # (sx, sy, sx, sy)
+        det_boxes = clip_boxes(det_boxes, original_size[None, :])
+        nonempty = nonempty_mask(det_boxes)
+        return det_boxes[nonempty], det_scores[nonempty], det_labels[nonempty]
+
+
+def trace_parts_(detector: SingleImageDetector, image: Tensor, original_size: Tensor) -> SingleImageDetector:
+    """Replace the TRACEABLE_PARTS by torch.jit traces recorded on one example image, so that
+    torch.jit.script(detector) compiles (the rest of the forward is plain TorchScript)."""
+    captured: dict[str, tuple] = {}
+
+    def capture(name):
+        def hook(module, args):
+            captured.setdefault(name, tuple(a.detach() for a in args))
+        return hook
+
+    handles = [getattr(detector, name).register_forward_pre_hook(capture(name)) for name in TRACEABLE_PARTS]
+    try:
+        with torch.no_grad():
+            detector(image, original_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name in TRACEABLE_PARTS:
+        if name not in captured:
+            raise RuntimeError(f"the example image never reached {name}")
+        with torch.no_grad():
+            setattr(detector, name, torch.jit.trace(getattr(detector, name), captured[name], check_trace=False))
+    return detector

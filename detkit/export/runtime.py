@@ -1,0 +1,182 @@
+"""Run an exported detkit model (ONNX Runtime or TorchScript) behind the `Predictor` interface.
+
+    predictor = ExportedPredictor("model.onnx")                 # or "model.pt" (TorchScript)
+    dets = predictor(read_image("street.jpg"))                   # same Detections as Predictor
+    predictor.predict_preprocessed(tensors, original_sizes)      # what tools/infer.py calls
+    predictor.as_module()                                        # ImageBatch -> detections, for tools/eval.py
+
+Everything comes from the file's metadata (exporter.export_metadata): the resize (the same
+`Preprocessor` as the PyTorch backend, rebuilt from the stored config), the class names and
+category ids, the score threshold. The exported graph takes one image at a time, so a batch is
+run image by image, each padded to `size_divisibility` on its own (the eager model pads a batch
+to its largest image; the two agree exactly on batches of one image or of equal sizes).
+
+Shapes: D detections of one image; h x w the resized image; (h0, w0) the original size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from detkit.engine.predictor import Detections, Preprocessor, detections_from_arrays
+from detkit.errors import CheckpointError, ConfigError
+from detkit.export.exporter import check_metadata, require_export_packages
+from detkit.structures.image_batch import ImageBatch
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("onnxruntime", "torchscript")
+
+
+def backend_for(path: Union[str, Path]) -> str:
+    """'onnxruntime' for .onnx files, 'torchscript' otherwise."""
+    return "onnxruntime" if Path(path).suffix.lower() == ".onnx" else "torchscript"
+
+
+class _OnnxRuntimeModel:
+    def __init__(self, path: Path, num_threads: Optional[int]):
+        require_export_packages(("onnx", "onnxruntime"))
+        import onnx
+        import onnxruntime
+
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # protobuf decode errors have no common base class
+            raise CheckpointError(f"--model {path} is not an ONNX file: {str(exc).splitlines()[0][:150]}") from None
+        self.metadata = check_metadata({p.key: p.value for p in proto.metadata_props}, path)
+        options = onnxruntime.SessionOptions()
+        if num_threads:
+            options.intra_op_num_threads = num_threads
+            options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, image: torch.Tensor, original_size: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        boxes, scores, labels = self.session.run(
+            None, {"image": image.numpy(), "original_size": original_size.numpy()})
+        return boxes, scores, labels
+
+
+class _TorchScriptModel:
+    def __init__(self, path: Path):
+        from detkit.export.exporter import METADATA_VERSION_KEY, REQUIRED_METADATA
+
+        files = {key: "" for key in (METADATA_VERSION_KEY, *REQUIRED_METADATA)}
+        try:
+            self.module = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+        except Exception as exc:  # zip / pickle / TorchScript errors
+            raise CheckpointError(f"--model {path} is not a TorchScript file: {str(exc).splitlines()[0][:150]}") from None
+        decoded = {k: v.decode() if isinstance(v, bytes) else v for k, v in files.items() if v}
+        self.metadata = check_metadata(decoded, path)
+        self.module.eval()
+
+    @torch.no_grad()
+    def __call__(self, image: torch.Tensor, original_size: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        boxes, scores, labels = self.module(image, original_size)
+        return boxes.numpy(), scores.numpy(), labels.numpy()
+
+
+def load_exported(path: Union[str, Path], backend: Optional[str] = None, num_threads: Optional[int] = None):
+    """The runnable model and its metadata: backend 'onnxruntime' (.onnx) or 'torchscript'."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--model {path}: no such file")
+    backend = backend or backend_for(path)
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "onnxruntime":
+        return _OnnxRuntimeModel(path, num_threads)
+    return _TorchScriptModel(path)
+
+
+class ExportedPredictor:
+    """An exported model with the interface of `detkit.engine.predictor.Predictor`.
+
+    model: a file written by tools/export.py. backend: "onnxruntime" | "torchscript" (None: from the
+    suffix). score_thresh: keep detections scoring at least this (None: the exported model's own
+    threshold). batch_size: images per `predict` chunk (run one by one). num_threads: ONNX Runtime
+    intra-op threads (None: its default; TorchScript follows torch.set_num_threads).
+    """
+
+    def __init__(
+        self,
+        model: Union[str, Path],
+        backend: Optional[str] = None,
+        score_thresh: Optional[float] = None,
+        batch_size: int = 8,
+        num_threads: Optional[int] = None,
+    ):
+        from detkit.config import config_from_dict
+
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size}: must be at least 1")
+        self.runner = load_exported(model, backend, num_threads)
+        self.backend = backend or backend_for(model)
+        meta = self.runner.metadata
+        self.metadata = meta
+        self.cfg = config_from_dict(json.loads(meta["config"]))
+        self.class_names: list[str] = json.loads(meta["class_names"])
+        self.category_ids: list[int] = json.loads(meta["category_ids"])
+        exported_thresh = float(meta["score_thresh"])
+        if score_thresh is not None and not exported_thresh <= score_thresh <= 1.0:
+            raise ConfigError(
+                f"score_thresh={score_thresh}: {model} was exported with score threshold {exported_thresh}; "
+                f"use a value in [{exported_thresh}, 1] or export again with model.roi_heads.score_thresh={score_thresh}"
+            )
+        self.score_thresh = exported_thresh if score_thresh is None else float(score_thresh)
+        self.batch_size = batch_size
+        self.device = torch.device("cpu")
+        self.amp_dtype = None
+        self.iteration = int(meta.get("iteration", 0))
+        self.preprocessor = Preprocessor(self.cfg)
+        logger.info("Loaded %s (%s, %d classes), score >= %.2f", model, self.backend, len(self.class_names),
+                    self.score_thresh)
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """RGB (H, W, 3) uint8 -> (3, h, w) uint8 resized for the model, in its channel order."""
+        return self.preprocessor(image)
+
+    def run(self, image: torch.Tensor, original_size: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The exported graph on one (3, h, w) uint8 tensor: boxes (D, 4), scores (D,), labels (D,)."""
+        size = torch.as_tensor([int(original_size[0]), int(original_size[1])], dtype=torch.int64)
+        return self.runner(image.to(torch.uint8).contiguous(), size)
+
+    def predict_preprocessed(self, tensors: Sequence[torch.Tensor], original_sizes: Sequence[Sequence[int]]) -> list[Detections]:
+        """Detections of (3, h_i, w_i) tensors from `preprocess`; original_sizes (N, 2) (h, w)."""
+        return [
+            detections_from_arrays(*self.run(tensor, size), self.score_thresh, self.class_names)
+            for tensor, size in zip(tensors, original_sizes)
+        ]
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        """Detections of each RGB (H, W, 3) uint8 image."""
+        return self.predict_preprocessed([self.preprocess(image) for image in images],
+                                         [image.shape[:2] for image in images])
+
+    def __call__(self, image: np.ndarray) -> Detections:
+        return self.predict([image])[0]
+
+    def as_module(self) -> nn.Module:
+        """An nn.Module with the eager model's test-time call: ImageBatch -> per image
+        {"boxes", "scores", "labels"} tensors (what detkit.engine.evaluator.inference_on_dataset runs)."""
+        return _ExportedBatchModule(self)
+
+
+class _ExportedBatchModule(nn.Module):
+    def __init__(self, predictor: ExportedPredictor):
+        super().__init__()
+        self.predictor = predictor
+
+    def forward(self, images: ImageBatch) -> list[dict[str, torch.Tensor]]:
+        outputs = []
+        for tensor, (h, w), original in zip(images.tensor, images.image_sizes.tolist(), images.original_sizes.tolist()):
+            boxes, scores, labels = self.predictor.run(tensor[:, :h, :w], original)  # crop the batch padding
+            outputs.append({"boxes": torch.from_numpy(boxes), "scores": torch.from_numpy(scores),
+                            "labels": torch.from_numpy(labels.astype(np.int64))})
+        return outputs
