@@ -3,6 +3,7 @@
 Model mode (inference on the config's test set, then evaluation):
     python tools/eval.py configs/shapes_r18.yaml --weights output/model_final.pth [key=value ...]
     -> {output_dir}/predictions.json (COCO results) and {output_dir}/metrics.json, tables on stdout.
+    python tools/eval.py --model model.onnx [CONFIG] [key=value ...]   (an exported model, README Export)
     CONFIG may be left out: the checkpoint's own config is used. Under torchrun each rank runs its
     shard of the test set and rank 0 evaluates and writes.
 
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("config", nargs="?", help="model mode: YAML config (default: the checkpoint's config)")
     parser.add_argument("overrides", nargs="*", help="model mode: config overrides key=value")
     parser.add_argument("--weights", help="model mode: detkit checkpoint (.pth)")
+    parser.add_argument("--model", help="model mode: an exported model (.onnx: ONNX Runtime, .pt: TorchScript) "
+                        "written by tools/export.py, instead of --weights")
     parser.add_argument("--gt", help="file mode: COCO instances json (ground truth)")
     parser.add_argument("--predictions", help="file mode: COCO results json to evaluate")
     parser.add_argument("--out", help="file mode: write metrics.json here (default: only print)")
@@ -60,12 +63,14 @@ def main(argv: Sequence[str]) -> int:
 
     file_mode = args.gt is not None or args.predictions is not None
     if file_mode:
-        if args.weights or args.config or args.overrides:
+        if args.weights or args.model or args.config or args.overrides:
             raise ConfigError("choose one mode: --gt/--predictions (file mode) or CONFIG --weights (model mode)")
         if not (args.gt and args.predictions):
             raise ConfigError("file mode needs both --gt instances.json and --predictions predictions.json")
         return _file_mode(args)
-    if not args.weights:
+    if args.weights and args.model:
+        raise ConfigError("give --weights CKPT (PyTorch) or --model FILE (exported), not both")
+    if not (args.weights or args.model):
         parser.print_usage(sys.stderr)
         raise ConfigError(
             "nothing to evaluate: give CONFIG --weights CKPT (model mode) or --gt and --predictions (file mode)"
@@ -108,7 +113,9 @@ def load_eval_config(weights_config: dict, config_path: Optional[str], overrides
 
 
 def _model_mode(args: argparse.Namespace) -> int:
-    from detkit.config import dump_config
+    import torch
+
+    from detkit.config import config_to_dict, dump_config
     from detkit.data import build_test_loader, get_dataset_info
     from detkit.engine.checkpoint import load_checkpoint
     from detkit.engine.distributed import destroy, init_distributed
@@ -116,8 +123,17 @@ def _model_mode(args: argparse.Namespace) -> int:
     from detkit.engine.predictor import build_model_from_checkpoint, check_checkpoint
     from detkit.utils.env import resolve_device, select_amp
 
-    state = load_checkpoint(args.weights)
-    check_checkpoint(state, args.weights)
+    exported = None
+    if args.model:
+        from detkit.export.runtime import ExportedPredictor
+
+        exported = ExportedPredictor(args.model)
+        state = {"config": config_to_dict(exported.cfg), "class_names": exported.class_names,
+                 "category_ids": exported.category_ids}
+        args.weights = args.model  # the name used in messages below
+    else:
+        state = load_checkpoint(args.weights)
+        check_checkpoint(state, args.weights)
     cfg = load_eval_config(state["config"], args.config, args.overrides)
     backend = args.backend or cfg.test.eval_backend
     if not cfg.data.test:
@@ -127,7 +143,7 @@ def _model_mode(args: argparse.Namespace) -> int:
         )
 
     dist = init_distributed("cuda" if resolve_device(cfg.device).type == "cuda" else "cpu")
-    device = resolve_device(cfg.device, dist.local_rank)
+    device = resolve_device(cfg.device, dist.local_rank) if exported is None else torch.device("cpu")
     if not dist.is_main:
         logging.getLogger("detkit").setLevel(logging.WARNING)  # one rank reports progress
     info = get_dataset_info(cfg, split="test")
@@ -135,9 +151,12 @@ def _model_mode(args: argparse.Namespace) -> int:
     # Load the ground truth before the long inference so a bad file fails fast.
     evaluator = COCOEvaluator(info.ann_file, backend=backend) if dist.is_main else None
 
-    model = build_model_from_checkpoint(state, cfg, device, source=args.weights)
+    if exported is None:
+        model = build_model_from_checkpoint(state, cfg, device, source=args.weights)
+        amp_dtype = select_amp(cfg.solver.amp, device).dtype
+    else:  # ONNX Runtime / TorchScript behind the eager model's call (ImageBatch -> detections)
+        model, amp_dtype = exported.as_module(), None
     loader = build_test_loader(cfg, rank=dist.rank, world_size=dist.world_size)
-    amp_dtype = select_amp(cfg.solver.amp, device).dtype
     try:
         predictions = inference_on_dataset(model, loader, category_ids, device, amp_dtype=amp_dtype)
     finally:

@@ -1,6 +1,7 @@
 """detkit-infer / tools/infer.py: detect objects in an image, a folder or a glob, draw them.
 
     python tools/infer.py --weights output/model_final.pth --input photos/ --output out/ [--recursive]
+    python tools/infer.py --backend onnxruntime --model model.onnx --input photos/ --output out/
 
 Writes into --output:
   <same relative path as the input>   each image with boxes, class names and scores (a colour per class)
@@ -49,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  python tools/infer.py --weights output/model_final.pth --input photos/ --output out/ "
         "--score-thresh 0.5",
     )
-    parser.add_argument("--weights", required=True, help="detkit checkpoint (.pth); brings config and class names")
+    parser.add_argument("--weights", help="detkit checkpoint (.pth); brings config and class names (--backend pytorch)")
+    parser.add_argument("--backend", choices=("pytorch", "onnxruntime", "torchscript"), default="pytorch",
+                        help="pytorch: the checkpoint in --weights; onnxruntime / torchscript: the file in --model "
+                        "written by tools/export.py (README, Export)")
+    parser.add_argument("--model", help="exported model (.onnx, .pt) for --backend onnxruntime / torchscript")
     parser.add_argument("--input", required=True, help="an image file, a folder, or a glob such as 'photos/*.jpg'")
     parser.add_argument("--output", required=True, help="folder for the drawn images, predictions.json, summary.json")
     parser.add_argument("--config", help="YAML config replacing the checkpoint's (e.g. another test size)")
@@ -231,11 +236,9 @@ def main(argv: Sequence[str]) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from detkit.engine.evaluator import dump_predictions
-    from detkit.engine.predictor import Predictor
     from detkit.utils.visualization import draw_detections
 
-    predictor = Predictor(args.weights, config=args.config, overrides=args.overrides, device=args.device,
-                          score_thresh=args.score_thresh, batch_size=args.batch_size)
+    predictor = build_predictor(args)
     out.mkdir(parents=True, exist_ok=True)
     loader = _build_loader(inputs.images, predictor.preprocessor, args.batch_size, args.workers)
 
@@ -274,7 +277,8 @@ def main(argv: Sequence[str]) -> int:
 
     dump_predictions(predictions, out / PREDICTIONS_NAME)
     summary = {
-        "weights": str(args.weights),
+        "weights": str(args.weights or args.model),
+        "backend": args.backend,
         "input": str(args.input),
         "input_root": str(inputs.root),
         "score_thresh": predictor.score_thresh,
@@ -291,6 +295,23 @@ def main(argv: Sequence[str]) -> int:
     (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     print(format_summary(summary, out))
     return 0
+
+
+def build_predictor(args: argparse.Namespace):
+    """A Predictor (--backend pytorch) or an ExportedPredictor: the same predict interface."""
+    if args.backend == "pytorch":
+        if not args.weights or args.model:
+            raise ConfigError("--backend pytorch runs a checkpoint: give --weights CKPT (--model is for exported files)")
+        from detkit.engine.predictor import Predictor
+
+        return Predictor(args.weights, config=args.config, overrides=args.overrides, device=args.device,
+                         score_thresh=args.score_thresh, batch_size=args.batch_size)
+    if not args.model or args.weights or args.config or args.overrides:
+        raise ConfigError(f"--backend {args.backend} runs an exported model: give --model FILE (written by "
+                          "tools/export.py) and no --weights, --config or overrides (the file carries its config)")
+    from detkit.export.runtime import ExportedPredictor
+
+    return ExportedPredictor(args.model, backend=args.backend, score_thresh=args.score_thresh, batch_size=args.batch_size)
 
 
 def format_summary(summary: dict, out: Path) -> str:

@@ -148,9 +148,10 @@ def _failing_part(exc: BaseException) -> str:
     return f"{rel}:{frame.lineno} in {frame.name}"
 
 
-def _first_line(exc: BaseException) -> str:
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The message of `exc` on one line, cut at `limit` characters."""
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    return text[:300]
+    return text[:limit]
 
 
 def _export_onnx(detector, image, original_size, metadata: dict[str, str], path: str) -> None:
@@ -165,7 +166,7 @@ def _export_onnx(detector, image, original_size, metadata: dict[str, str], path:
                 input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), verbose=False,
             )
     except Exception as exc:  # torch.export / onnxscript raise many kinds; name the part instead of a trace
-        raise ExportError(f"ONNX export failed at {_failing_part(exc)}: {_first_line(exc)}") from exc
+        raise ExportError(f"ONNX export failed at {_failing_part(exc)}: {one_line(exc)}") from exc
     model = program.model_proto
     for key, value in metadata.items():
         entry = model.metadata_props.add()
@@ -181,7 +182,7 @@ def _export_torchscript(detector, image, original_size, metadata: dict[str, str]
     try:
         scripted = torch.jit.script(trace_parts_(detector, image, original_size))
     except Exception as exc:
-        raise ExportError(f"TorchScript export failed at {_failing_part(exc)}: {_first_line(exc)}") from exc
+        raise ExportError(f"TorchScript export failed at {_failing_part(exc)}: {one_line(exc)}") from exc
     torch.jit.save(scripted, path, _extra_files={key: value.encode() for key, value in metadata.items()})
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from detkit.engine.predictor import Detections, Preprocessor, detections_from_arrays
 from detkit.errors import CheckpointError, ConfigError
-from detkit.export.exporter import check_metadata, require_export_packages
+from detkit.export.exporter import one_line, check_metadata, require_export_packages
 from detkit.structures.image_batch import ImageBatch
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class _OnnxRuntimeModel:
         try:
             proto = onnx.load(str(path), load_external_data=False)
         except Exception as exc:  # protobuf decode errors have no common base class
-            raise CheckpointError(f"--model {path} is not an ONNX file: {str(exc).splitlines()[0][:150]}") from None
+            raise CheckpointError(f"--model {path} is not an ONNX file: {one_line(exc)}") from None
         self.metadata = check_metadata({p.key: p.value for p in proto.metadata_props}, path)
         options = onnxruntime.SessionOptions()
         if num_threads:
@@ -67,11 +67,13 @@ class _TorchScriptModel:
     def __init__(self, path: Path):
         from detkit.export.exporter import METADATA_VERSION_KEY, REQUIRED_METADATA
 
+        import torchvision  # noqa: F401  registers torchvision::nms and roi_align, which the file calls
+
         files = {key: "" for key in (METADATA_VERSION_KEY, *REQUIRED_METADATA)}
         try:
             self.module = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
         except Exception as exc:  # zip / pickle / TorchScript errors
-            raise CheckpointError(f"--model {path} is not a TorchScript file: {str(exc).splitlines()[0][:150]}") from None
+            raise CheckpointError(f"--model {path} is not a TorchScript file: {one_line(exc)}") from None
         decoded = {k: v.decode() if isinstance(v, bytes) else v for k, v in files.items() if v}
         self.metadata = check_metadata(decoded, path)
         self.module.eval()
