@@ -4,6 +4,7 @@
     python tools/benchmark.py --device cpu --image-size 480 640 --step infer --iters 3 --warmup 1
     python tools/benchmark.py --mode eval                     # 5000 images x 100 detections
     python tools/benchmark.py --mode loader --workers 0 2 4   # the training loader alone
+    python tools/benchmark.py --mode export --image-size 480 640 --iters 3 --warmup 1 --threads 2  # eager/TorchScript/ORT
 
 Speed mode times, on identical inputs and shared (calibrated random) weights, one inference and
 one training step (forward, backward, SGD) of detkit's R101-C4 and of torchvision's FasterRCNN
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="benchmark.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    parser.add_argument("--mode", choices=("speed", "eval", "loader", "accuracy"), default="speed", help="what to time (default: speed)")
+    parser.add_argument("--mode", choices=("speed", "eval", "loader", "accuracy", "export"), default="speed", help="what to time (default: speed)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON here (default: print them after the table)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the inputs and the calibrated weights (default 0)")
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--res5-timing", choices=("auto", "on", "off"), default="auto", help="time res5 alone for its fraction of peak (auto: on for cuda)")
     speed.add_argument("--profile", metavar="DIR", help="also write a torch.profiler table and Chrome trace of one step of each model and row to DIR")
     speed.add_argument("--no-memory", action="store_true", help="skip the CPU memory measurement (one more profiled step per model on the CPU)")
+    export = parser.add_argument_group("export mode (detkit.export.benchmark; also uses --depth --image-size --iters "
+                                       "--warmup --num-classes --models --threads)")
+    export.add_argument("--export-dir", metavar="DIR", help="keep the exported .onnx / .pt here (default: a temporary folder)")
     evaluation = parser.add_argument_group("eval mode")
     evaluation.add_argument("--eval-images", type=int, default=5000, help="generated images (default 5000)")
     evaluation.add_argument("--dets-per-image", type=int, default=100, help="detections per image (default 100)")
@@ -237,6 +241,17 @@ def _run(args: argparse.Namespace) -> int:
         )
         result = run_speed_benchmark(options)
         table = speed_table(result)
+    elif args.mode == "export":
+        from detkit.export.benchmark import ExportBenchOptions, export_table, run_export_benchmark
+
+        env = environment(f"cpu ({platform.processor() or platform.machine()})")
+        options = ExportBenchOptions(
+            depth=args.depth, num_classes=args.num_classes, image_size=tuple(args.image_size), warmup=args.warmup,
+            repeats=args.iters, threads=args.threads, overrides=tuple(args.overrides),
+            torchvision="torchvision" in args.models, seed=args.seed, keep_dir=args.export_dir,
+        )
+        result = run_export_benchmark(options)
+        table = export_table(result)
     elif args.mode == "eval":
         from detkit.utils.benchmark import run_eval_benchmark
 

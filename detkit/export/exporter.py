@@ -104,6 +104,9 @@ def build_single_image_detector(predictor):
 def export_model(predictor, output: Union[str, Path], fmt: str) -> Path:
     """Write `predictor`'s model to `output` as `fmt` ("onnx" | "torchscript"); returns the path.
 
+    predictor: a `Predictor`, or anything with its `model`, `cfg`, `class_names`, `category_ids`
+    and `iteration` (the export benchmark passes a calibrated model that has no checkpoint).
+
     The file is written next to `output` and renamed over it, so an interrupted export leaves
     no half-written model.
     """
@@ -199,6 +202,9 @@ def check_metadata(metadata: dict[str, str], path: Union[str, Path]) -> dict[str
 
 
 REQUIRED_METADATA = ("class_names", "category_ids", "input_format", "score_thresh", "config")
+# Every key export_metadata writes (TorchScript extra files are read by name).
+METADATA_KEYS = (METADATA_VERSION_KEY, *REQUIRED_METADATA, "pixel_mean", "pixel_std", "resize", "size_divisibility",
+                 "inputs", "outputs", "iteration")
 
 
 def smooth_random_image(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -23,6 +23,7 @@ code only where that code itself chooses at run time:
 
 from __future__ import annotations
 
+import warnings
 from typing import Tuple
 
 import torch
@@ -184,6 +185,10 @@ def trace_parts_(detector: SingleImageDetector, image: Tensor, original_size: Te
     for name in TRACEABLE_PARTS:
         if name not in captured:
             raise RuntimeError(f"the example image never reached {name}")
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # backbone.Conv2d picks its GEMM path from the map size; the trace keeps the example's
+            # choice, which is the library convolution for every trunk map above 4 x 4 cells, and
+            # for res5 the same as eager (its RoI maps have one size). Tested bit-exact.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             setattr(detector, name, torch.jit.trace(getattr(detector, name), captured[name], check_trace=False))
     return detector

@@ -65,11 +65,11 @@ class _OnnxRuntimeModel:
 
 class _TorchScriptModel:
     def __init__(self, path: Path):
-        from detkit.export.exporter import METADATA_VERSION_KEY, REQUIRED_METADATA
+        from detkit.export.exporter import METADATA_KEYS
 
         import torchvision  # noqa: F401  registers torchvision::nms and roi_align, which the file calls
 
-        files = {key: "" for key in (METADATA_VERSION_KEY, *REQUIRED_METADATA)}
+        files = {key: "" for key in METADATA_KEYS}
         try:
             self.module = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
         except Exception as exc:  # zip / pickle / TorchScript errors

@@ -1,0 +1,152 @@
+"""CPU inference of one model three ways: PyTorch eager, the TorchScript file, ONNX Runtime
+(`tools/benchmark.py --mode export`).
+
+The model is the speed benchmark's (detkit.utils.benchmark): random weights calibrated so that the
+RPN keeps the full post-NMS top-k (1000 proposals per image for the R101-C4 defaults) and the box
+head passes a realistic number of candidates to NMS. It is exported to both formats in a temporary
+folder, then
+- parity: each backend runs images of `parity_sizes` (and the timing image); detections are
+  compared with eager's (count, labels, max box and score differences);
+- speed: the three backends (and optionally torchvision's reference model) run the timing image
+  interleaved A, B, C, A, B, C, ... with the same number of threads, min and median over repeats.
+
+Shapes: (h, w) image sizes; D detections.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportBenchOptions:
+    depth: int = 101
+    num_classes: int = 80
+    image_size: tuple[int, int] = (480, 640)  # (h, w) of the timed image
+    parity_sizes: tuple[tuple[int, int], ...] = ((384, 512), (600, 450), (320, 704))
+    warmup: int = 1
+    repeats: int = 3
+    threads: Optional[int] = None  # None: torch's current setting, used for ONNX Runtime too
+    overrides: tuple[str, ...] = ()
+    torchvision: bool = False  # also time the torchvision reference model (detkit.utils.tv_reference)
+    seed: int = 0
+    keep_dir: Optional[str] = None  # write the exported files here instead of a temporary folder
+
+
+def _eager_detections(model, image: torch.Tensor) -> dict:
+    with torch.no_grad():
+        out = model([image])[0]
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def _compare(ref: dict, got: dict) -> dict:
+    same = len(ref["scores"]) == len(got["scores"]) and np.array_equal(ref["labels"], got["labels"])
+    row = {"eager": int(len(ref["scores"])), "exported": int(len(got["scores"])), "same_count_and_labels": bool(same)}
+    if same:
+        row["max_box_diff_px"] = float(np.abs(ref["boxes"] - got["boxes"]).max(initial=0.0))
+        row["max_score_diff"] = float(np.abs(ref["scores"] - got["scores"]).max(initial=0.0))
+    return row
+
+
+def run_export_benchmark(options: ExportBenchOptions) -> dict:
+    """Returns {"settings", "export_s", "proposals_per_image", "parity": [...], "rows": [...]}."""
+    from detkit.config import load_config
+    from detkit.export.exporter import export_model
+    from detkit.export.runtime import load_exported
+    from detkit.modeling import build_model
+    from detkit.utils.benchmark import calibrate_, make_inputs, summarize_times, time_interleaved
+    from detkit.utils.env import seed_all
+
+    threads = options.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    height, width = options.image_size
+    cfg = load_config(None, [f"model.depth={options.depth}", f"model.num_classes={options.num_classes}",
+                             "model.roi_heads.aligned=false", *options.overrides, "model.channels_last=false",
+                             "model.compile=false", "device=cpu"])
+    seed_all(options.seed)
+    model = build_model(cfg, device="cpu").eval()
+    calibrate_(model, make_inputs(2, height, width, options.num_classes, seed=options.seed + 1).images)
+    model.eval()
+    source = SimpleNamespace(model=model, cfg=cfg, iteration=0, class_names=[f"class{k}" for k in range(options.num_classes)],
+                             category_ids=list(range(1, options.num_classes + 1)))
+
+    result: dict = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.__dict__.items()},
+                    "threads": threads, "export_s": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(options.keep_dir or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        runners = {}
+        for fmt, name, suffix in (("torchscript", "torchscript", ".pt"), ("onnx", "onnxruntime", ".onnx")):
+            start = time.perf_counter()
+            path = export_model(source, folder / f"model{suffix}", fmt)
+            result["export_s"][fmt] = time.perf_counter() - start
+            runners[name] = load_exported(path, num_threads=threads)
+
+        def exported_detections(name: str, image: torch.Tensor) -> dict:
+            boxes, scores, labels = runners[name](image, torch.tensor(image.shape[1:], dtype=torch.int64))
+            return {"boxes": np.asarray(boxes), "scores": np.asarray(scores), "labels": np.asarray(labels).astype(np.int64)}
+
+        timed_image = make_inputs(1, height, width, options.num_classes, seed=options.seed).images[0]
+        proposals = []
+        hook = model.rpn.register_forward_hook(lambda m, a, out: proposals.append(int(out[1].sum())))
+        parity = []
+        for index, (h, w) in enumerate([(height, width), *options.parity_sizes]):
+            image = timed_image if index == 0 else make_inputs(1, h, w, options.num_classes, seed=options.seed + 10 + index).images[0]
+            ref = _eager_detections(model, image)
+            for name in runners:
+                parity.append({"size": [h, w], "backend": name, **_compare(ref, exported_detections(name, image))})
+                logger.info("parity %dx%d %s: %s", h, w, name, parity[-1])
+        hook.remove()
+        result["proposals_per_image"] = proposals
+        result["parity"] = parity
+
+        steps = {
+            "pytorch eager": lambda: _eager_detections(model, timed_image),
+            "torchscript": lambda: exported_detections("torchscript", timed_image),
+            "onnxruntime": lambda: exported_detections("onnxruntime", timed_image),
+        }
+        if options.torchvision:
+            from detkit.utils.tv_reference import build_torchvision_reference, to_torchvision_images
+
+            reference = build_torchvision_reference(model, (height, width)).eval()
+            tv_images = to_torchvision_images(timed_image[None])
+            steps["torchvision reference"] = lambda: reference(tv_images)
+        logger.info("timing %s: %d warm-up + %d timed rounds, %d threads", ", ".join(steps), options.warmup,
+                    options.repeats, threads)
+        with torch.no_grad():
+            timed = time_interleaved(steps, torch.device("cpu"), options.warmup, options.repeats)
+    rows = [{"backend": name, **summarize_times(timed[name]["times_s"], 1), "times_s": timed[name]["times_s"]}
+            for name in steps]
+    eager_median = rows[0]["time_ms_median"]
+    for row in rows:
+        row["vs_eager_median"] = row["time_ms_median"] / eager_median
+    result["rows"] = rows
+    return result
+
+
+def export_table(result: dict) -> str:
+    lines = ["| backend | ms min | ms median | x eager (median) |", "| --- | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        lines.append(f"| {r['backend']} | {r['time_ms_min']:.0f} | {r['time_ms_median']:.0f} | {r['vs_eager_median']:.2f} |")
+    lines.append("")
+    lines.append(f"proposals per image (eager RPN): {result['proposals_per_image']}; threads {result['threads']}; "
+                 f"export s: " + ", ".join(f"{k} {v:.0f}" for k, v in result["export_s"].items()))
+    lines.append("")
+    lines.append("| image (h x w) | backend | eager dets | exported dets | same count + labels | max box diff px | max score diff |")
+    lines.append("| --- | --- | ---: | ---: | --- | ---: | ---: |")
+    for p in result["parity"]:
+        lines.append(f"| {p['size'][0]} x {p['size'][1]} | {p['backend']} | {p['eager']} | {p['exported']} | "
+                     f"{'yes' if p['same_count_and_labels'] else 'NO'} | {p.get('max_box_diff_px', float('nan')):.2e} | "
+                     f"{p.get('max_score_diff', float('nan')):.2e} |")
+    return "\n".join(lines)

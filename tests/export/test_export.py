@@ -1,0 +1,259 @@
+"""Export to ONNX / TorchScript: the files hold the same model as the checkpoint.
+
+One randomly initialised ResNet-18 C4 (64 px test size, 100 / 16 proposals, 4 x 4 RoIAlign) is
+saved as a detkit checkpoint and exported once to each format (the ONNX export is the slow part,
+~30 s on 2 cores). Random weights give dozens of detections per image, enough to pin boxes,
+scores and labels. The images of the parity tests have other sizes than the export example
+(a 480 x 640 photo resized to 64 x 85), so a size frozen into the graph would show.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from detkit.config import config_to_dict, load_config
+from detkit.engine.checkpoint import save_checkpoint
+from detkit.engine.predictor import Predictor
+from detkit.errors import CheckpointError, ConfigError, ExportError
+from detkit.export import ExportedPredictor, export_model
+from detkit.export.exporter import export_metadata, require_export_packages, smooth_random_image
+from detkit.export.parity import compare_backends
+from detkit.modeling import build_model
+
+pytestmark = pytest.mark.slow  # one ONNX export (~30 s) and a few tool runs
+
+ROOT = Path(__file__).resolve().parents[2]
+PY = sys.executable
+CLASS_NAMES = ["circle", "square", "triangle"]
+CATEGORY_IDS = [3, 7, 9]
+# Original sizes of the parity images: resized (short side 64, long side <= 96) to 58 x 96, 96 x 58
+# and 64 x 64, all other than the export example's 64 x 85.
+PARITY_SIZES = [(90, 150), (150, 90), (70, 70)]
+
+CONFIG = """\
+_base_: {base}
+device: cpu
+model:
+  depth: 18
+  num_classes: 3
+  rpn: {{anchor_sizes: [16, 32, 64], pre_nms_topk_test: 100, post_nms_topk_test: 16}}
+  roi_heads: {{pooler_resolution: 4}}
+data:
+  test: [{{type: shapes, root: {data}, split: val, num_images: 4, image_size: [64, 64], num_classes: 3, max_objects: 3}}]
+  min_size_test: 64
+  max_size_test: 96
+  num_workers: 0
+test: {{ims_per_batch: 2}}
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(tmp dir, config path, checkpoint, Predictor, ONNX path, TorchScript path)."""
+    tmp = tmp_path_factory.mktemp("export")
+    cfg_path = tmp / "tiny.yaml"
+    cfg_path.write_text(CONFIG.format(base=ROOT / "configs" / "base.yaml", data=tmp / "shapes"))
+    torch.manual_seed(0)
+    cfg = load_config(cfg_path)
+    model = build_model(cfg, load_weights=False).eval()
+    weights = tmp / "model.pth"
+    save_checkpoint({"model": model.state_dict(), "config": config_to_dict(cfg), "class_names": CLASS_NAMES,
+                     "category_ids": CATEGORY_IDS, "iteration": 7}, weights)
+    predictor = Predictor(weights, device="cpu")
+    onnx_path = export_model(predictor, tmp / "model.onnx", "onnx")
+    ts_path = export_model(predictor, tmp / "model.pt", "torchscript")
+    return tmp, cfg_path, weights, predictor, onnx_path, ts_path
+
+
+def run_tool(*args, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([PY, *map(str, args)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args[0]} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    """stderr lines that are not Python warnings (torch.jit.load warns that it is deprecated)."""
+    return [line for line in proc.stderr.splitlines()
+            if line.strip() and "Warning" not in line and not line.startswith("  warnings.warn")]
+
+
+# ------------------------------------------------------------------------------------- parity
+
+
+def test_onnx_runtime_gives_the_pytorch_detections_at_three_sizes(exported):
+    _, _, _, predictor, onnx_path, _ = exported
+    report = compare_backends(predictor, ExportedPredictor(onnx_path, score_thresh=predictor.score_thresh), PARITY_SIZES)
+    for row in report["rows"]:
+        assert row["same"], row
+        assert row["reference"] >= 10  # enough detections to mean something
+        assert row["max_box_diff_px"] <= 1e-3 and row["max_score_diff"] <= 1e-4, row
+    # The three sizes really are three graph shapes.
+    shapes = {tuple(predictor.preprocess(smooth_random_image(h, w)).shape) for h, w in PARITY_SIZES}
+    assert shapes == {(3, 58, 96), (3, 96, 58), (3, 64, 64)}
+
+
+def test_torchscript_is_bit_identical_to_pytorch_at_three_sizes(exported):
+    _, _, _, predictor, _, ts_path = exported
+    scripted = ExportedPredictor(ts_path, score_thresh=predictor.score_thresh)
+    for index, (h, w) in enumerate(PARITY_SIZES):
+        image = smooth_random_image(h, w, seed=index)
+        ref, got = predictor(image), scripted(image)
+        assert len(ref) >= 10
+        np.testing.assert_array_equal(got.boxes, ref.boxes)
+        np.testing.assert_array_equal(got.scores, ref.scores)
+        np.testing.assert_array_equal(got.labels, ref.labels)
+
+
+def test_onnx_graph_keeps_height_and_width_symbolic(exported):
+    import onnx
+
+    model = onnx.load(str(exported[4]), load_external_data=False)
+    image, original_size = model.graph.input
+    assert [i.name for i in model.graph.input] == ["image", "original_size"]
+    assert [o.name for o in model.graph.output] == ["boxes", "scores", "labels"]
+    dims = image.type.tensor_type.shape.dim
+    assert dims[0].dim_value == 3 and dims[1].dim_param and dims[2].dim_param  # (3, h, w)
+    assert image.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    ops = {node.op_type for node in model.graph.node}
+    assert {"NonMaxSuppression", "RoiAlign", "TopK", "NonZero", "Softmax"} <= ops  # all of it inside
+
+
+def test_metadata_travels_with_both_files(exported):
+    _, _, _, predictor, onnx_path, ts_path = exported
+    for path in (onnx_path, ts_path):
+        loaded = ExportedPredictor(path)
+        assert loaded.class_names == CLASS_NAMES and loaded.category_ids == CATEGORY_IDS
+        assert loaded.score_thresh == pytest.approx(0.05)
+        assert loaded.cfg.data.min_size_test == 64 and loaded.cfg.data.max_size_test == 96
+        assert loaded.metadata["input_format"] == "RGB"
+        assert json.loads(loaded.metadata["pixel_mean"]) == pytest.approx(list(predictor.cfg.model.pixel_mean))
+        assert loaded.iteration == 7
+    assert set(export_metadata(predictor)) <= set(ExportedPredictor(onnx_path).metadata)
+
+
+def test_a_score_threshold_below_the_exported_one_is_refused(exported):
+    with pytest.raises(ConfigError, match="exported with score threshold 0.05"):
+        ExportedPredictor(exported[4], score_thresh=0.01)
+
+
+# ------------------------------------------------------------------------------------- tools
+
+
+def test_infer_onnxruntime_writes_what_the_pytorch_backend_writes(exported, tmp_path):
+    tmp, _, weights, _, onnx_path, _ = exported
+    import cv2
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index, (h, w) in enumerate(PARITY_SIZES):
+        cv2.imwrite(str(photos / f"img{index}.png"), smooth_random_image(h, w, seed=index)[:, :, ::-1])
+    common = ["--input", photos, "--score-thresh", "0.1", "--workers", "0"]
+    # Batch 1: the eager model pads a batch to its largest image, the exported graph each image alone.
+    run_tool(ROOT / "tools" / "infer.py", "--weights", weights, "--output", tmp_path / "pt", "--batch-size", "1", *common)
+    run_tool(ROOT / "tools" / "infer.py", "--backend", "onnxruntime", "--model", onnx_path, "--output", tmp_path / "ort",
+             *common)
+    ref = json.loads((tmp_path / "pt" / "predictions.json").read_text())
+    assert len(ref) >= 20
+    got = json.loads((tmp_path / "ort" / "predictions.json").read_text())
+    assert len(got) == len(ref)
+    for a, b in zip(ref, got):
+        assert (a["file_name"], a["category_id"], a["category_name"]) == (b["file_name"], b["category_id"], b["category_name"])
+        assert b["bbox"] == pytest.approx(a["bbox"], abs=1e-3) and b["score"] == pytest.approx(a["score"], abs=1e-4)
+    summary_ref = json.loads((tmp_path / "pt" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "ort" / "summary.json").read_text())
+    for key in ("images", "detections", "skipped", "ignored", "outputs", "score_thresh"):
+        assert summary[key] == summary_ref[key], key
+    for index in range(len(PARITY_SIZES)):
+        drawn_ref = cv2.imread(str(tmp_path / "pt" / f"img{index}.png"))
+        drawn = cv2.imread(str(tmp_path / "ort" / f"img{index}.png"))
+        assert np.array_equal(drawn, drawn_ref)  # boxes within 1e-3 px round to the same pixels here
+
+
+def test_eval_of_the_onnx_model_equals_eval_of_the_checkpoint(exported):
+    tmp, cfg_path, weights, _, onnx_path, _ = exported
+    run_tool(ROOT / "tools" / "eval.py", cfg_path, "--weights", weights, f"output_dir={tmp / 'eval_pt'}")
+    proc = run_tool(ROOT / "tools" / "eval.py", "--model", onnx_path, cfg_path, f"output_dir={tmp / 'eval_ort'}")
+    assert "Per-class AP:" in proc.stdout
+    ref = json.loads((tmp / "eval_pt" / "predictions.json").read_text())
+    got = json.loads((tmp / "eval_ort" / "predictions.json").read_text())
+    assert len(ref) >= 20 and len(got) == len(ref)
+    for a, b in zip(ref, got):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert b["bbox"] == pytest.approx(a["bbox"], abs=1e-3) and b["score"] == pytest.approx(a["score"], abs=1e-4)
+    metrics_ref = json.loads((tmp / "eval_pt" / "metrics.json").read_text())
+    metrics = json.loads((tmp / "eval_ort" / "metrics.json").read_text())
+    for key in ("AP", "AP50", "AP75", "AR100"):
+        assert metrics[key] == pytest.approx(metrics_ref[key], abs=1e-6, nan_ok=True), key
+
+
+def test_export_cli_check_reports_parity_and_writes_a_loadable_file(exported, tmp_path):
+    _, _, weights, _, _, _ = exported
+    out = tmp_path / "cli.pt"
+    proc = run_tool(ROOT / "tools" / "export.py", "--weights", weights, "--format", "torchscript", "--output", out,
+                    "--check", "100x80,64x200")
+    assert out.is_file() and not list(tmp_path.glob(".tmp-*"))
+    assert "100x80:" in proc.stdout and "64x200:" in proc.stdout and "parity: same detections" in proc.stdout
+    assert "max |box| diff 0.00e+00 px" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------- errors
+
+
+def test_a_checkpoint_that_is_not_detkit_is_one_line_and_exit_2(tmp_path):
+    foreign = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, foreign)
+    proc = run_tool(ROOT / "tools" / "export.py", "--weights", foreign, "--output", tmp_path / "m.onnx", check=False)
+    assert proc.returncode == 2
+    assert error_lines(proc) == [error_lines(proc)[0]] and "not a detkit checkpoint" in proc.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_missing_output_folder_is_one_line_and_exit_2(exported, tmp_path):
+    proc = run_tool(ROOT / "tools" / "export.py", "--weights", exported[2], "--output", tmp_path / "no" / "m.onnx",
+                    check=False)
+    assert proc.returncode == 2
+    assert len(error_lines(proc)) == 1 and "does not exist" in proc.stderr
+
+
+def test_an_onnx_file_from_another_tool_is_one_line_and_exit_2(exported, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "other",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    foreign = tmp_path / "other.onnx"
+    onnx.save(helper.make_model(graph), str(foreign))
+    with pytest.raises(CheckpointError, match="no detkit metadata"):
+        ExportedPredictor(foreign)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    import cv2
+
+    cv2.imwrite(str(photos / "a.png"), smooth_random_image(40, 40))
+    proc = run_tool(ROOT / "tools" / "infer.py", "--backend", "onnxruntime", "--model", foreign, "--input", photos,
+                    "--output", tmp_path / "out", check=False)
+    assert proc.returncode == 2
+    assert len(error_lines(proc)) == 1 and "not written by tools/export.py" in proc.stderr
+    # A TorchScript file given to the ONNX backend (and the other way round): one message too.
+    with pytest.raises(CheckpointError, match="is not an ONNX file"):
+        ExportedPredictor(exported[5], backend="onnxruntime")
+    with pytest.raises(CheckpointError, match="is not a TorchScript file"):
+        ExportedPredictor(exported[4], backend="torchscript")
+
+
+def test_missing_export_packages_name_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(ExportError, match=r'onnxruntime not installed.*pip install "detkit\[export\]"'):
+        require_export_packages()
