@@ -164,6 +164,7 @@ class TestConfig:
     eval_period: int = 0
     eval_backend: Literal["auto", "pycocotools", "faster_coco_eval"] = "auto"
     ims_per_batch: int = 8
+    amp: Literal["off", "bf16", "fp16", "auto"] = "off"  # inference precision (Detectron2: fp32)
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,8 @@ class Config:
     output_dir: str = "output"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
-    cudnn_benchmark: bool = True
+    cudnn_benchmark: bool = False
+    allow_tf32: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)

@@ -137,7 +137,7 @@ def _model_mode(args: argparse.Namespace) -> int:
 
     model = build_model_from_checkpoint(state, cfg, device, source=args.weights)
     loader = build_test_loader(cfg, rank=dist.rank, world_size=dist.world_size)
-    amp_dtype = select_amp(cfg.solver.amp, device).dtype
+    amp_dtype = select_amp(cfg.test.amp, device, key="test.amp").dtype
     try:
         predictions = inference_on_dataset(model, loader, category_ids, device, amp_dtype=amp_dtype)
     finally:
