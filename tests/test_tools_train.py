@@ -166,3 +166,33 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "solver.max_iter" in result.stderr
     result = subprocess.run(TRAIN + [str(cfg), "--eval-only"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--weights" in result.stderr
+
+
+def test_a_bad_test_annotation_file_stops_the_run_before_its_first_iteration(tmp_path, capsys):
+    train_json = {
+        "images": [{"id": i, "file_name": f"{i}.png", "height": 64, "width": 64} for i in (1, 2)],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [8, 8, 30, 30], "area": 900, "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "box"}],
+    }
+    import cv2
+    import numpy as np
+
+    for i in (1, 2):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((64, 64, 3), 100, np.uint8))
+    (tmp_path / "train.json").write_text(json.dumps(train_json))
+    bad = dict(train_json, annotations=[{**train_json["annotations"][0], "category_id": 7}])
+    (tmp_path / "test.json").write_text(json.dumps(bad))
+    cfg = tmp_path / "coco.yaml"
+    cfg.write_text(
+        f"_base_: {ROOT / 'configs' / 'base.yaml'}\ndevice: cpu\nmodel: {{depth: 18, num_classes: 1}}\n"
+        f"data:\n  train: [{{type: coco, ann_file: {tmp_path / 'train.json'}, image_root: {tmp_path}}}]\n"
+        f"  test: [{{type: coco, ann_file: {tmp_path / 'test.json'}, image_root: {tmp_path}}}]\n"
+        "  num_workers: 0\nsolver: {ims_per_batch: 2, max_iter: 5}\n"
+    )
+    out = tmp_path / "out"
+    from detkit.cli.common import run_cli
+
+    assert run_cli(train_main, [str(cfg), f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "test.json" in err and "annotation 1 -> category_id 7" in err
+    assert not (out / "metrics.jsonl").exists()  # stopped before the first iteration
