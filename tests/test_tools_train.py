@@ -7,6 +7,7 @@ The module runs three trainings once (a fixture) and the tests read their output
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -196,3 +197,24 @@ def test_a_bad_test_annotation_file_stops_the_run_before_its_first_iteration(tmp
     err = capsys.readouterr().err
     assert "test.json" in err and "annotation 1 -> category_id 7" in err
     assert not (out / "metrics.jsonl").exists()  # stopped before the first iteration
+
+
+@pytest.mark.slow
+def test_bf16_training_and_evaluation_run_end_to_end_on_cpu_autocast(tmp_path):
+    """solver.amp=bf16 / test.amp=bf16 through the trainer and the evaluator (the GPU's default
+    training path, with CPU autocast): finite losses and gradient norms, and a COCO evaluation."""
+    cfg = write_tiny_config(tmp_path)
+    out = tmp_path / "bf16"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        TRAIN + [str(cfg), f"output_dir={out}", "solver.amp=bf16", "test.amp=bf16", "solver.max_iter=4",
+                 "solver.checkpoint_period=0", "model.roi_heads.smooth_l1_beta=0.1", "model.rpn.smooth_l1_beta=0.1"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["amp"] == "bf16" and summary["iterations"] == 4
+    logged = training_rows(out)
+    assert sorted(logged) == [1, 2, 3, 4]
+    assert all(math.isfinite(r[k]) for r in logged.values() for k in LOSS_KEYS)
+    assert "bbox/AP" in summary["eval"] and math.isfinite(summary["eval"]["bbox/AP"])
