@@ -175,7 +175,8 @@ def _interpolated_ap(scores: Sequence[float], is_true: Sequence[bool], num_gt: i
     precision = num_true / np.arange(1, tp.size + 1)
     recall = num_true / num_gt
     precision = np.maximum.accumulate(precision[::-1])[::-1]  # the non-increasing envelope
-    bars = np.searchsorted(recall, np.linspace(0, 1, 101), side="left")
+    # TIDE takes the recall points as k / 100 (COCO: np.linspace, which differs in the last bit).
+    bars = np.searchsorted(recall, np.arange(101) / 100, side="left")
     values = np.where(bars < precision.size, precision[np.minimum(bars, precision.size - 1)], 0.0)
     return float(values.sum() / 101 * 100)
 
