@@ -35,7 +35,7 @@ def test_loss_axis_ticks_are_one_two_five_times_powers_of_ten():
     low, high = ax.get_ylim()
     labels = [t.get_text() for t, v in zip(ax.get_yticklabels(), ax.get_yticks()) if low <= v <= high]
     # The data spans 0.0052 .. 1.88: every label is a plain 1/2/5 x 10^k number (not 2.15 / 0.474 / 0.105).
-    assert labels == ["0.005", "0.01", "0.02", "0.05", "0.1", "0.2", "0.5", "1"]
+    assert labels == ["0.005", "0.01", "0.02", "0.05", "0.1", "0.2", "0.5", "1", "2"]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend == ["total_loss", "loss_rpn_loc"]
 
