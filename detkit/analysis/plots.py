@@ -276,7 +276,7 @@ def plot_per_class_ap(rows: Sequence[dict], path: str | Path) -> Path:
 def plot_image_grid(tiles: Sequence[tuple[np.ndarray, str]], path: str | Path, *, title: str, columns: int = 4) -> Path:
     """(H, W, 3) RGB uint8 images with a caption each, in a grid."""
     rows = max(1, math.ceil(len(tiles) / columns))
-    fig = Figure(figsize=(3.2 * columns, 3.4 * rows))
+    fig = Figure(figsize=(2.6 * columns, 2.8 * rows))
     axes = np.atleast_1d(fig.subplots(rows, columns)).reshape(-1)
     for ax in axes:
         ax.axis("off")
