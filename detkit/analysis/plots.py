@@ -27,12 +27,16 @@ ANALYZE_COLORS = ("#08306b", "#2171b5", "#6baed6", "#74c476", "#fdae6b", "#e6550
 DPI = 100
 
 
-def save_figure(fig: Figure, path: str | Path) -> Path:
-    """Write `fig` as a PNG at `path` (atomically) and return the path."""
+def save_figure(fig: Figure, path: str | Path, *, tight_bbox: bool = False) -> Path:
+    """Write `fig` as a PNG at `path` (atomically) and return the path.
+
+    tight_bbox: crop to the drawn content (needed when a legend sits outside the axes); it costs
+    a second rendering, so figures laid out with tight_layout() leave it off.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
+    fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight" if tight_bbox else None)
     os.replace(tmp, path)
     return path
 
@@ -77,7 +81,7 @@ def _empty(ax, text: str = "no data") -> None:
 
 def plot_losses(rows: Sequence[dict], path: str | Path) -> Path:
     """Each loss term raw (thin) and smoothed (thick) on a log axis, legend outside the plot."""
-    return save_figure(losses_figure(rows), path)
+    return save_figure(losses_figure(rows), path, tight_bbox=True)
 
 
 def losses_figure(rows: Sequence[dict]) -> Figure:
@@ -125,6 +129,7 @@ def plot_learning_rate(rows: Sequence[dict], path: str | Path) -> Path:
     ax.set_ylabel("learning rate")
     ax.set_title("learning rate")
     ax.grid(True, alpha=0.4)
+    fig.tight_layout()
     return save_figure(fig, path)
 
 
@@ -152,7 +157,7 @@ def plot_evaluation(rows: Sequence[dict], path: str | Path) -> Optional[Path]:
     ax.set_title("evaluation")
     ax.grid(True, alpha=0.4)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return save_figure(fig, path)
+    return save_figure(fig, path, tight_bbox=True)
 
 
 def plot_metrics(metrics_path: str | Path, out_dir: Optional[str | Path] = None) -> list[Path]:
