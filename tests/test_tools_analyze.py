@@ -48,7 +48,7 @@ def test_analyze_writes_the_report_with_the_numbers_of_its_parts(tiny):
     code = main(["--gt", str(tiny / "gt.json"), "--predictions", str(tiny / "predictions.json"), "--out", str(out),
                  "--images", str(tiny / "images")])
     assert code == 0
-    for name in ("report.html", "analysis.json", "tide.png", "pr_overall.png", "pr_cat.png", "pr_dog.png",
+    for name in ("report.html", "analysis.json", "summary.png", "tide.png", "pr_overall.png", "pr_cat.png", "pr_dog.png",
                  "confusion.png", "per_class_ap.png", "false_positives.png", "missed.png", "dataset.png",
                  "anchor_coverage.png"):
         assert (out / name).is_file(), name

@@ -178,71 +178,80 @@ def plot_metrics(metrics_path: str | Path, out_dir: Optional[str | Path] = None)
 # --------------------------------------------------------------------------------------------
 
 
-def plot_analyze_curves(curves, path: str | Path, class_index: Optional[int] = None, title: str = "all classes") -> Path:
-    """COCO analyze PR curves (errors.AnalyzeCurves) of one class or all, one panel per area range;
-    the band between two curves is the AP the next error type costs, its legend the curve's AP."""
+def draw_analyze_curves(ax, curves, class_index: Optional[int], area: int, title: str) -> None:
+    """One panel of COCO analyze PR curves (errors.AnalyzeCurves): the band between two curves is
+    the AP the next error type costs; the legend gives each curve's AP."""
     from detkit.analysis.errors import ANALYZE_TYPES, AREA_NAMES
 
-    fig = Figure(figsize=(11, 8.5))
-    axes = fig.subplots(2, 2)
     recall = curves.recall_thresholds
-    for area, ax in enumerate(axes.flat):
-        values = curves.curves(class_index, area)  # (7, R)
-        ax.set_title(f"{title}, {AREA_NAMES[area]} objects")
-        if np.isnan(values).all():
-            _empty(ax, f"no {AREA_NAMES[area]} objects")
-        else:
-            below = np.zeros_like(recall)
-            for i, name in enumerate(ANALYZE_TYPES):
-                ax.fill_between(recall, below, values[i], color=ANALYZE_COLORS[i], linewidth=0,
-                                label=f"[{values[i].mean():.3f}] {name}")
-                ax.plot(recall, values[i], color="black", linewidth=0.5)
-                below = values[i]
-            ax.legend(loc="lower left", fontsize=8, framealpha=0.85)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("recall")
-        ax.set_ylabel("precision")
+    values = curves.curves(class_index, area)  # (7, R)
+    ax.set_title(f"{title}, {AREA_NAMES[area]} objects")
+    if np.isnan(values).all():
+        _empty(ax, f"no {AREA_NAMES[area]} objects")
+    else:
+        below = np.zeros_like(recall)
+        for i, name in enumerate(ANALYZE_TYPES):
+            ax.fill_between(recall, below, values[i], color=ANALYZE_COLORS[i], linewidth=0,
+                            label=f"[{values[i].mean():.3f}] {name}")
+            ax.plot(recall, values[i], color="black", linewidth=0.5)
+            below = values[i]
+        ax.legend(loc="lower left", fontsize=8, framealpha=0.85)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+
+
+def plot_analyze_curves(curves, path: str | Path, class_index: Optional[int] = None, title: str = "all classes") -> Path:
+    """COCO analyze PR curves of one class or all (class_index None), one panel per area range."""
+    fig = Figure(figsize=(11, 8.5))
+    for area, ax in enumerate(fig.subplots(2, 2).flat):
+        draw_analyze_curves(ax, curves, class_index, area, title)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _bar_labels(ax, bars, labels: Sequence[str]) -> None:
+    for bar, label in zip(bars, labels):
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), textcoords="offset points",
+                    xytext=(0, 3), ha="center", va="bottom", fontsize=9)
+
+
+def draw_tide(ax, tide, special_ax=None) -> None:
+    """TIDE's dAP per error type (errors.TideResult) as bars labelled with dAP and count; the two
+    special errors (FP, FN) on `special_ax` when given."""
+    from detkit.analysis.errors import TIDE_SPECIAL, TIDE_TYPES
+
+    values = [tide.delta_ap[k] for k in TIDE_TYPES]
+    bars = ax.bar(TIDE_TYPES, values, color=COLORS[: len(TIDE_TYPES)])
+    _bar_labels(ax, bars, [f"{v:.2f}\n({tide.counts[k]})" for k, v in zip(TIDE_TYPES, values)])
+    ax.set_ylabel("dAP (AP points gained by fixing)")
+    ax.set_title(f"TIDE errors at IoU {tide.pos_threshold:g} (AP {tide.ap:.1f}); (count)")
+    ax.set_ylim(0, max(values + [1.0]) * 1.25)
+    if special_ax is not None:
+        svalues = [tide.delta_ap[k] for k in TIDE_SPECIAL]
+        bars = special_ax.bar(["FP", "FN"], svalues, color=["#7f7f7f", "#bcbd22"])
+        _bar_labels(special_ax, bars, [f"{v:.2f}" for v in svalues])
+        special_ax.set_title("all false positives / negatives")
+        special_ax.set_ylim(0, max(svalues + [1.0]) * 1.25)
 
 
 def plot_tide(tide, path: str | Path) -> Path:
-    """TIDE's dAP per error type (errors.TideResult) as bars, with each type's count."""
-    from detkit.analysis.errors import TIDE_SPECIAL, TIDE_TYPES
-
     fig = Figure(figsize=(10, 3.8))
     main, special = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1]})
-    values = [tide.delta_ap[k] for k in TIDE_TYPES]
-    bars = main.bar(TIDE_TYPES, values, color=COLORS[: len(TIDE_TYPES)])
-    for bar, kind, value in zip(bars, TIDE_TYPES, values):
-        main.annotate(f"{value:.2f}\n({tide.counts[kind]})", (bar.get_x() + bar.get_width() / 2, value),
-                      textcoords="offset points", xytext=(0, 3), ha="center", va="bottom", fontsize=9)
-    main.set_ylabel("dAP (AP points gained by fixing)")
-    main.set_title(f"TIDE errors at IoU {tide.pos_threshold:g} (AP {tide.ap:.1f}); in brackets: count")
-    main.set_ylim(0, max(values + [1.0]) * 1.25)
-    svalues = [tide.delta_ap[k] for k in TIDE_SPECIAL]
-    sbars = special.bar(["FP", "FN"], svalues, color=["#7f7f7f", "#bcbd22"])
-    for bar, value in zip(sbars, svalues):
-        special.annotate(f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, value), textcoords="offset points",
-                         xytext=(0, 3), ha="center", va="bottom", fontsize=9)
-    special.set_title("all false positives / negatives")
-    special.set_ylim(0, max(svalues + [1.0]) * 1.25)
+    draw_tide(main, tide, special)
     fig.tight_layout()
     return save_figure(fig, path)
 
 
-def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | Path, *, iou_threshold: float,
-                   score_threshold: float) -> Path:
+def draw_confusion(ax, matrix: np.ndarray, class_names: Sequence[str], *, iou_threshold: float,
+                   score_threshold: float):
     """(K+1, K+1) counts (errors.confusion_matrix) shown normalised per true class; cells print
-    the share and the count."""
+    the share and the count. Returns the image (for a colorbar)."""
     from detkit.analysis.errors import normalize_rows
 
     names = list(class_names) + ["background"]
     shares = normalize_rows(matrix)
-    size = max(5.0, 0.55 * len(names) + 2.5)
-    fig = Figure(figsize=(size + 1.2, size))
-    ax = fig.add_subplot()
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     if len(names) <= 30:
         for (i, j), count in np.ndenumerate(matrix):
@@ -253,10 +262,31 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | P
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_xlabel("predicted class (background: object missed)")
     ax.set_ylabel("true class (background: box on no object)")
-    ax.set_title(f"confusion at IoU {iou_threshold:g}, score >= {score_threshold:g} (rows sum to 1)")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_title(f"confusion at IoU {iou_threshold:g}, score >= {score_threshold:g}")
+    return image
+
+
+def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | Path, *, iou_threshold: float,
+                   score_threshold: float) -> Path:
+    size = max(5.0, 0.55 * (len(class_names) + 1) + 2.5)
+    fig = Figure(figsize=(size + 1.2, size))
+    ax = fig.add_subplot()
+    image = draw_confusion(ax, matrix, class_names, iou_threshold=iou_threshold, score_threshold=score_threshold)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class (row)")
     fig.tight_layout()
-    return save_figure(fig, path)
+    return save_figure(fig, path, tight_bbox=True)
+
+
+def plot_summary(analysis, path: str | Path) -> Path:
+    """One picture of an errors.ErrorAnalysis: TIDE bars, the overall PR curves, the confusion matrix."""
+    fig = Figure(figsize=(18, 5.2))
+    tide_ax, pr_ax, confusion_ax = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.15, 1, 0.9]})
+    draw_tide(tide_ax, analysis.tide)
+    draw_analyze_curves(pr_ax, analysis.curves, None, 0, "COCO analyze")
+    draw_confusion(confusion_ax, analysis.confusion, analysis.class_names, iou_threshold=analysis.iou_threshold,
+                   score_threshold=analysis.score_threshold)
+    fig.tight_layout()
+    return save_figure(fig, path, tight_bbox=True)  # the rotated class names can overhang the layout
 
 
 def plot_per_class_ap(rows: Sequence[dict], path: str | Path) -> Path:

@@ -11,7 +11,7 @@ Dataset only, before any training:
     python tools/analyze.py --config configs/shapes_r18.yaml --out report/   # the config's training set
 
 Writes into --out: report.html (every figure with its table), analysis.json (every number), and
-the PNGs: tide.png, pr_overall.png, pr_<class>.png, confusion.png, per_class_ap.png,
+the PNGs: summary.png (TIDE + PR curves + confusion in one picture), tide.png, pr_overall.png, pr_<class>.png, confusion.png, per_class_ap.png,
 false_positives.png / missed.png (with images), dataset.png, anchor_coverage.png.
 Anchors and input scale come from the config (--config, the run's config.yaml, else the defaults
 of configs/base.yaml).
@@ -139,6 +139,8 @@ def analyze(*, gt_path: str, predictions_path: Optional[str], out_dir: Path, cfg
         analysis = analyze_errors(gt, predictions, iou_threshold=iou_threshold, score_threshold=score_threshold)
         tide, curves = analysis.tide, analysis.curves
         numbers["coco"] = {k: metrics[k] for k in METRIC_KEYS}
+        plots.plot_summary(analysis, out_dir / "summary.png")
+        report.image("summary.png", "TIDE errors, PR curves and confusion matrix")
         report.heading("COCO box AP")
         report.table([{k: metrics[k] for k in METRIC_KEYS}], digits=2)
 
