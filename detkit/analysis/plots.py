@@ -361,7 +361,9 @@ def plot_box_statistics(stats, path: str | Path) -> Path:
         ratios.hist(ratio, bins=np.geomspace(max(ratio.min(), 1e-2), max(ratio.max(), 1.01 * max(ratio.min(), 1e-2)), 40),
                     color=COLORS[4])
         ratios.set_xscale("log")
-        _readable_log_axis(ratios.xaxis)
+        ratios.xaxis.set_major_locator(ticker.FixedLocator([0.1, 0.2, 0.25, 1 / 3, 0.5, 2 / 3, 1, 1.5, 2, 3, 4, 5, 10]))
+        ratios.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:.2g}"))
+        ratios.xaxis.set_minor_formatter(ticker.NullFormatter())
     ratios.set_title("aspect ratio h / w")
     fig.tight_layout()
     return save_figure(fig, path)
