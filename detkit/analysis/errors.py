@@ -79,7 +79,8 @@ def _cocoeval_class():
 
 
 def _run_cocoeval(gt: dict, predictions: Sequence[dict], iou_thresholds: Sequence[float],
-                  max_dets: Sequence[int] = (MAX_DETS,), category_ids: Sequence[int] | None = None):
+                  max_dets: Sequence[int] = (MAX_DETS,), category_ids: Sequence[int] | None = None,
+                  image_ids: Sequence[int] | None = None):
     """pycocotools COCOeval after evaluate() and accumulate(), on copies of the inputs."""
     coco_gt = _make_coco("pycocotools", gt)
     coco_dt = _make_coco("pycocotools", {"images": gt["images"], "categories": gt["categories"],
@@ -89,6 +90,8 @@ def _run_cocoeval(gt: dict, predictions: Sequence[dict], iou_thresholds: Sequenc
     coco_eval.params.maxDets = list(max_dets)
     if category_ids is not None:
         coco_eval.params.catIds = list(category_ids)
+    if image_ids is not None:
+        coco_eval.params.imgIds = list(image_ids)
     with contextlib.redirect_stdout(io.StringIO()):
         coco_eval.evaluate()
         coco_eval.accumulate()
@@ -147,8 +150,14 @@ def analyze_curves(gt: dict, predictions: Sequence[dict]) -> AnalyzeCurves:
                     ann["category_id"] = category_id
                     ann["_analysis_ignore"] = True
                 relabelled.append(ann)
+            # Only images with an object or a detection of class k change its curve; the others
+            # are left out (the same numbers, much faster on 80-class datasets).
+            image_ids = sorted({a["image_id"] for a in relabelled if a["category_id"] == category_id}
+                               | {p["image_id"] for p in own})
+            if not image_ids:
+                continue  # no object of class k: its curves are undefined (NaN below)
             dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": relabelled}
-            result = _run_cocoeval(dataset, own, [0.1], category_ids=[category_id])
+            result = _run_cocoeval(dataset, own, [0.1], category_ids=[category_id], image_ids=image_ids)
             precision[row, :, k, :] = result.eval["precision"][0, :, 0, :, 0]
     undefined = precision[0] == -1  # (R, K, A): no object of class k in area a
     precision[5] = (precision[4] > 0).astype(np.float64)
