@@ -24,7 +24,7 @@ here because tidecv needs pandas, seaborn and appdirs and is unmaintained since 
 foreground IoU t_f (0.5) and background IoU t_b (0.1) every false positive gets one type, tested in
 this order: Bkg when its image has no object; Loc when its best same-class IoU is in [t_b, t_f];
 Cls when its best other-class IoU is >= t_f; Dupe when it overlaps an already matched same-class
-object with IoU >= t_f; Bkg when it overlaps no object with IoU > t_b; Both otherwise. An object
+object with IoU >= t_f; Bkg when no object overlaps it by more than t_b; Both otherwise. An object
 no detection found and no Cls/Loc error could fix is Miss. dAP of a type is the AP at t_f after
 fixing that type alone (each type fixed in isolation, as the paper argues, so the numbers do not
 depend on an order) minus the original AP: a Cls or Loc error becomes the true positive of its
@@ -41,7 +41,7 @@ import contextlib
 import copy
 import io
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -478,7 +478,6 @@ class ErrorAnalysis:
     class_names: list[str]
     iou_threshold: float
     score_threshold: float
-    extra: dict = field(default_factory=dict)
 
 
 def analyze_errors(gt: dict, predictions: Sequence[dict], *, iou_threshold: float = 0.5,
