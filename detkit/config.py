@@ -351,6 +351,9 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
         return from_dict(tp, value, key, where)
     origin = typing.get_origin(tp)
     if origin is Literal:
+        # YAML 1.1 reads a bare `off` / `on` as a boolean: `solver.amp=off` means the string.
+        if isinstance(value, bool) and ("on" if value else "off") in typing.get_args(tp):
+            value = "on" if value else "off"
         if value not in typing.get_args(tp):
             raise fail()
         return value
