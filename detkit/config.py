@@ -125,6 +125,7 @@ class DataConfig:
     flip_prob: float = 0.5
     augment: tuple[dict, ...] = ()
     size_divisibility: int = 32
+    resize_method: Literal["cv2", "pil"] = "cv2"
     filter_empty: bool = True
     max_bad_image_fraction: float = 0.01
     aspect_ratio_grouping: bool = True
@@ -164,6 +165,7 @@ class TestConfig:
     eval_period: int = 0
     eval_backend: Literal["auto", "pycocotools", "faster_coco_eval"] = "auto"
     ims_per_batch: int = 8
+    amp: Literal["off", "bf16", "fp16", "auto"] = "off"  # inference precision (Detectron2: fp32)
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,8 @@ class Config:
     output_dir: str = "output"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
-    cudnn_benchmark: bool = True
+    cudnn_benchmark: bool = False
+    allow_tf32: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
@@ -348,6 +351,9 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
         return from_dict(tp, value, key, where)
     origin = typing.get_origin(tp)
     if origin is Literal:
+        # YAML 1.1 reads a bare `off` / `on` as a boolean: `solver.amp=off` means the string.
+        if isinstance(value, bool) and ("on" if value else "off") in typing.get_args(tp):
+            value = "on" if value else "off"
         if value not in typing.get_args(tp):
             raise fail()
         return value

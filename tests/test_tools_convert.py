@@ -127,10 +127,13 @@ def test_imagenet_backbones_convert_to_backbone_weights(tmp_path, fmt):
 
     model = build_model(replace(tiny_cfg(), **{"model.backbone.weights": str(out)})).eval()
     x = torch.randn(1, 3, 48, 48) * 50
+    # MSRA files hold BN folded into a scale and shift: F.batch_norm rounds that differently from
+    # the unfolded statistics (measured: 1.2e-5 at most); torchvision files keep the statistics.
+    tol = dict(rtol=1e-5, atol=1e-4) if fmt == "msra" else dict(rtol=1e-6, atol=1e-6)
     with torch.no_grad():
-        torch.testing.assert_close(model.backbone(x), original().backbone(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(model.backbone(x), original().backbone(x), **tol)
         res4 = original().backbone(x)
-        torch.testing.assert_close(model.roi_heads.res5(res4), original().roi_heads.res5(res4), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(model.roi_heads.res5(res4), original().roi_heads.res5(res4), **tol)
 
 
 def shapes_config(tmp_path: Path) -> Path:

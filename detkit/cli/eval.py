@@ -153,7 +153,7 @@ def _model_mode(args: argparse.Namespace) -> int:
 
     if exported is None:
         model = build_model_from_checkpoint(state, cfg, device, source=args.weights)
-        amp_dtype = select_amp(cfg.solver.amp, device).dtype
+        amp_dtype = select_amp(cfg.test.amp, device, key="test.amp").dtype
     else:  # ONNX Runtime / TorchScript behind the eager model's call (ImageBatch -> detections)
         model, amp_dtype = exported.as_module(), None
     loader = build_test_loader(cfg, rank=dist.rank, world_size=dist.world_size)

@@ -8,8 +8,8 @@
 The checkpoint brings the model's config and class names, so a checkpoint alone is enough; a config
 (file or `Config`) replaces the checkpoint's, and dotted overrides apply on top of either (e.g.
 "data.min_size_test=600"). Images go in as RGB whatever the model's `input_format` (a BGR model gets
-its channels swapped here). On a GPU inference runs under autocast as `solver.amp` says (auto: bf16
-where the GPU has it, else fp16); on the CPU in fp32.
+its channels swapped here). Inference runs in fp32 unless `test.amp` (or the `amp` argument) asks for
+bf16/fp16 autocast, as Detectron2 evaluates in fp32.
 
 Shapes: N images in a batch; D detections of one image; K classes.
 """
@@ -173,7 +173,7 @@ class Predictor:
     overrides: dotted "key=value" strings applied on top. device: "auto" | "cpu" | "cuda" (or a
     torch.device). score_thresh: keep detections scoring at least this (None: the config's
     model.roi_heads.score_thresh). batch_size: images per forward pass. amp: "auto" | "bf16" |
-    "fp16" | "off" (None: the config's solver.amp; "auto" is fp32 on the CPU).
+    "fp16" | "off" (None: the config's test.amp, fp32 by default; "auto" is fp32 on the CPU).
     """
 
     def __init__(
@@ -211,7 +211,7 @@ class Predictor:
         ids = state.get("category_ids")
         self.category_ids: list[int] = list(ids) if ids else list(range(1, len(self.class_names) + 1))
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        self.amp_dtype = select_amp(amp or cfg.solver.amp, self.device).dtype
+        self.amp_dtype = select_amp(amp or cfg.test.amp, self.device, key="test.amp").dtype
         self.batch_size = batch_size
         self.model = build_model_from_checkpoint(state, cfg, self.device, source=str(weights))
         self.preprocessor = Preprocessor(cfg)

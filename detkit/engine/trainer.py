@@ -66,6 +66,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def total_norm(grads: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """L2 norm of all gradients together, as a 0-d tensor (no host sync); 0 when there are none."""
+    if not grads:
+        return torch.zeros((), device=device)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+
+
 def move_targets(targets: Sequence[dict], device: torch.device, non_blocking: bool) -> list[dict]:
     return [
         {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets
@@ -134,7 +141,7 @@ class Trainer:
             )
         self.device = resolve_device(cfg.device, env.local_rank)
         self.dist = dist.init_distributed(self.device.type)
-        configure_backends(self.device, cfg.cudnn_benchmark)
+        configure_backends(self.device, cfg.cudnn_benchmark, cfg.allow_tf32)
         seed_all(cfg.seed + self.dist.rank)
         self.amp: AmpChoice = select_amp(solver.amp, self.device)
         self.output_dir = Path(cfg.output_dir)
@@ -167,6 +174,7 @@ class Trainer:
         self.start_iter = 0
         self._rng_to_restore: Optional[dict] = None
         self.class_names, self.category_ids = self._class_info()
+        self._check_test_data()
         self.last_losses: dict[str, float] = {}
         self.eval_results: dict[str, Any] = {}
 
@@ -177,6 +185,18 @@ class Trainer:
             return [], []
         names, ids, _ = _dataset_info(self.cfg, "train")
         return names, ids
+
+    def _check_test_data(self) -> None:
+        """Read the test annotations now, as the evaluation will (the test loader's and the
+        evaluator's checks, which follow the same rules), so that a bad file stops the run before
+        its first iteration rather than after its last one."""
+        if not self.cfg.data.test:
+            return
+        from detkit.engine.evaluator import load_ground_truth
+
+        _, _, ann_file = _dataset_info(self.cfg, "test")
+        if ann_file:
+            load_ground_truth(ann_file)
 
     def resume_or_load(self, resume: bool) -> int:
         """With resume=True and a `last_checkpoint` in output_dir, restore everything from it.
@@ -351,18 +371,26 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
 
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        self.scaler.unscale_(self.optimizer)  # no-op without fp16's scaler
+        if self.cfg.solver.clip_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.solver.clip_grad_norm)
+        else:
+            grad_norm = total_norm([p.grad for p in params], total.device)
+
         # The one host-device sync of the step: every rank must agree on whether to step, and the
         # log needs the values. After backward, so the GPU queue is full while we wait.
-        values = torch.stack([total.detach()] + [loss_dict[k].detach().float() for k in names])
+        values = torch.stack([total.detach()] + [loss_dict[k].detach().float() for k in names] + [grad_norm.float()])
         values = dist.all_reduce_mean(values).tolist()
-        losses = dict(zip(["total_loss"] + names, values))
-        if not all(math.isfinite(v) for v in values):
+        losses = dict(zip(["total_loss"] + names, values[:-1]))
+        if not all(math.isfinite(v) for v in values[:-1]):
             self._stop_non_finite(losses)
+        # A finite loss can still give NaN/inf gradients (e.g. 0 * inf in a masked loss); a step on
+        # them would write NaN into every weight. With fp16's scaler an inf norm is expected now
+        # and then: the scaler skips that step and lowers its scale.
+        if not self.amp.use_scaler and not math.isfinite(values[-1]):
+            self._stop_non_finite(losses, grad_norm=values[-1])
 
-        if self.cfg.solver.clip_grad_norm > 0:
-            self.scaler.unscale_(self.optimizer)
-            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.solver.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -372,17 +400,33 @@ class Trainer:
         """The lr of the next step (base_lr times the schedule; bias groups may scale it)."""
         return self.cfg.solver.base_lr * self.scheduler.factor(self.iteration)
 
-    def _stop_non_finite(self, losses: dict[str, float]) -> None:
-        """Save the last good state (parameters were not updated by this step) and raise."""
+    def _stop_non_finite(self, losses: dict[str, float], grad_norm: Optional[float] = None) -> None:
+        """Save the last good state (parameters were not updated by this step) and raise.
+
+        The state is saved only if every weight is finite; otherwise the message names the newest
+        checkpoint on disk, so that a NaN model is never offered as the one to resume from.
+        """
         bad_iter = self.iteration + 1
         saved = ""
         if self.iteration > 0:
-            path = self.save_checkpoint(checkpoint_name(self.iteration))
+            model = unwrap(self.model)
+            weights_finite = all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+            if weights_finite:
+                path = self.save_checkpoint(checkpoint_name(self.iteration))
+                saved = f" The last good state (iteration {self.iteration}) is saved as {path or self.output_dir / checkpoint_name(self.iteration)}."
+            else:
+                previous = self.checkpointer.last_checkpoint()
+                saved = (
+                    f" The weights were already non-finite at iteration {self.iteration}, so they are not saved; "
+                    + (f"the newest checkpoint is {previous}." if previous else "there is no earlier checkpoint.")
+                )
             dist.barrier()
-            saved = f" The last good state (iteration {self.iteration}) is saved as {path or self.output_dir / checkpoint_name(self.iteration)}."
         terms = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
+        what = f"non-finite loss at iteration {bad_iter}: {terms}"
+        if grad_norm is not None:
+            what = f"non-finite gradient norm ({grad_norm}) at iteration {bad_iter} with finite losses: {terms}"
         raise NonFiniteLossError(
-            f"non-finite loss at iteration {bad_iter}: {terms}.{saved} Lower solver.base_lr or set "
+            f"{what}.{saved} Lower solver.base_lr or set "
             "solver.clip_grad_norm (e.g. 1.0), check the data for degenerate boxes, then continue with --resume."
         )
 
@@ -411,7 +455,7 @@ class Trainer:
             return {}
         model = unwrap(self.model)
         with isolated_rng(cuda=self.device.type == "cuda"):
-            results = evaluate_model(self.cfg, model, self.device, self.amp, rank=self.dist.rank, world_size=self.dist.world_size)
+            results = evaluate_model(self.cfg, model, self.device, rank=self.dist.rank, world_size=self.dist.world_size)
         model.train()
         if self.is_main and results:
             flat = {k: v for k, v in results.items() if isinstance(v, (int, float))}
@@ -451,25 +495,19 @@ class Trainer:
 # --------------------------------------------------------------------------------------------
 
 
-def evaluate_model(
-    cfg: Config, model: nn.Module, device: torch.device, amp: AmpChoice, rank: int = 0, world_size: int = 1
-) -> dict[str, Any]:
-    """Evaluate `model` on the first test dataset; returns {"bbox/AP": ..., ...} on rank 0.
+def evaluate_model(cfg: Config, model: nn.Module, device: torch.device, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+    """COCO evaluation of `model` on the first test dataset, in `test.amp` precision.
 
-    With the COCO evaluator (`detkit.engine.evaluator`): AP, AP50, ... in 0..100 and per-class AP.
-    Without it: the training losses on the test set ("val/total_loss", ...), a fallback that at
-    least shows over-fitting.
+    Returns {"bbox/AP": ..., "bbox/AP-<class>": ..., "per_class": {...}} (0..100) on rank 0, {} elsewhere.
     """
-    try:
-        from detkit.engine.evaluator import COCOEvaluator, inference_on_dataset
-    except ImportError:
-        return held_out_losses(cfg, model, device, amp, rank, world_size)
+    from detkit.engine.evaluator import COCOEvaluator, inference_on_dataset
     from detkit.data import build_test_loader
 
     _, category_ids, ann_file = _dataset_info(cfg, "test")
     loader = build_test_loader(cfg, rank=rank, world_size=world_size)
     model.eval()
     start = time.perf_counter()
+    amp = select_amp(cfg.test.amp, device, key="test.amp")
     predictions = inference_on_dataset(model, loader, category_ids, device, amp_dtype=amp.dtype)
     if rank != 0:
         return {}
@@ -484,33 +522,3 @@ def evaluate_model(
         "  ".join(f"{k} {metrics[k]:.2f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in metrics),
     )
     return results
-
-
-@torch.no_grad()
-def held_out_losses(cfg: Config, model: nn.Module, device: torch.device, amp: AmpChoice, rank: int = 0, world_size: int = 1) -> dict:
-    """Mean training losses over the test set (norm layers kept in eval mode), averaged over ranks."""
-    from detkit.data import build_test_loader
-
-    model.train()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()  # do not update running statistics with test images
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
-    for images, targets, _ in build_test_loader(cfg, rank=rank, world_size=world_size):
-        images = images.to(device)
-        with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
-            loss_dict = model(images, move_targets(targets, device, False))
-        for k, v in loss_dict.items():
-            sums[k] = sums.get(k, 0) + v.detach().float() * len(images)
-        count += len(images)
-    if not sums:
-        return {}
-    names = sorted(sums)
-    vec = torch.stack([sums[k] for k in names] + [torch.tensor(float(count), device=device)])
-    vec = dist.all_reduce_mean(vec) * dist.get_world_size()  # sums over ranks
-    values = (vec[:-1] / vec[-1]).tolist()
-    out = {f"val/{k}": v for k, v in zip(names, values)}
-    out["val/total_loss"] = sum(values)
-    logger.info("held-out losses (no COCO evaluator available): %s", ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
-    return out

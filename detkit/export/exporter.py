@@ -69,7 +69,8 @@ def export_metadata(predictor) -> dict[str, str]:
         "pixel_mean": json.dumps(list(cfg.model.pixel_mean)),
         "pixel_std": json.dumps(list(cfg.model.pixel_std)),
         "resize": json.dumps({"min_size_test": cfg.data.min_size_test, "max_size_test": cfg.data.max_size_test,
-                              "rule": "Detectron2 ResizeShortestEdge, bilinear (see README, Export)"}),
+                              "resize_method": getattr(cfg.data, "resize_method", "cv2"),
+                              "rule": "Detectron2's ResizeShortestEdge, bilinear (README, Export)"}),
         "size_divisibility": str(cfg.data.size_divisibility),
         "score_thresh": repr(float(cfg.model.roi_heads.score_thresh)),
         "inputs": "image: (3, h, w) uint8 resized image in input_format channel order; "

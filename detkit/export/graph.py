@@ -113,7 +113,8 @@ class SingleImageDetector(nn.Module):
         x = (image.float()[None] - self.pixel_mean) / self.pixel_std  # (3, h, w) -> (1, 3, h, w)
         # Zero padding after normalising, as FasterRCNN.normalize does (its mask sets the pad to 0).
         d = self.size_divisibility
-        x = F.pad(x, [0, (d - w % d) % d, 0, (d - h % d) % d])  # (1, 3, Hp, Wp)
+        if d > 1:
+            x = F.pad(x, [0, (d - w % d) % d, 0, (d - h % d) % d])  # (1, 3, Hp, Wp)
         features = self.trunk(x)  # (1, C4, Hp/16, Wp/16)
         proposals = self.proposals(features, image_size)  # (P, 4)
         return self.detections(features, proposals, image_size, original_size)

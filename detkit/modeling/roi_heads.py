@@ -117,15 +117,20 @@ class Res5ROIHeads(nn.Module):
     def box_features(self, features: Tensor, rois: Tensor, roi_image_idx: Tensor) -> Tensor:
         """features (N, C4, H, W); rois (R, 4) xyxy input pixels; roi_image_idx (R,) -> (R, C5)."""
         # (R,) + (R, 4) -> (R, 5) rows (image index, x1, y1, x2, y2), the layout roi_align takes.
-        rois_5 = torch.cat((roi_image_idx[:, None].to(rois.dtype), rois), dim=1).to(features.dtype)
+        # The boxes stay fp32 under autocast: bf16 keeps 8 mantissa bits, so a coordinate near
+        # 1333 px would move by up to 4 px (and training would pool from another box than the one
+        # its regression target was computed for). roi_align needs input and boxes of one dtype, so
+        # it samples fp32 features and its crops go back to the features' dtype for res5.
+        # (Detectron2 instead casts the boxes to the features' dtype; in fp32 the two agree.)
+        rois_5 = torch.cat((roi_image_idx[:, None].to(torch.float32), rois.float()), dim=1)
         crops = roi_align(
-            features,
+            features.float(),
             rois_5,
             output_size=self.pooler_resolution,
             spatial_scale=self.spatial_scale,
             sampling_ratio=self.sampling_ratio,
             aligned=self.aligned,
-        )  # (R, C4, 14, 14)
+        ).to(features.dtype)  # (R, C4, 14, 14)
         return self.res5(crops).mean(dim=(2, 3))  # (R, C5, 7, 7) -> (R, C5)
 
     def forward(
@@ -204,6 +209,10 @@ class Res5ROIHeads(nn.Module):
             class_idx = roi_classes.clamp(max=self.num_classes - 1)
             fg_deltas = per_class[torch.arange(per_class.shape[0], device=per_class.device), class_idx]
         targets = self.box_coder.encode(rois, roi_gt_boxes)  # (R, 4)
+        # A background RoI of an image without ground truth is "matched" to a zero padding box:
+        # log(0) = -inf targets. Masking the loss afterwards is not enough: for beta > 0 the
+        # backward pass of smooth-L1 multiplies the zero mask by inf (NaN). Zero them first.
+        targets = torch.where(foreground[:, None], targets, torch.zeros_like(targets))
         loss_box = smooth_l1(fg_deltas, targets, self.smooth_l1_beta).sum(dim=1)
         loss_box = torch.where(foreground, loss_box, torch.zeros_like(loss_box)).sum() / num_rois
         return {"loss_cls": loss_cls, "loss_box_reg": loss_box}

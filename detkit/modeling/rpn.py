@@ -143,8 +143,11 @@ class RPN(nn.Module):
         positive = (gt_labels == 1).to(torch.float32)
         sampled = (gt_labels >= 0).to(torch.float32)
         normalizer = float(self.batch_size_per_image * logits.shape[0])
+        # Targets of non-positive anchors can be -inf (matched to the zero padding box of an image
+        # without ground truth: log(0)). Zero them before the loss, not only mask the loss after
+        # it: with smooth_l1_beta > 0 the backward pass would give 0 * inf = NaN gradients.
+        gt_deltas = torch.where(positive[..., None] > 0, gt_deltas, torch.zeros_like(gt_deltas))
         loc = smooth_l1(deltas.float(), gt_deltas, self.smooth_l1_beta).sum(dim=-1)  # (N, M)
-        # Targets of unsampled / negative anchors can be inf (anchor vs a padding box): zero them first.
         loc = torch.where(positive > 0, loc, torch.zeros_like(loc))
         cls = F.binary_cross_entropy_with_logits(logits.float(), positive, reduction="none")  # (N, M)
         return {

@@ -40,14 +40,17 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     raise ConfigError(f"device={device!r}: must be auto, cpu or cuda")
 
 
-def configure_backends(device: torch.device, cudnn_benchmark: bool) -> None:
-    """cuDNN autotuning (GPU) and TF32 matmuls where the GPU has them."""
+def configure_backends(device: torch.device, cudnn_benchmark: bool, allow_tf32: bool = False) -> None:
+    """cuDNN autotuning and TF32 (GPU only): the config's `cudnn_benchmark` and `allow_tf32`.
+
+    allow_tf32 sets both matmuls and cuDNN convolutions (torch's own default allows TF32 in cuDNN
+    convolutions but not in matmuls), so false means true fp32 everywhere.
+    """
     if device.type != "cuda":
         return
     torch.backends.cudnn.benchmark = cudnn_benchmark
-    # TF32 keeps fp32 range with 10-bit mantissa: the usual trade on Ampere+ for detection training.
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,8 @@ def cuda_supports_bf16(device: torch.device) -> bool:
     return major >= 8  # Ampere and newer have bf16 tensor cores
 
 
-def select_amp(amp: str, device: torch.device, bf16_supported: Optional[bool] = None) -> AmpChoice:
-    """Resolve `solver.amp` (auto | bf16 | fp16 | off) for `device`.
+def select_amp(amp: str, device: torch.device, bf16_supported: Optional[bool] = None, key: str = "solver.amp") -> AmpChoice:
+    """Resolve `solver.amp` or `test.amp` (auto | bf16 | fp16 | off; `key` names it in errors).
 
     auto: bf16 on GPUs that support it, fp16 + GradScaler on older GPUs, off on CPU.
     bf16 on CPU runs CPU autocast (slower than fp32 on most CPUs, but allowed); fp16 on CPU is an
@@ -91,13 +94,13 @@ def select_amp(amp: str, device: torch.device, bf16_supported: Optional[bool] = 
         return AmpChoice(torch.bfloat16, False) if bf16_supported else AmpChoice(torch.float16, True)
     if amp == "bf16":
         if on_gpu and not bf16_supported:
-            raise ConfigError("solver.amp=bf16 but this GPU has no bf16 support (needs compute capability 8.0+); use fp16 or auto")
+            raise ConfigError(f"{key}=bf16 but this GPU has no bf16 support (needs compute capability 8.0+); use fp16 or auto")
         return AmpChoice(torch.bfloat16, False)
     if amp == "fp16":
         if not on_gpu:
-            raise ConfigError("solver.amp=fp16 needs a CUDA device; on CPU use solver.amp=off (or bf16)")
+            raise ConfigError(f"{key}=fp16 needs a CUDA device; on CPU use {key}=off (or bf16)")
         return AmpChoice(torch.float16, True)
-    raise ConfigError(f"solver.amp={amp!r}: must be auto, bf16, fp16 or off")
+    raise ConfigError(f"{key}={amp!r}: must be auto, bf16, fp16 or off")
 
 
 def num_cpu_threads() -> int:

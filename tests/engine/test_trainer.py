@@ -123,6 +123,67 @@ def test_non_finite_loss_stops_with_iteration_and_terms_after_saving_last_good_s
     assert [r["iteration"] for r in rows(tmp_path / "metrics.jsonl")] == [1, 2, 3]
 
 
+class NanGradientAt(TinyDetector):
+    """Finite losses throughout, but at call `bad_call` (1-based) a masked term whose backward is 0 * inf."""
+
+    def __init__(self, bad_call):
+        super().__init__()
+        self.bad_call, self.calls = bad_call, 0
+
+    def forward(self, images, targets):
+        self.calls += 1
+        losses = super().forward(images, targets)
+        if self.calls == self.bad_call:
+            inf = torch.tensor(float("inf"))
+            # The value is 0 (the where picks the zero), the gradient of fc.weight is NaN.
+            losses["loss_b"] = losses["loss_b"] + torch.where(torch.tensor(False), self.fc.weight.sum() * inf, torch.zeros(()))
+        return losses
+
+
+def test_non_finite_gradient_with_finite_loss_stops_before_the_step(tmp_path):
+    trainer = Trainer(tiny_cfg(tmp_path, "solver.checkpoint_period=100"), model=NanGradientAt(4), train_loader_fn=tiny_loader())
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer.train()
+    message = str(err.value)
+    assert "non-finite gradient norm (nan) at iteration 4 with finite losses" in message
+    assert "model_0000003.pth" in message
+    saved = load_checkpoint(tmp_path / "model_0000003.pth")
+    for name, value in trainer.model.state_dict().items():
+        assert torch.isfinite(value.float()).all(), name  # no step was taken on the NaN gradients
+        assert torch.equal(saved["model"][name], value)
+
+
+def test_weights_already_non_finite_are_not_saved_as_the_last_good_state(tmp_path):
+    def poison_after_second_iteration(trainer):
+        if trainer.iteration == 2:
+            with torch.no_grad():
+                trainer.model.fc.weight.fill_(float("nan"))
+
+    trainer = Trainer(
+        tiny_cfg(tmp_path, "solver.checkpoint_period=2"), model=TinyDetector(), train_loader_fn=tiny_loader(),
+        hooks=[poison_after_second_iteration],
+    )
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer.train()
+    message = str(err.value)
+    assert "non-finite loss at iteration 3" in message
+    assert "not saved" in message and "model_0000002.pth" in message
+    assert not (tmp_path / "model_0000003.pth").exists()
+    assert (tmp_path / "last_checkpoint").read_text().strip() == "model_0000002.pth"
+    assert all(torch.isfinite(v.float()).all() for v in load_checkpoint(tmp_path / "model_0000002.pth")["model"].values())
+
+
+def test_inference_precision_is_its_own_key_and_defaults_to_fp32():
+    cfg = load_config(None)
+    assert cfg.test.amp == "off" and cfg.solver.amp == "auto"
+    assert cfg.cudnn_benchmark is False and cfg.allow_tf32 is False
+    gpu = torch.device("cuda")
+    assert select_amp(cfg.test.amp, gpu, bf16_supported=True).dtype is None
+    assert select_amp("bf16", gpu, bf16_supported=True, key="test.amp").dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="test.amp=fp16 needs a CUDA device"):
+        select_amp("fp16", torch.device("cpu"), key="test.amp")
+
+
 def test_gradient_clipping_bounds_the_first_update(tmp_path):
     class Big(TinyDetector):
         def forward(self, images, targets):

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.nn import functional as F
 
 from detkit.config import load_config, replace
 from detkit.modeling import build_model
@@ -234,6 +235,44 @@ def test_frozen_bn_equals_batchnorm_in_eval_mode():
     torch.testing.assert_close(frozen(x), bn(x))
     torch.testing.assert_close(FrozenBatchNorm2d.convert(bn)(x), bn(x))
     assert not list(frozen.parameters())
+
+
+def _frozen_bn_with_random_stats(channels: int, seed: int) -> FrozenBatchNorm2d:
+    g = torch.Generator().manual_seed(seed)
+    frozen = FrozenBatchNorm2d(channels)
+    frozen.weight.copy_(1.0 + 0.3 * torch.randn(channels, generator=g))
+    frozen.bias.copy_(0.2 * torch.randn(channels, generator=g))
+    frozen.running_mean.copy_(0.5 * torch.randn(channels, generator=g))
+    frozen.running_var.copy_(0.1 + torch.rand(channels, generator=g))
+    return frozen
+
+
+def test_frozen_bn_without_grad_is_detectron2_batch_norm_call_bit_for_bit():
+    frozen = _frozen_bn_with_random_stats(16, seed=1)
+    x = torch.randn(2, 16, 9, 11, generator=torch.Generator().manual_seed(2)) * 3
+    expected = F.batch_norm(
+        x, frozen.running_mean, frozen.running_var, frozen.weight, frozen.bias, training=False, eps=frozen.eps
+    )
+    assert torch.equal(frozen(x), expected)
+    # The scale-and-shift formula rounds differently: the two branches are not interchangeable.
+    scale = frozen.weight * (frozen.running_var + frozen.eps).rsqrt()
+    shifted = x * scale.view(1, -1, 1, 1) + (frozen.bias - frozen.running_mean * scale).view(1, -1, 1, 1)
+    assert not torch.equal(shifted, expected)
+    torch.testing.assert_close(shifted, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_bn_with_grad_is_detectron2_scale_and_bias_bit_for_bit(dtype):
+    frozen = _frozen_bn_with_random_stats(16, seed=3)
+    x = (torch.randn(2, 16, 9, 11, generator=torch.Generator().manual_seed(4)) * 3).to(dtype).requires_grad_()
+    scale = frozen.weight * (frozen.running_var + frozen.eps).rsqrt()
+    bias = frozen.bias - frozen.running_mean * scale
+    expected = x * scale.reshape(1, -1, 1, 1).to(dtype) + bias.reshape(1, -1, 1, 1).to(dtype)
+    out = frozen(x)
+    assert out.dtype == dtype
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x) * scale.reshape(1, -1, 1, 1).to(dtype))
 
 
 def test_frozen_bn_default_is_identity():

@@ -8,6 +8,8 @@ their classification and box losses cannot be driven down on one image in 200 st
 At test time it keeps the same 20: proposals beyond them were never shown to the box head, and
 one of them (a part of an object, IoU 0.27) scored 0.98 in one run, an artefact of overfitting
 one image, not something this test is about.
+The trained model also checks bf16 inference (CPU autocast, the GPU's AMP path): it must find the
+fp32 detections.
 """
 
 import pytest
@@ -80,3 +82,12 @@ def test_overfit_one_image_loss_falls_and_boxes_are_recovered():
         assert best_iou >= 0.7, f"class {int(gt_label)}: best IoU {float(best_iou):.2f}"
     # ... and the three best detections are exactly the three objects.
     assert sorted(det["labels"][:3].tolist()) == [0, 1, 2]
+
+    # bf16 autocast inference (what test.amp=bf16 runs on a GPU) finds the same objects.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        (det_bf16,) = model([image])
+    assert det_bf16["boxes"].dtype == torch.float32
+    assert abs(len(det_bf16["scores"]) - len(det["scores"])) <= 3
+    assert det_bf16["labels"][:3].tolist() == det["labels"][:3].tolist()
+    iou = box_iou(det["boxes"][:3], det_bf16["boxes"][:3]).diagonal()
+    assert (iou >= 0.98).all(), f"top-3 fp32 vs bf16 IoU {iou.tolist()}"

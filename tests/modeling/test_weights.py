@@ -126,10 +126,14 @@ def backbone_outputs(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return res4, res5
 
 
-def assert_same_backbone(a: nn.Module, b: nn.Module) -> None:
+def assert_same_backbone(a: nn.Module, b: nn.Module, folded_bn: bool = False) -> None:
+    """folded_bn: b's norms hold the statistics folded into weight and bias (mean 0, var 1 - eps), so
+    F.batch_norm computes x * scale + shift instead of (x - mean) * rsqrt(var + eps) * w + b: the
+    same function rounded differently (measured: up to 1.7e-5 on values of ~10 after 18 layers)."""
+    tol = dict(rtol=1e-5, atol=1e-4) if folded_bn else dict(rtol=1e-6, atol=1e-6)
     for out_a, out_b in zip(backbone_outputs(a), backbone_outputs(b)):
         assert out_a.abs().max() > 0
-        torch.testing.assert_close(out_a, out_b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out_a, out_b, **tol)
 
 
 def to_numpy(state_dict: dict) -> dict:
@@ -300,7 +304,7 @@ def test_msra_folded_bn_pkl_gives_the_same_backbone_outputs(tmp_path, depth):
     path = write_pickle(tmp_path / f"R-{depth}.pkl", blobs, protocol=2 if depth == 18 else 4)
 
     model = build_model(replace(cfg, **{"model.backbone.weights": str(path)}))
-    assert_same_backbone(original, model)
+    assert_same_backbone(original, model, folded_bn=True)
     # Folded BN: running_var = 1 - eps makes weight * rsqrt(var + eps) exactly the Caffe2 scale.
     assert torch.all(model.backbone.bn1.running_mean == 0)
     assert torch.all(model.backbone.bn1.running_var + BN_EPS == 1.0)
