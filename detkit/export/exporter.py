@@ -22,11 +22,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -138,23 +139,27 @@ def export_model(predictor, output: Union[str, Path], fmt: str) -> Path:
     return output
 
 
-def _failing_part(exc: BaseException) -> str:
-    """'file:line in function' of the innermost detkit frame of `exc` (what could not be exported)."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}detkit{os.sep}" in f.filename]
-    cause = exc.__cause__ or exc.__context__
-    while not frames and cause is not None:
-        frames = [f for f in traceback.extract_tb(cause.__traceback__) if f"{os.sep}detkit{os.sep}" in f.filename]
-        cause = cause.__cause__ or cause.__context__
-    if not frames:
-        return "the model"
-    frame = frames[-1]
-    rel = frame.filename[frame.filename.rfind(f"detkit{os.sep}"):]
-    return f"{rel}:{frame.lineno} in {frame.name}"
+def _failing_part(exc: BaseException) -> tuple[str, BaseException]:
+    """Where the export failed: ('detkit/...py:LINE in FUNCTION', the exception raised there), from
+    the innermost detkit frame (outside this file) of the deepest exception in `exc`'s cause chain."""
+    chain: list[BaseException] = []
+    current: Optional[BaseException] = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    marker = f"{os.sep}detkit{os.sep}"
+    for error in reversed(chain):  # the root cause first
+        frames = [f for f in traceback.extract_tb(error.__traceback__)
+                  if marker in f.filename and not f.filename.endswith(f"export{os.sep}exporter.py")]
+        if frames:
+            frame = frames[-1]
+            return f"{frame.filename[frame.filename.rfind(marker) + 1:]}:{frame.lineno} in {frame.name}", error
+    return "the model", chain[-1]
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
-    """The message of `exc` on one line, cut at `limit` characters."""
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    """The message of `exc` on one line (no terminal colour codes), cut at `limit` characters."""
+    text = " ".join(line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip())
     return text[:limit]
 
 
@@ -170,7 +175,8 @@ def _export_onnx(detector, image, original_size, metadata: dict[str, str], path:
                 input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), verbose=False,
             )
     except Exception as exc:  # torch.export / onnxscript raise many kinds; name the part instead of a trace
-        raise ExportError(f"ONNX export failed at {_failing_part(exc)}: {one_line(exc)}") from exc
+        where, error = _failing_part(exc)
+        raise ExportError(f"ONNX export failed at {where}: {type(error).__name__}: {one_line(error)}") from exc
     model = program.model_proto
     for key, value in metadata.items():
         entry = model.metadata_props.add()
@@ -186,7 +192,8 @@ def _export_torchscript(detector, image, original_size, metadata: dict[str, str]
     try:
         scripted = torch.jit.script(trace_parts_(detector, image, original_size))
     except Exception as exc:
-        raise ExportError(f"TorchScript export failed at {_failing_part(exc)}: {one_line(exc)}") from exc
+        where, error = _failing_part(exc)
+        raise ExportError(f"TorchScript export failed at {where}: {type(error).__name__}: {one_line(error)}") from exc
     torch.jit.save(scripted, path, _extra_files={key: value.encode() for key, value in metadata.items()})
 
 

@@ -257,3 +257,18 @@ def test_missing_export_packages_name_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
     with pytest.raises(ExportError, match=r'onnxruntime not installed.*pip install "detkit\[export\]"'):
         require_export_packages()
+
+
+def test_a_part_that_cannot_be_exported_is_named_not_traced(exported, tmp_path, monkeypatch):
+    from detkit.export.graph import SingleImageDetector
+
+    def data_dependent_detections(self, features, proposals, image_size, original_size):
+        if proposals.sum() > 0:  # a Python branch on tensor values: torch.export cannot trace it
+            return proposals, proposals[:, 0], proposals[:, 0].long()
+        return proposals, proposals[:, 1], proposals[:, 1].long()
+
+    monkeypatch.setattr(SingleImageDetector, "detections", data_dependent_detections)
+    with pytest.raises(ExportError, match=r"ONNX export failed at detkit/export/graph.py:\d+ in forward: ") as info:
+        export_model(exported[3], tmp_path / "broken.onnx", "onnx")
+    assert "\n" not in str(info.value) and len(str(info.value)) < 500
+    assert not (tmp_path / "broken.onnx").exists() and not list(tmp_path.glob(".tmp-*"))
