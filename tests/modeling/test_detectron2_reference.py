@@ -1,0 +1,439 @@
+"""detkit's fp32 path against an independent transcription of Detectron2's arithmetic.
+
+Each `d2_*` function below re-states, in Detectron2's order of operations, what one Detectron2
+function computes (the file and function are named in its docstring). They are written from the
+facts of Detectron2's source (which operations, in which order, on which dtype), per image and with
+boolean indexing where Detectron2 does so, not from detkit's code. Each test feeds detkit's batched
+function and the reference the same random inputs (several images, tied scores, boxes leaving the
+image, images left without any box) and asserts bit-identical results (`torch.equal`), except for
+the losses, whose masked sums differ from Detectron2's compacted sums in float summation order only.
+
+What is not bit-identical on purpose is pinned here too: the zero-IoU low-quality match rule
+(test_matcher.py) and the sync-free masked losses (last bits of the loss values only).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import batched_nms, roi_align
+
+from detkit.modeling.anchors import AnchorGenerator
+from detkit.modeling.roi_heads import Res5ROIHeads
+from detkit.modeling.rpn import RPN
+from detkit.structures.boxes import BoxCoder
+
+SCALE_CLAMP = math.log(1000.0 / 16)
+
+
+# ============================================================================ references
+# modeling/anchor_generator.py: DefaultAnchorGenerator
+
+
+def d2_cell_anchors(sizes, aspect_ratios) -> torch.Tensor:
+    """generate_cell_anchors: size-major, ratio-minor, centred at 0; float64 Python math, then fp32."""
+    rows = []
+    for size in sizes:
+        area = size**2.0
+        for ratio in aspect_ratios:
+            w = math.sqrt(area / ratio)
+            h = ratio * w
+            rows.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
+    return torch.tensor(rows).float()
+
+
+def d2_grid_anchors(grid_hw, stride, offset, cell) -> torch.Tensor:
+    """_create_grid_offsets + _grid_anchors: arange from offset * stride with step stride."""
+    height, width = grid_hw
+    shifts_x = torch.arange(offset * stride, width * stride, step=stride, dtype=torch.float32)
+    shifts_y = torch.arange(offset * stride, height * stride, step=stride, dtype=torch.float32)
+    shift_y, shift_x = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
+    shift_x, shift_y = shift_x.reshape(-1), shift_y.reshape(-1)
+    shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=1)
+    return (shifts.view(-1, 1, 4) + cell.view(1, -1, 4)).reshape(-1, 4)
+
+
+# modeling/box_regression.py: Box2BoxTransform
+
+
+def d2_get_deltas(src, target, weights) -> torch.Tensor:
+    src_w = src[:, 2] - src[:, 0]
+    src_h = src[:, 3] - src[:, 1]
+    src_x = src[:, 0] + 0.5 * src_w
+    src_y = src[:, 1] + 0.5 * src_h
+    tgt_w = target[:, 2] - target[:, 0]
+    tgt_h = target[:, 3] - target[:, 1]
+    tgt_x = target[:, 0] + 0.5 * tgt_w
+    tgt_y = target[:, 1] + 0.5 * tgt_h
+    wx, wy, ww, wh = weights
+    dx = wx * (tgt_x - src_x) / src_w
+    dy = wy * (tgt_y - src_y) / src_h
+    dw = ww * torch.log(tgt_w / src_w)
+    dh = wh * torch.log(tgt_h / src_h)
+    return torch.stack((dx, dy, dw, dh), dim=1)
+
+
+def d2_apply_deltas(deltas, boxes, weights, scale_clamp=SCALE_CLAMP) -> torch.Tensor:
+    deltas = deltas.float()
+    boxes = boxes.to(deltas.dtype)
+    widths = boxes[:, 2] - boxes[:, 0]
+    heights = boxes[:, 3] - boxes[:, 1]
+    ctr_x = boxes[:, 0] + 0.5 * widths
+    ctr_y = boxes[:, 1] + 0.5 * heights
+    wx, wy, ww, wh = weights
+    dx = deltas[:, 0::4] / wx
+    dy = deltas[:, 1::4] / wy
+    dw = torch.clamp(deltas[:, 2::4] / ww, max=scale_clamp)
+    dh = torch.clamp(deltas[:, 3::4] / wh, max=scale_clamp)
+    pred_ctr_x = dx * widths[:, None] + ctr_x[:, None]
+    pred_ctr_y = dy * heights[:, None] + ctr_y[:, None]
+    pred_w = torch.exp(dw) * widths[:, None]
+    pred_h = torch.exp(dh) * heights[:, None]
+    x1 = pred_ctr_x - 0.5 * pred_w
+    y1 = pred_ctr_y - 0.5 * pred_h
+    x2 = pred_ctr_x + 0.5 * pred_w
+    y2 = pred_ctr_y + 0.5 * pred_h
+    return torch.stack((x1, y1, x2, y2), dim=-1).reshape(deltas.shape)
+
+
+# structures/boxes.py: Boxes.clip, Boxes.nonempty, Boxes.scale
+
+
+def d2_clip(boxes, hw) -> torch.Tensor:
+    h, w = hw
+    return torch.stack(
+        (boxes[:, 0].clamp(min=0, max=w), boxes[:, 1].clamp(min=0, max=h), boxes[:, 2].clamp(min=0, max=w), boxes[:, 3].clamp(min=0, max=h)),
+        dim=-1,
+    )
+
+
+def d2_nonempty(boxes, threshold=0.0) -> torch.Tensor:
+    return ((boxes[:, 2] - boxes[:, 0]) > threshold) & ((boxes[:, 3] - boxes[:, 1]) > threshold)
+
+
+# modeling/proposal_generator/rpn.py: RPN._decode_proposals + proposal_utils.find_top_rpn_proposals
+
+
+def d2_rpn_proposals(anchors, logits, deltas, image_sizes, nms_thresh, pre_k, post_k, min_size, training):
+    """anchors (M, 4); logits (N, M); deltas (N, M, 4); image_sizes list of (h, w).
+
+    Decodes every anchor of every image, then per level top-k, then per image: drop non-finite
+    (test only; training raises), clip, drop empty, batched_nms with one level id, keep[:post_k].
+    Returns a list of N (P_i, 4) boxes sorted by logit.
+    """
+    n, m = logits.shape
+    flat_anchors = anchors.unsqueeze(0).expand(n, -1, -1).reshape(-1, 4)
+    proposals = d2_apply_deltas(deltas.reshape(-1, 4), flat_anchors, (1.0, 1.0, 1.0, 1.0)).view(n, -1, 4)
+    k = min(m, pre_k)
+    topk_scores, topk_idx = logits.topk(k, dim=1)
+    batch_idx = torch.arange(n)
+    topk_proposals = proposals[batch_idx[:, None], topk_idx]
+    level_ids = torch.full((k,), 0, dtype=torch.int64)
+    results = []
+    for i, image_size in enumerate(image_sizes):
+        boxes, scores, lvl = topk_proposals[i], topk_scores[i], level_ids
+        valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
+        if not valid.all():
+            if training:
+                raise FloatingPointError("Predicted boxes or scores contain Inf/NaN. Training has diverged.")
+            boxes, scores, lvl = boxes[valid], scores[valid], lvl[valid]
+        boxes = d2_clip(boxes, image_size)
+        keep = d2_nonempty(boxes, min_size)
+        if keep.sum().item() != len(boxes):
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+        keep = batched_nms(boxes.float(), scores, lvl, nms_thresh)[:post_k]
+        results.append(boxes[keep])
+    return results
+
+
+# modeling/roi_heads/fast_rcnn.py: predict_boxes, predict_probs, fast_rcnn_inference_single_image
+# modeling/postprocessing.py: detector_postprocess
+
+
+def d2_box_inference(cls_logits, box_deltas, rois_per_image, image_shapes, output_shapes, score_thresh, nms_thresh, topk):
+    """Per image (boxes (D, 4), scores (D,), classes (D,)) in the output frame."""
+    counts = [len(r) for r in rois_per_image]
+    boxes_all = d2_apply_deltas(box_deltas, torch.cat(rois_per_image), (10.0, 10.0, 5.0, 5.0)).split(counts)
+    probs_all = F.softmax(cls_logits, dim=-1).split(counts, dim=0)
+    results = []
+    for boxes, scores, image_shape, (out_h, out_w) in zip(boxes_all, probs_all, image_shapes, output_shapes):
+        valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)
+        if not valid.all():
+            boxes, scores = boxes[valid], scores[valid]
+        scores = scores[:, :-1]
+        num_bbox_reg_classes = boxes.shape[1] // 4
+        boxes = d2_clip(boxes.reshape(-1, 4), image_shape).view(-1, num_bbox_reg_classes, 4)
+        filter_mask = scores > score_thresh
+        filter_inds = filter_mask.nonzero()
+        if num_bbox_reg_classes == 1:
+            boxes = boxes[filter_inds[:, 0], 0]
+        else:
+            boxes = boxes[filter_mask]
+        scores = scores[filter_mask]
+        keep = batched_nms(boxes.float(), scores, filter_inds[:, 1], nms_thresh)
+        if topk >= 0:
+            keep = keep[:topk]
+        boxes, scores, classes = boxes[keep], scores[keep], filter_inds[keep][:, 1]
+        # detector_postprocess: Python-float scale factors, in-place multiply, clip, nonempty.
+        scale_x, scale_y = out_w / image_shape[1], out_h / image_shape[0]
+        boxes = boxes.clone()
+        boxes[:, 0::2] *= scale_x
+        boxes[:, 1::2] *= scale_y
+        boxes = d2_clip(boxes, (out_h, out_w))
+        keep = d2_nonempty(boxes)
+        results.append((boxes[keep], scores[keep], classes[keep]))
+    return results
+
+
+# layers/roi_align.py ROIAlign.forward + modeling/poolers.py convert_boxes_to_pooler_format
+
+
+def d2_pooler(features, rois_per_image, output_size, scale, sampling_ratio):
+    boxes = torch.cat(rois_per_image, dim=0)
+    sizes = torch.tensor([len(r) for r in rois_per_image])
+    indices = torch.repeat_interleave(torch.arange(len(sizes), dtype=boxes.dtype), sizes)
+    pooler_boxes = torch.cat([indices[:, None], boxes], dim=1)
+    return roi_align(features, pooler_boxes.to(dtype=features.dtype), (output_size, output_size), scale, sampling_ratio, True)
+
+
+# fvcore.nn.smooth_l1_loss, as Detectron2 calls it
+
+
+def d2_smooth_l1(input, target, beta):
+    if beta < 1e-5:
+        loss = torch.abs(input - target)
+    else:
+        n = torch.abs(input - target)
+        loss = torch.where(n < beta, 0.5 * n**2 / beta, n - 0.5 * beta)
+    return loss.sum()
+
+
+# modeling/proposal_generator/rpn.py: RPN.losses (smooth_l1 branch)
+
+
+def d2_rpn_losses(anchors, logits, deltas, gt_labels, matched_gt_boxes, batch_size_per_image, beta, loss_weight=1.0):
+    """anchors (M, 4); logits (N, M); deltas (N, M, 4); gt_labels (N, M) in {-1, 0, 1};
+    matched_gt_boxes: N tensors (M, 4) (zeros for an image without ground truth)."""
+    num_images = len(matched_gt_boxes)
+    pos_mask = gt_labels == 1
+    gt_anchor_deltas = torch.stack([d2_get_deltas(anchors, k, (1.0, 1.0, 1.0, 1.0)) for k in matched_gt_boxes])
+    localization_loss = d2_smooth_l1(deltas[pos_mask], gt_anchor_deltas[pos_mask], beta)
+    valid_mask = gt_labels >= 0
+    objectness_loss = F.binary_cross_entropy_with_logits(logits[valid_mask], gt_labels[valid_mask].to(torch.float32), reduction="sum")
+    normalizer = batch_size_per_image * num_images
+    return {"loss_rpn_cls": objectness_loss / normalizer * loss_weight, "loss_rpn_loc": localization_loss / normalizer * loss_weight}
+
+
+# modeling/roi_heads/fast_rcnn.py: FastRCNNOutputLayers.losses + box_reg_loss (+ _dense_box_regression_loss)
+
+
+def d2_box_head_losses(cls_logits, box_deltas, proposal_boxes, gt_boxes, gt_classes, num_classes, beta):
+    """cls_logits (R, K + 1); box_deltas (R, 4K); proposal_boxes, gt_boxes (R, 4); gt_classes (R,)."""
+    if gt_classes.numel() == 0:
+        loss_cls = cls_logits.sum() * 0.0
+    else:
+        loss_cls = F.cross_entropy(cls_logits, gt_classes, reduction="mean")
+    fg_inds = torch.nonzero((gt_classes >= 0) & (gt_classes < num_classes), as_tuple=True)[0]
+    if box_deltas.shape[1] == 4:
+        fg_pred_deltas = box_deltas[fg_inds]
+    else:
+        fg_pred_deltas = box_deltas.view(-1, num_classes, 4)[fg_inds, gt_classes[fg_inds]]
+    gt_deltas = d2_get_deltas(proposal_boxes[fg_inds], gt_boxes[fg_inds], (10.0, 10.0, 5.0, 5.0))
+    # _dense_box_regression_loss over one "image" with fg_mask = `...` (everything).
+    loss_box_reg = d2_smooth_l1(fg_pred_deltas.unsqueeze(0)[...], gt_deltas.unsqueeze(0)[...], beta)
+    return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg / max(gt_classes.numel(), 1.0)}
+
+
+# data/transforms/augmentation_impl.py: ResizeShortestEdge.get_output_shape
+
+
+def d2_resize_output_shape(oldh, oldw, short_edge_length, max_size):
+    h, w = oldh, oldw
+    size = short_edge_length * 1.0
+    scale = size / min(h, w)
+    if h < w:
+        newh, neww = size, scale * w
+    else:
+        newh, neww = scale * h, size
+    if max(newh, neww) > max_size:
+        scale = max_size * 1.0 / max(newh, neww)
+        newh = newh * scale
+        neww = neww * scale
+    return int(newh + 0.5), int(neww + 0.5)
+
+
+# ============================================================================ stage tests
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.5])
+@pytest.mark.parametrize("sizes, ratios", [((32, 64, 128, 256, 512), (0.5, 1.0, 2.0)), ((24, 45.5), (0.3, 1.0, 2.7))])
+def test_anchors_bit_identical(sizes, ratios, offset):
+    generator = AnchorGenerator(sizes=sizes, aspect_ratios=ratios, stride=16, offset=offset)
+    cell = d2_cell_anchors(sizes, ratios)
+    assert torch.equal(generator.cell_anchors, cell)
+    for grid in [(1, 1), (5, 7), (50, 84)]:
+        assert torch.equal(generator(grid), d2_grid_anchors(grid, 16, offset, cell))
+
+
+def random_boxes(n, g, max_xy=600.0, min_wh=1.0, max_wh=300.0):
+    xy = torch.rand(n, 2, generator=g) * max_xy
+    wh = min_wh + torch.rand(n, 2, generator=g) * (max_wh - min_wh)
+    return torch.cat((xy, xy + wh), dim=1)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)])
+def test_box_coder_bit_identical(weights):
+    g = torch.Generator().manual_seed(0)
+    coder = BoxCoder(weights)
+    src, tgt = random_boxes(997, g), random_boxes(997, g)
+    assert torch.equal(coder.encode(src, tgt), d2_get_deltas(src, tgt, weights))
+    for k in (1, 7):
+        deltas = torch.randn(997, 4 * k, generator=g) * 3.0
+        deltas[::13] *= 40.0  # beyond the dw / dh clamp
+        assert torch.equal(coder.decode(deltas, src), d2_apply_deltas(deltas, src, weights))
+    # Deltas through a layout change (the RPN's (N, 4A, H, W) -> (N, M, 4) permute): not contiguous.
+    strided = torch.randn(4, 997, generator=g).t()
+    assert torch.equal(coder.decode(strided, src), d2_apply_deltas(strided, src, weights))
+
+
+def rpn_for_test(pre_k, post_k, min_size=0.0):
+    return RPN(in_channels=4, anchor_sizes=(32, 64, 128), aspect_ratios=(0.5, 1.0, 2.0), pre_nms_topk=(pre_k, pre_k),
+               post_nms_topk=(post_k, post_k), nms_thresh=0.7, min_box_size=min_size)
+
+
+def rpn_inputs(rpn, grid_hw, num_images, seed):
+    g = torch.Generator().manual_seed(seed)
+    anchors = rpn.anchor_generator(grid_hw)
+    m = anchors.shape[0]
+    logits = torch.randn(num_images, m, generator=g)
+    logits[:, ::3] = logits[:, ::3].round(decimals=1)  # many exact ties
+    deltas = 0.4 * torch.randn(num_images, m, 4, generator=g)
+    return anchors, logits, deltas
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("grid_hw, pre_k, post_k", [((6, 8), 300, 50), ((20, 24), 2000, 300)])
+def test_rpn_proposals_bit_identical(grid_hw, pre_k, post_k, training):
+    """Small and large candidate counts (torchvision's batched_nms switches algorithm at 1000
+    boxes on the CPU), several images, ties, clipped boxes, an image without any proposal."""
+    rpn = rpn_for_test(pre_k, post_k, min_size=1.0).train(training)
+    anchors, logits, deltas = rpn_inputs(rpn, grid_hw, 4, seed=1)
+    deltas[2, :, 0] += 1000.0  # every box of image 2 moves out to the right: clipped empty
+    hp, wp = grid_hw[0] * 16, grid_hw[1] * 16
+    image_sizes = [(hp, wp), (hp - 30, wp - 7), (hp, wp - 50), (hp - 17, wp)]
+    if not training:  # non-finite boxes and logits are dropped at test (Detectron2 raises in training)
+        deltas[0, 5:40, 2] = float("inf")
+        deltas[1, 7, 1] = float("nan")
+        logits[3, 3] = float("nan")
+    proposals, valid = rpn.predict_proposals(anchors, logits, deltas, torch.tensor(image_sizes))
+    expected = d2_rpn_proposals(anchors, logits, deltas, image_sizes, 0.7, pre_k, post_k, 1.0, training)
+    assert len(expected[2]) == 0 and min(len(e) for i, e in enumerate(expected) if i != 2) > 10
+    for i, boxes in enumerate(expected):
+        assert valid[i].sum().item() == len(boxes)
+        assert not valid[i, len(boxes):].any()
+        assert torch.equal(proposals[i, : len(boxes)], boxes)
+
+
+def tiny_box_heads(num_classes, **kwargs):
+    res5 = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, stride=2, padding=1))
+    return Res5ROIHeads(res5=res5, res5_out_channels=8, num_classes=num_classes, **kwargs).eval()
+
+
+@pytest.mark.parametrize("num_rois, num_classes", [(40, 3), (700, 5)])
+def test_box_inference_bit_identical(num_rois, num_classes):
+    """softmax -> decode -> clip -> score > 0.05 -> class-wise NMS -> top 100 -> rescale, clip, drop
+    empty; few and many candidates (torchvision's batched_nms switches algorithm at 1000 boxes on
+    the CPU), tied scores, boxes leaving the image, an image without RoIs, one without detections."""
+    g = torch.Generator().manual_seed(2)
+    heads = tiny_box_heads(num_classes, detections_per_image=100)
+    counts = [num_rois, 0, 7, num_rois // 2]
+    image_sizes = [(480, 640), (320, 320), (300, 500), (800, 1199)]
+    original_sizes = [(720, 960), (100, 100), (451, 750), (427, 640)]
+    rois_per_image = [random_boxes(c, g, max_xy=min(hw) * 0.8, max_wh=min(hw) * 0.5) for c, hw in zip(counts, image_sizes)]
+    r = sum(counts)
+    cls_logits = torch.randn(r, num_classes + 1, generator=g) * 2.0
+    cls_logits[1::4] = cls_logits[::4][: cls_logits[1::4].shape[0]]  # tied scores
+    cls_logits[num_rois : num_rois + 7, -1] = 20.0  # image 2: every RoI is background
+    box_deltas = torch.randn(r, 4 * num_classes, generator=g)
+    box_deltas[::5] *= 8.0  # boxes far outside their RoI and the image
+    roi_image_idx = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
+    detections = heads.inference(cls_logits, box_deltas, torch.cat(rois_per_image), roi_image_idx,
+                                 torch.tensor(image_sizes), torch.tensor(original_sizes))
+    expected = d2_box_inference(cls_logits, box_deltas, rois_per_image, image_sizes, original_sizes, 0.05, 0.5, 100)
+    assert [len(e[0]) for e in expected][1:3] == [0, 0] and min(len(expected[0][0]), len(expected[3][0])) > 20
+    for det, (boxes, scores, classes) in zip(detections, expected):
+        assert torch.equal(det["labels"], classes)
+        assert torch.equal(det["scores"], scores)
+        assert torch.equal(det["boxes"], boxes)
+
+
+def test_roi_align_arguments_bit_identical():
+    """ROIAlignV2 of Detectron2's C4 config: 14 x 14, scale 1/16, sampling ratio 0, aligned=True,
+    (batch index, x1, y1, x2, y2) rows in image order."""
+    g = torch.Generator().manual_seed(3)
+    heads = tiny_box_heads(3)
+    features = torch.randn(3, 4, 12, 15, generator=g)
+    rois_per_image = [random_boxes(5, g, max_xy=150, max_wh=90), random_boxes(0, g), random_boxes(9, g, max_xy=150, max_wh=90)]
+    seen = {}
+    heads.res5.register_forward_hook(lambda module, inputs, output: seen.update(crops=inputs[0]))
+    roi_image_idx = torch.repeat_interleave(torch.arange(3), torch.tensor([5, 0, 9]))
+    with torch.no_grad():
+        heads.box_features(features, torch.cat(rois_per_image), roi_image_idx)
+    assert torch.equal(seen["crops"], d2_pooler(features, rois_per_image, 14, 1.0 / 16, 0))
+
+
+def relative_difference(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_rpn_losses_match_up_to_summation_order(beta):
+    """Masked sums over all anchors (sync-free) against Detectron2's boolean-indexed sums: the
+    values differ in the last bits only; the gradients are bit-identical."""
+    rpn = rpn_for_test(100, 50)
+    rpn.smooth_l1_beta = beta
+    rpn.batch_size_per_image = 64
+    anchors, logits, deltas = rpn_inputs(rpn, (6, 8), 3, seed=4)
+    g = torch.Generator().manual_seed(5)
+    m = anchors.shape[0]
+    gt_labels = torch.randint(-1, 2, (3, m), generator=g, dtype=torch.int8)
+    gt_labels[2][gt_labels[2] == 1] = 0  # image 2 without ground truth: no positives
+    matched = [random_boxes(m, g), random_boxes(m, g), torch.zeros(m, 4)]
+    gt_deltas = rpn.box_coder.encode(anchors.unsqueeze(0).expand(3, -1, -1), torch.stack(matched))
+
+    logits_a, deltas_a = logits.clone().requires_grad_(), deltas.clone().requires_grad_()
+    got = rpn.losses(logits_a, deltas_a, gt_labels, gt_deltas)
+    sum(got.values()).backward()
+    logits_b, deltas_b = logits.clone().requires_grad_(), deltas.clone().requires_grad_()
+    expected = d2_rpn_losses(anchors, logits_b, deltas_b, gt_labels.long(), matched, 64, beta)
+    sum(expected.values()).backward()
+    for name in expected:
+        assert relative_difference(got[name].detach(), expected[name].detach()) < 1e-6, name
+    assert torch.equal(logits_a.grad, logits_b.grad)
+    assert torch.equal(deltas_a.grad, deltas_b.grad)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_box_head_losses_match_up_to_summation_order(beta):
+    g = torch.Generator().manual_seed(6)
+    num_classes, r = 4, 96
+    heads = tiny_box_heads(num_classes, smooth_l1_beta=beta)
+    rois = random_boxes(r, g, min_wh=20.0)
+    gt_boxes = rois + (torch.rand(r, 4, generator=g) - 0.5) * 10.0
+    roi_classes = torch.randint(0, num_classes + 1, (r,), generator=g)
+    cls_logits = torch.randn(r, num_classes + 1, generator=g)
+    box_deltas = torch.randn(r, 4 * num_classes, generator=g)
+
+    cls_a, box_a = cls_logits.clone().requires_grad_(), box_deltas.clone().requires_grad_()
+    got = heads.losses(cls_a, box_a, rois, roi_classes, gt_boxes)
+    sum(got.values()).backward()
+    cls_b, box_b = cls_logits.clone().requires_grad_(), box_deltas.clone().requires_grad_()
+    expected = d2_box_head_losses(cls_b, box_b, rois, gt_boxes, roi_classes, num_classes, beta)
+    sum(expected.values()).backward()
+    for name in expected:
+        assert relative_difference(got[name].detach(), expected[name].detach()) < 1e-6, name
+    assert torch.equal(cls_a.grad, cls_b.grad)
+    assert torch.equal(box_a.grad, box_b.grad)
