@@ -14,6 +14,7 @@ What is not bit-identical on purpose is pinned here too: the zero-IoU low-qualit
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -437,3 +438,138 @@ def test_box_head_losses_match_up_to_summation_order(beta):
         assert relative_difference(got[name].detach(), expected[name].detach()) < 1e-6, name
     assert torch.equal(cls_a.grad, cls_b.grad)
     assert torch.equal(box_a.grad, box_b.grad)
+
+
+# ============================================================================ one training step
+
+
+def d2_pairwise_iou(boxes1, boxes2):
+    """structures/boxes.py pairwise_iou."""
+    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
+    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
+    width_height = torch.min(boxes1[:, None, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, None, :2], boxes2[:, :2])
+    inter = width_height.clamp(min=0).prod(dim=2)
+    return torch.where(inter > 0, inter / (area1[:, None] + area2 - inter), torch.zeros(1, dtype=inter.dtype))
+
+
+def d2_training_losses(model, images, targets, rpn_labels, sampled_rois):
+    """GeneralizedRCNN.forward in training, Detectron2's way, through detkit's modules (the same
+    weights), on the anchors and RoIs detkit sampled.
+
+    images: N (3, H_i, W_i) uint8; targets: N dicts; rpn_labels (N, M) in {-1, 0, 1};
+    sampled_rois: N tensors (R_i, 4) in Detectron2's order (foreground first, then background).
+    """
+    # preprocess_image: normalise each image, then pad to the batch's largest (C4: no divisibility).
+    normalized = [(img.float() - model.pixel_mean[0]) / model.pixel_std[0] for img in images]
+    max_h, max_w = max(x.shape[1] for x in normalized), max(x.shape[2] for x in normalized)
+    batch = normalized[0].new_zeros((len(images), 3, max_h, max_w))
+    for i, x in enumerate(normalized):
+        batch[i, :, : x.shape[1], : x.shape[2]].copy_(x)
+    features = model.backbone(batch)
+
+    # RPN: StandardRPNHead, then the (N, A, H, W) -> (N, H*W*A) layouts of RPN.forward.
+    head = model.rpn.head
+    t = F.relu(head.conv(features))
+    logits = head.objectness_logits(t).permute(0, 2, 3, 1).flatten(1)
+    d = head.anchor_deltas(t)
+    deltas = d.view(d.shape[0], -1, 4, d.shape[-2], d.shape[-1]).permute(0, 3, 4, 1, 2).flatten(1, -2)
+    gen = model.rpn.anchor_generator
+    anchors = d2_grid_anchors(features.shape[-2:], gen.stride, 0.0, d2_cell_anchors((32, 64, 128, 256, 512), (0.5, 1.0, 2.0)))
+    matched = []
+    for target in targets:
+        gt = target["boxes"]
+        matched.append(gt[d2_pairwise_iou(gt, anchors).max(dim=0).indices] if len(gt) else torch.zeros_like(anchors))
+    losses = d2_rpn_losses(anchors, logits, deltas, rpn_labels.long(), matched, model.rpn.batch_size_per_image, 0.0)
+
+    # Res5ROIHeads: pooler -> res5 -> mean -> FastRCNNOutputLayers; gt per RoI from the matcher's argmax.
+    heads = model.roi_heads
+    k = heads.num_classes
+    gt_classes, gt_boxes = [], []
+    for rois, target in zip(sampled_rois, targets):
+        if len(target["boxes"]):
+            iou = d2_pairwise_iou(target["boxes"], rois)
+            vals, idx = iou.max(dim=0)
+            gt_classes.append(torch.where(vals >= 0.5, target["labels"][idx], torch.full_like(idx, k)))
+            gt_boxes.append(target["boxes"][idx])
+        else:
+            gt_classes.append(torch.full((len(rois),), k, dtype=torch.int64))
+            gt_boxes.append(rois)
+    crops = d2_pooler(features, sampled_rois, heads.pooler_resolution, heads.spatial_scale, heads.sampling_ratio)
+    pooled = heads.res5(crops).mean(dim=[2, 3])
+    cls_logits, box_deltas = heads.box_predictor.cls_score(pooled), heads.box_predictor.bbox_pred(pooled)
+    losses.update(d2_box_head_losses(cls_logits, box_deltas, torch.cat(sampled_rois), torch.cat(gt_boxes), torch.cat(gt_classes), k, 0.0))
+    return losses
+
+
+@pytest.mark.slow  # ~12 s on 2 shared cores: two R18 forward + backward passes
+def test_training_step_matches_detectron2_losses_and_gradients(monkeypatch):
+    """One R18-C4 training step: losses and every parameter's gradient as Detectron2 computes them
+    on the same weights, anchors and RoIs, up to float summation order (the masked sync-free sums
+    and the RoI order inside the batch), and one SGD step gives the same weights to ~1e-7."""
+    from detkit.config import load_config, replace
+    from detkit.modeling import build_model
+    from detkit.structures import ImageBatch
+
+    torch.manual_seed(0)
+    cfg = replace(
+        load_config(),
+        **{
+            "model.depth": 18, "model.num_classes": 3,
+            "model.rpn.pre_nms_topk_train": 300, "model.rpn.post_nms_topk_train": 40,
+            "model.rpn.batch_size_per_image": 64, "model.roi_heads.batch_size_per_image": 24,
+        },
+    )
+    model = build_model(cfg).train()
+    g = torch.Generator().manual_seed(7)
+    sizes = [(64, 96), (80, 64), (48, 64)]
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 12.0, 50.0, 60.0], [50.0, 5.0, 90.0, 40.0], [5.0, 30.0, 40.0, 62.0]]), "labels": torch.tensor([0, 2, 1])},
+        {"boxes": torch.tensor([[12.0, 20.0, 50.0, 75.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},  # no ground truth
+    ]
+
+    recorded = {}
+    label_anchors, label_rois = model.rpn.label_and_sample_anchors, model.roi_heads.label_and_sample_proposals
+
+    def record_anchors(*args, **kwargs):
+        recorded["rpn"] = label_anchors(*args, **kwargs)
+        return recorded["rpn"]
+
+    def record_rois(*args, **kwargs):
+        recorded["roi"] = label_rois(*args, **kwargs)
+        return recorded["roi"]
+
+    monkeypatch.setattr(model.rpn, "label_and_sample_anchors", record_anchors)
+    monkeypatch.setattr(model.roi_heads, "label_and_sample_proposals", record_rois)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+    got = model(ImageBatch.from_tensors(images, size_divisibility=1), targets)
+    sum(got.values()).backward()
+    got_grads = {name: p.grad.clone() for name, p in params.items()}
+    model.zero_grad(set_to_none=True)
+
+    rois, roi_image_idx, roi_classes, _ = recorded["roi"]
+    k = model.num_classes
+    sampled = []  # Detectron2's order: an image's foreground RoIs, then its background RoIs
+    for i in range(len(images)):
+        mine = roi_image_idx == i
+        sampled.append(torch.cat((rois[mine & (roi_classes < k)], rois[mine & (roi_classes == k)])))
+    assert [len(s) for s in sampled][2] > 0 and (roi_classes < k).sum() >= 4
+    expected = d2_training_losses(model, images, targets, recorded["rpn"][0], sampled)
+    sum(expected.values()).backward()
+
+    loss_differences = {name: relative_difference(got[name].detach(), expected[name].detach()) for name in expected}
+    grad_differences = {name: relative_difference(got_grads[name], p.grad) for name, p in params.items()}
+    logging.getLogger(__name__).info("relative differences: losses %s; max gradient %.3g (%d of %d bit-identical)",
+                                     loss_differences, max(grad_differences.values()),
+                                     sum(torch.equal(got_grads[n], p.grad) for n, p in params.items()), len(params))
+    assert max(loss_differences.values()) < 1e-6, loss_differences
+    assert max(grad_differences.values()) < 1e-5, max(grad_differences.items(), key=lambda item: item[1])
+
+    # One SGD step (momentum buffers start at zero): w - lr * (grad + wd * w), same for both.
+    lr, wd = 0.02, 1e-4
+    for name, p in params.items():
+        stepped_got = p.detach() - lr * (got_grads[name] + wd * p.detach())
+        stepped_expected = p.detach() - lr * (p.grad + wd * p.detach())
+        assert relative_difference(stepped_got, stepped_expected) < 1e-6, name
