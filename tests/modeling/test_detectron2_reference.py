@@ -20,7 +20,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.ops import batched_nms, roi_align
+from torchvision.ops import batched_nms, nms, roi_align
 
 from detkit.modeling.anchors import AnchorGenerator
 from detkit.modeling.roi_heads import Res5ROIHeads
@@ -338,6 +338,44 @@ def test_rpn_proposals_bit_identical(grid_hw, pre_k, post_k, training):
         assert torch.equal(proposals[i, : len(boxes)], boxes)
 
 
+def test_rpn_nms_compares_unshifted_coordinates():
+    """Two boxes of image 1 whose IoU is within one rounding of 0.7: Detectron2 runs NMS on the
+    image's own coordinates (IoU > 0.7: one box suppressed). One batched_nms over all images
+    would shift image 1 by the largest coordinate + 1, round the coordinates, and keep both."""
+    rpn = RPN(in_channels=4, anchor_sizes=(32,), aspect_ratios=(1.0,), pre_nms_topk=(10, 10), post_nms_topk=(10, 10), nms_thresh=0.7)
+    anchors = torch.tensor([[10.0, 10.0, 60.0, 60.0],
+                            [69.27103424072266, 149.3656463623047, 89.4226303100586, 218.5814208984375],
+                            [72.82719421386719, 149.3656463623047, 92.97879028320312, 218.5814208984375]])
+    logits = torch.tensor([[3.0, -5.0, -6.0], [-5.0, 2.0, 1.0]])
+    deltas = torch.zeros(2, 3, 4)
+    proposals, valid = rpn.eval().predict_proposals(anchors, logits, deltas, torch.tensor([[600, 600], [600, 600]]))
+    expected = d2_rpn_proposals(anchors, logits, deltas, [(600, 600)] * 2, 0.7, 10, 10, 0.0, False)
+    assert valid.sum(dim=1).tolist() == [len(e) for e in expected] == [2, 2]
+    shifted = anchors[1:] + (anchors.max() + 1)  # what the single call would have compared
+    assert batched_nms(shifted, logits[1, 1:], torch.zeros(2, dtype=torch.int64), 0.7).numel() == 2
+    for i, boxes in enumerate(expected):
+        assert torch.equal(proposals[i, : len(boxes)], boxes)
+
+
+def test_class_wise_nms_compares_unshifted_coordinates():
+    """Detectron2 shifts by class only, per image; a pair of class-0 boxes of image 1 with IoU
+    within one rounding of 0.5 is kept by Detectron2 and was suppressed by one call over all
+    images shifting by (image * K + class) * (max + 1)."""
+    heads = tiny_box_heads(2)
+    rois = torch.tensor([[10.0, 10.0, 60.0, 60.0],
+                         [119.37841796875, 270.63092041015625, 307.8782958984375, 467.1514892578125],
+                         [182.21173095703125, 270.63092041015625, 370.71160888671875, 467.1514892578125]])
+    cls_logits = torch.tensor([[3.0, 0.0, 0.0], [2.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    sizes = torch.tensor([[600, 600], [600, 600]])
+    detections = heads.inference(cls_logits, torch.zeros(3, 8), rois, torch.tensor([0, 1, 1]), sizes, sizes)
+    expected = d2_box_inference(cls_logits, torch.zeros(3, 8), [rois[:1], rois[1:]], [(600, 600)] * 2, [(600, 600)] * 2, 0.05, 0.5, 100)
+    assert [len(d["scores"]) for d in detections] == [len(e[1]) for e in expected] == [1, 4]
+    scores = torch.tensor([1.0, 0.9])
+    assert nms(rois[1:], scores, 0.5).numel() == 2 and nms(rois[1:] + 2 * (rois.max() + 1), scores, 0.5).numel() == 1
+    for det, (boxes, det_scores, classes) in zip(detections, expected):
+        assert torch.equal(det["boxes"], boxes) and torch.equal(det["scores"], det_scores) and torch.equal(det["labels"], classes)
+
+
 def tiny_box_heads(num_classes, **kwargs):
     res5 = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, stride=2, padding=1))
     return Res5ROIHeads(res5=res5, res5_out_channels=8, num_classes=num_classes, **kwargs).eval()
@@ -360,6 +398,8 @@ def test_box_inference_bit_identical(num_rois, num_classes):
     cls_logits[num_rois : num_rois + 7, -1] = 20.0  # image 2: every RoI is background
     box_deltas = torch.randn(r, 4 * num_classes, generator=g)
     box_deltas[::5] *= 8.0  # boxes far outside their RoI and the image
+    box_deltas[3, 4] = float("inf")  # RoI 3 leaves the image for class 1: Detectron2 drops the RoI
+    box_deltas[9, 1] = float("nan")
     roi_image_idx = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
     detections = heads.inference(cls_logits, box_deltas, torch.cat(rois_per_image), roi_image_idx,
                                  torch.tensor(image_sizes), torch.tensor(original_sizes))
