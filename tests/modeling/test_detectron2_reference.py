@@ -613,3 +613,15 @@ def test_training_step_matches_detectron2_losses_and_gradients(monkeypatch):
         stepped_got = p.detach() - lr * (got_grads[name] + wd * p.detach())
         stepped_expected = p.detach() - lr * (p.grad + wd * p.detach())
         assert relative_difference(stepped_got, stepped_expected) < 1e-6, name
+
+
+def test_detectron2_config_pads_to_the_largest_image_only():
+    """Detectron2's C4 backbone has size_divisibility 0: ImageList pads to the batch's largest image."""
+    from pathlib import Path
+
+    from detkit.config import load_config
+    from detkit.structures import ImageBatch
+
+    cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs" / "frcnn_r101_detectron2.yaml"))
+    images = [torch.zeros(3, 50, 70, dtype=torch.uint8), torch.zeros(3, 61, 40, dtype=torch.uint8)]
+    assert ImageBatch.from_tensors(images, size_divisibility=cfg.data.size_divisibility).tensor.shape == (2, 3, 61, 70)
