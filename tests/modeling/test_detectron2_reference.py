@@ -483,6 +483,14 @@ def test_box_head_losses_match_up_to_summation_order(beta):
 # ============================================================================ one training step
 
 
+def small_r18(**overrides):
+    from detkit.config import load_config, replace
+    from detkit.modeling import build_model
+
+    torch.manual_seed(0)
+    return build_model(replace(load_config(), **{"model.depth": 18, "model.num_classes": 3, **overrides}))
+
+
 def d2_pairwise_iou(boxes1, boxes2):
     """structures/boxes.py pairwise_iou."""
     area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
@@ -492,6 +500,28 @@ def d2_pairwise_iou(boxes1, boxes2):
     return torch.where(inter > 0, inter / (area1[:, None] + area2 - inter), torch.zeros(1, dtype=inter.dtype))
 
 
+def d2_preprocess(model, images):
+    """GeneralizedRCNN.preprocess_image: normalise each image, then pad to the batch's largest
+    (the C4 backbone's size_divisibility is 0)."""
+    normalized = [(img.float() - model.pixel_mean[0]) / model.pixel_std[0] for img in images]
+    max_h, max_w = max(x.shape[1] for x in normalized), max(x.shape[2] for x in normalized)
+    batch = normalized[0].new_zeros((len(images), 3, max_h, max_w))
+    for i, x in enumerate(normalized):
+        batch[i, :, : x.shape[1], : x.shape[2]].copy_(x)
+    return batch
+
+
+def d2_rpn_head(model, features):
+    """StandardRPNHead, then the (N, A, H, W) -> (N, H*W*A) layouts of RPN.forward, and the anchors."""
+    head = model.rpn.head
+    t = F.relu(head.conv(features))
+    logits = head.objectness_logits(t).permute(0, 2, 3, 1).flatten(1)
+    d = head.anchor_deltas(t)
+    deltas = d.view(d.shape[0], -1, 4, d.shape[-2], d.shape[-1]).permute(0, 3, 4, 1, 2).flatten(1, -2)
+    cell = d2_cell_anchors((32, 64, 128, 256, 512), (0.5, 1.0, 2.0))
+    return logits, deltas, d2_grid_anchors(features.shape[-2:], model.rpn.anchor_generator.stride, 0.0, cell)
+
+
 def d2_training_losses(model, images, targets, rpn_labels, sampled_rois):
     """GeneralizedRCNN.forward in training, Detectron2's way, through detkit's modules (the same
     weights), on the anchors and RoIs detkit sampled.
@@ -499,22 +529,8 @@ def d2_training_losses(model, images, targets, rpn_labels, sampled_rois):
     images: N (3, H_i, W_i) uint8; targets: N dicts; rpn_labels (N, M) in {-1, 0, 1};
     sampled_rois: N tensors (R_i, 4) in Detectron2's order (foreground first, then background).
     """
-    # preprocess_image: normalise each image, then pad to the batch's largest (C4: no divisibility).
-    normalized = [(img.float() - model.pixel_mean[0]) / model.pixel_std[0] for img in images]
-    max_h, max_w = max(x.shape[1] for x in normalized), max(x.shape[2] for x in normalized)
-    batch = normalized[0].new_zeros((len(images), 3, max_h, max_w))
-    for i, x in enumerate(normalized):
-        batch[i, :, : x.shape[1], : x.shape[2]].copy_(x)
-    features = model.backbone(batch)
-
-    # RPN: StandardRPNHead, then the (N, A, H, W) -> (N, H*W*A) layouts of RPN.forward.
-    head = model.rpn.head
-    t = F.relu(head.conv(features))
-    logits = head.objectness_logits(t).permute(0, 2, 3, 1).flatten(1)
-    d = head.anchor_deltas(t)
-    deltas = d.view(d.shape[0], -1, 4, d.shape[-2], d.shape[-1]).permute(0, 3, 4, 1, 2).flatten(1, -2)
-    gen = model.rpn.anchor_generator
-    anchors = d2_grid_anchors(features.shape[-2:], gen.stride, 0.0, d2_cell_anchors((32, 64, 128, 256, 512), (0.5, 1.0, 2.0)))
+    features = model.backbone(d2_preprocess(model, images))
+    logits, deltas, anchors = d2_rpn_head(model, features)
     matched = []
     for target in targets:
         gt = target["boxes"]
@@ -546,20 +562,12 @@ def test_training_step_matches_detectron2_losses_and_gradients(monkeypatch):
     """One R18-C4 training step: losses and every parameter's gradient as Detectron2 computes them
     on the same weights, anchors and RoIs, up to float summation order (the masked sync-free sums
     and the RoI order inside the batch), and one SGD step gives the same weights to ~1e-7."""
-    from detkit.config import load_config, replace
-    from detkit.modeling import build_model
     from detkit.structures import ImageBatch
 
-    torch.manual_seed(0)
-    cfg = replace(
-        load_config(),
-        **{
-            "model.depth": 18, "model.num_classes": 3,
-            "model.rpn.pre_nms_topk_train": 300, "model.rpn.post_nms_topk_train": 40,
-            "model.rpn.batch_size_per_image": 64, "model.roi_heads.batch_size_per_image": 24,
-        },
-    )
-    model = build_model(cfg).train()
+    model = small_r18(**{
+        "model.rpn.pre_nms_topk_train": 300, "model.rpn.post_nms_topk_train": 40,
+        "model.rpn.batch_size_per_image": 64, "model.roi_heads.batch_size_per_image": 24,
+    }).train()
     g = torch.Generator().manual_seed(7)
     sizes = [(64, 96), (80, 64), (48, 64)]
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
@@ -584,7 +592,9 @@ def test_training_step_matches_detectron2_losses_and_gradients(monkeypatch):
     monkeypatch.setattr(model.roi_heads, "label_and_sample_proposals", record_rois)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
 
-    got = model(ImageBatch.from_tensors(images, size_divisibility=1), targets)
+    batch = ImageBatch.from_tensors(images, size_divisibility=1)
+    assert torch.equal(model.normalize(batch), d2_preprocess(model, images))
+    got = model(batch, targets)
     sum(got.values()).backward()
     got_grads = {name: p.grad.clone() for name, p in params.items()}
     model.zero_grad(set_to_none=True)
@@ -625,3 +635,29 @@ def test_detectron2_config_pads_to_the_largest_image_only():
     cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs" / "frcnn_r101_detectron2.yaml"))
     images = [torch.zeros(3, 50, 70, dtype=torch.uint8), torch.zeros(3, 61, 40, dtype=torch.uint8)]
     assert ImageBatch.from_tensors(images, size_divisibility=cfg.data.size_divisibility).tensor.shape == (2, 3, 61, 70)
+
+
+def test_inference_end_to_end_bit_identical():
+    """R18-C4 eval on two images of different sizes, rescaled to other original sizes: detkit's
+    detections equal Detectron2's pipeline run through the same modules, bit for bit."""
+    from detkit.structures import ImageBatch
+
+    model = small_r18(**{"model.rpn.pre_nms_topk_test": 400, "model.rpn.post_nms_topk_test": 60}).eval()
+    g = torch.Generator().manual_seed(8)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in [(96, 128), (120, 80)]]
+    original_sizes = [(144, 192), (301, 200)]
+    with torch.no_grad():
+        got = model(ImageBatch.from_tensors(images, size_divisibility=0, original_sizes=original_sizes))
+        features = model.backbone(d2_preprocess(model, images))
+        logits, deltas, anchors = d2_rpn_head(model, features)
+        image_sizes = [tuple(img.shape[1:]) for img in images]
+        proposals = d2_rpn_proposals(anchors, logits, deltas, image_sizes, 0.7, 400, 60, 0.0, False)
+        heads = model.roi_heads
+        pooled = heads.res5(d2_pooler(features, proposals, 14, 1.0 / 16, 0)).mean(dim=[2, 3])
+        cls_logits, box_deltas = heads.box_predictor.cls_score(pooled), heads.box_predictor.bbox_pred(pooled)
+        expected = d2_box_inference(cls_logits, box_deltas, proposals, image_sizes, original_sizes, 0.05, 0.5, 100)
+    assert min(len(p) for p in proposals) == 60 and min(len(e[1]) for e in expected) > 20
+    for det, (boxes, scores, classes) in zip(got, expected):
+        assert torch.equal(det["labels"], classes)
+        assert torch.equal(det["scores"], scores)
+        assert torch.equal(det["boxes"], boxes)
