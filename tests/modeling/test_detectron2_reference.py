@@ -557,11 +557,12 @@ def d2_training_losses(model, images, targets, rpn_labels, sampled_rois):
     return losses
 
 
-@pytest.mark.slow  # ~12 s on 2 shared cores: two R18 forward + backward passes
+@pytest.mark.slow  # ~15 s on 2 shared cores: three R18 forward + backward passes
 def test_training_step_matches_detectron2_losses_and_gradients(monkeypatch):
-    """One R18-C4 training step: losses and every parameter's gradient as Detectron2 computes them
-    on the same weights, anchors and RoIs, up to float summation order (the masked sync-free sums
-    and the RoI order inside the batch), and one SGD step gives the same weights to ~1e-7."""
+    """One R18-C4 training step against Detectron2's arithmetic on the same weights, anchors and
+    RoIs: the loss values differ in the last bits (masked sync-free sums); with the RoIs in the same
+    order every gradient, hence the SGD step, is bit-identical; in Detectron2's foreground-first
+    layout the weight gradients differ by summation order only (~1e-6 relative)."""
     from detkit.structures import ImageBatch
 
     model = small_r18(**{
@@ -597,32 +598,41 @@ def test_training_step_matches_detectron2_losses_and_gradients(monkeypatch):
     got = model(batch, targets)
     sum(got.values()).backward()
     got_grads = {name: p.grad.clone() for name, p in params.items()}
-    model.zero_grad(set_to_none=True)
 
     rois, roi_image_idx, roi_classes, _ = recorded["roi"]
     k = model.num_classes
-    sampled = []  # Detectron2's order: an image's foreground RoIs, then its background RoIs
-    for i in range(len(images)):
-        mine = roi_image_idx == i
-        sampled.append(torch.cat((rois[mine & (roi_classes < k)], rois[mine & (roi_classes == k)])))
-    assert [len(s) for s in sampled][2] > 0 and (roi_classes < k).sum() >= 4
-    expected = d2_training_losses(model, images, targets, recorded["rpn"][0], sampled)
-    sum(expected.values()).backward()
-
-    loss_differences = {name: relative_difference(got[name].detach(), expected[name].detach()) for name in expected}
-    grad_differences = {name: relative_difference(got_grads[name], p.grad) for name, p in params.items()}
-    logging.getLogger(__name__).info("relative differences: losses %s; max gradient %.3g (%d of %d bit-identical)",
-                                     loss_differences, max(grad_differences.values()),
-                                     sum(torch.equal(got_grads[n], p.grad) for n, p in params.items()), len(params))
-    assert max(loss_differences.values()) < 1e-6, loss_differences
-    assert max(grad_differences.values()) < 1e-5, max(grad_differences.items(), key=lambda item: item[1])
-
-    # One SGD step (momentum buffers start at zero): w - lr * (grad + wd * w), same for both.
-    lr, wd = 0.02, 1e-4
-    for name, p in params.items():
-        stepped_got = p.detach() - lr * (got_grads[name] + wd * p.detach())
-        stepped_expected = p.detach() - lr * (p.grad + wd * p.detach())
-        assert relative_difference(stepped_got, stepped_expected) < 1e-6, name
+    assert (roi_image_idx == 2).any() and (roi_classes < k).sum() >= 4
+    # The same RoIs in detkit's order, and in Detectron2's layout (an image's foreground RoIs, then
+    # its background RoIs; Detectron2 draws the order within each block at random).
+    orders = {
+        "detkit": [rois[roi_image_idx == i] for i in range(len(images))],
+        "foreground first": [
+            torch.cat((rois[(roi_image_idx == i) & (roi_classes < k)], rois[(roi_image_idx == i) & (roi_classes == k)]))
+            for i in range(len(images))
+        ],
+    }
+    lr, wd = 0.02, 1e-4  # one SGD step from zero momentum: w - lr * (grad + wd * w)
+    for order, sampled in orders.items():
+        model.zero_grad(set_to_none=True)
+        expected = d2_training_losses(model, images, targets, recorded["rpn"][0], sampled)
+        sum(expected.values()).backward()
+        loss_differences = {name: relative_difference(got[name].detach(), expected[name].detach()) for name in expected}
+        grad_differences = {name: relative_difference(got_grads[name], p.grad) for name, p in params.items()}
+        step_differences = {
+            name: relative_difference(p.detach() - lr * (got_grads[name] + wd * p.detach()), p.detach() - lr * (p.grad + wd * p.detach()))
+            for name, p in params.items()
+        }
+        logging.getLogger(__name__).info(
+            "RoIs in %s order: relative differences of the losses %s; gradients at most %.3g (%d of %d bit-identical); "
+            "updated weights at most %.3g", order, loss_differences, max(grad_differences.values()),
+            sum(torch.equal(got_grads[n], p.grad) for n, p in params.items()), len(params), max(step_differences.values()),
+        )
+        assert max(loss_differences.values()) < 1e-6, loss_differences
+        if order == "detkit":  # same operations on the same RoIs in the same order: bit for bit
+            assert all(torch.equal(got_grads[n], p.grad) for n, p in params.items())
+        else:  # weight gradients summed over the RoIs in another order
+            assert max(grad_differences.values()) < 1e-5, max(grad_differences.items(), key=lambda item: item[1])
+            assert max(step_differences.values()) < 1e-6
 
 
 def test_detectron2_config_pads_to_the_largest_image_only():
