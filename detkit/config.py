@@ -125,6 +125,7 @@ class DataConfig:
     flip_prob: float = 0.5
     augment: tuple[dict, ...] = ()
     size_divisibility: int = 32
+    resize_method: Literal["cv2", "pil"] = "cv2"
     filter_empty: bool = True
     max_bad_image_fraction: float = 0.01
     aspect_ratio_grouping: bool = True
