@@ -248,24 +248,6 @@ def d2_box_head_losses(cls_logits, box_deltas, proposal_boxes, gt_boxes, gt_clas
     return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg / max(gt_classes.numel(), 1.0)}
 
 
-# data/transforms/augmentation_impl.py: ResizeShortestEdge.get_output_shape
-
-
-def d2_resize_output_shape(oldh, oldw, short_edge_length, max_size):
-    h, w = oldh, oldw
-    size = short_edge_length * 1.0
-    scale = size / min(h, w)
-    if h < w:
-        newh, neww = size, scale * w
-    else:
-        newh, neww = scale * h, size
-    if max(newh, neww) > max_size:
-        scale = max_size * 1.0 / max(newh, neww)
-        newh = newh * scale
-        neww = neww * scale
-    return int(newh + 0.5), int(neww + 0.5)
-
-
 # ============================================================================ stage tests
 
 
@@ -633,18 +615,6 @@ def test_training_step_matches_detectron2_losses_and_gradients(monkeypatch):
         else:  # weight gradients summed over the RoIs in another order
             assert max(grad_differences.values()) < 1e-5, max(grad_differences.items(), key=lambda item: item[1])
             assert max(step_differences.values()) < 1e-6
-
-
-def test_detectron2_config_pads_to_the_largest_image_only():
-    """Detectron2's C4 backbone has size_divisibility 0: ImageList pads to the batch's largest image."""
-    from pathlib import Path
-
-    from detkit.config import load_config
-    from detkit.structures import ImageBatch
-
-    cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs" / "frcnn_r101_detectron2.yaml"))
-    images = [torch.zeros(3, 50, 70, dtype=torch.uint8), torch.zeros(3, 61, 40, dtype=torch.uint8)]
-    assert ImageBatch.from_tensors(images, size_divisibility=cfg.data.size_divisibility).tensor.shape == (2, 3, 61, 70)
 
 
 def test_inference_end_to_end_bit_identical():
