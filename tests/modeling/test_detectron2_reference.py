@@ -8,8 +8,10 @@ function and the reference the same random inputs (several images, tied scores, 
 image, images left without any box) and asserts bit-identical results (`torch.equal`), except for
 the losses, whose masked sums differ from Detectron2's compacted sums in float summation order only.
 
-What is not bit-identical on purpose is pinned here too: the zero-IoU low-quality match rule
-(test_matcher.py) and the sync-free masked losses (last bits of the loss values only).
+Two tests run the whole R18-C4 model: inference gives Detectron2's detections bit for bit, and one
+training step on the same anchors and RoIs gives its gradients (bit for bit with the RoIs in the
+same order). What differs on purpose is pinned: the sync-free masked losses here (last bits of the
+loss values), the zero-IoU low-quality match rule in test_matcher.py.
 """
 
 from __future__ import annotations
@@ -308,7 +310,8 @@ def test_rpn_proposals_bit_identical(grid_hw, pre_k, post_k, training):
     hp, wp = grid_hw[0] * 16, grid_hw[1] * 16
     image_sizes = [(hp, wp), (hp - 30, wp - 7), (hp, wp - 50), (hp - 17, wp)]
     if not training:  # non-finite boxes and logits are dropped at test (Detectron2 raises in training)
-        deltas[0, 5:40, 2] = float("inf")
+        deltas[0, 5:40, 0] = float("inf")  # x1 = x2 = inf: clipping would make them finite (and empty)
+        deltas[0, 40:45, 2] = float("inf")  # dw is clamped: finite boxes
         deltas[1, 7, 1] = float("nan")
         logits[3, 3] = float("nan")
     proposals, valid = rpn.predict_proposals(anchors, logits, deltas, torch.tensor(image_sizes))
