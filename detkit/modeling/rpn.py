@@ -179,13 +179,12 @@ class RPN(nn.Module):
         boxes = clip_boxes(boxes, image_sizes[:, None, :])
         keep = nonempty_mask(boxes, self.min_box_size) & finite  # (N, K)
 
-        # NMS per image, as Detectron2 calls it: batched_nms with one group id on the image's kept
-        # boxes. One call over all images (image index as the group) would keep the same boxes but
-        # not bit for bit: torchvision shifts each group's coordinates by its index (rounding them)
-        # below 1000 boxes on the CPU, and above re-sorts the survivors with an unstable sort, so
-        # tied logits can come out in another order and another box can make the post-NMS top-k.
-        # The variable survivor counts need host-device syncs, which NMS implies anyway (at
-        # Detectron2's sizes torchvision's batched_nms loops over the groups itself).
+        # NMS per image with Detectron2's very call (batched_nms, one group id). One call over all
+        # images, the image index as the group, keeps nearly the same boxes but not Detectron2's:
+        # torchvision then shifts each image's coordinates by index x (max + 1), which rounds them
+        # (up to 1000 boxes on the CPU, 25000 on CUDA), or above that re-sorts the survivors of all
+        # images with an unstable sort, so tied logits change order and the post-NMS top-k with
+        # them. One NMS call and one host-device sync per image, as in Detectron2.
         flat_boxes = boxes.reshape(-1, 4)
         flat_logits = top_logits.reshape(-1)
         kept_per_image = torch.nonzero(keep.reshape(-1)).squeeze(1).split(keep.sum(dim=1).tolist())
