@@ -51,8 +51,8 @@ def d2_cell_anchors(sizes, aspect_ratios) -> torch.Tensor:
 def d2_grid_anchors(grid_hw, stride, offset, cell) -> torch.Tensor:
     """_create_grid_offsets + _grid_anchors: arange from offset * stride with step stride."""
     height, width = grid_hw
-    shifts_x = torch.arange(offset * stride, width * stride, step=stride, dtype=torch.float32)
-    shifts_y = torch.arange(offset * stride, height * stride, step=stride, dtype=torch.float32)
+    shifts_x = torch.arange(offset * stride, width * stride, step=stride, dtype=torch.float32, device=cell.device)
+    shifts_y = torch.arange(offset * stride, height * stride, step=stride, dtype=torch.float32, device=cell.device)
     shift_y, shift_x = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
     shift_x, shift_y = shift_x.reshape(-1), shift_y.reshape(-1)
     shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=1)
@@ -132,9 +132,9 @@ def d2_rpn_proposals(anchors, logits, deltas, image_sizes, nms_thresh, pre_k, po
     proposals = d2_apply_deltas(deltas.reshape(-1, 4), flat_anchors, (1.0, 1.0, 1.0, 1.0)).view(n, -1, 4)
     k = min(m, pre_k)
     topk_scores, topk_idx = logits.topk(k, dim=1)
-    batch_idx = torch.arange(n)
+    batch_idx = torch.arange(n, device=logits.device)
     topk_proposals = proposals[batch_idx[:, None], topk_idx]
-    level_ids = torch.full((k,), 0, dtype=torch.int64)
+    level_ids = torch.full((k,), 0, dtype=torch.int64, device=logits.device)
     results = []
     for i, image_size in enumerate(image_sizes):
         boxes, scores, lvl = topk_proposals[i], topk_scores[i], level_ids
@@ -196,8 +196,8 @@ def d2_box_inference(cls_logits, box_deltas, rois_per_image, image_shapes, outpu
 
 def d2_pooler(features, rois_per_image, output_size, scale, sampling_ratio):
     boxes = torch.cat(rois_per_image, dim=0)
-    sizes = torch.tensor([len(r) for r in rois_per_image])
-    indices = torch.repeat_interleave(torch.arange(len(sizes), dtype=boxes.dtype), sizes)
+    sizes = torch.tensor([len(r) for r in rois_per_image], device=boxes.device)
+    indices = torch.repeat_interleave(torch.arange(len(sizes), dtype=boxes.dtype, device=boxes.device), sizes)
     pooler_boxes = torch.cat([indices[:, None], boxes], dim=1)
     return roi_align(features, pooler_boxes.to(dtype=features.dtype), (output_size, output_size), scale, sampling_ratio, True)
 
@@ -299,11 +299,7 @@ def rpn_inputs(rpn, grid_hw, num_images, seed):
     return anchors, logits, deltas
 
 
-@pytest.mark.parametrize("training", [False, True])
-@pytest.mark.parametrize("grid_hw, pre_k, post_k", [((6, 8), 300, 50), ((20, 24), 2000, 300)])
-def test_rpn_proposals_bit_identical(grid_hw, pre_k, post_k, training):
-    """Small and large candidate counts (torchvision's batched_nms switches algorithm at 1000
-    boxes on the CPU), several images, ties, clipped boxes, an image without any proposal."""
+def check_rpn_proposals(grid_hw, pre_k, post_k, training, device):
     rpn = rpn_for_test(pre_k, post_k, min_size=1.0).train(training)
     anchors, logits, deltas = rpn_inputs(rpn, grid_hw, 4, seed=1)
     deltas[2, :, 0] += 1000.0  # every box of image 2 moves out to the right: clipped empty
@@ -314,13 +310,30 @@ def test_rpn_proposals_bit_identical(grid_hw, pre_k, post_k, training):
         deltas[0, 40:45, 2] = float("inf")  # dw is clamped: finite boxes
         deltas[1, 7, 1] = float("nan")
         logits[3, 3] = float("nan")
-    proposals, valid = rpn.predict_proposals(anchors, logits, deltas, torch.tensor(image_sizes))
+    rpn, anchors, logits, deltas = rpn.to(device), anchors.to(device), logits.to(device), deltas.to(device)
+    proposals, valid = rpn.predict_proposals(anchors, logits, deltas, torch.tensor(image_sizes, device=device))
     expected = d2_rpn_proposals(anchors, logits, deltas, image_sizes, 0.7, pre_k, post_k, 1.0, training)
     assert len(expected[2]) == 0 and min(len(e) for i, e in enumerate(expected) if i != 2) > 10
     for i, boxes in enumerate(expected):
         assert valid[i].sum().item() == len(boxes)
         assert not valid[i, len(boxes):].any()
         assert torch.equal(proposals[i, : len(boxes)], boxes)
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("grid_hw, pre_k, post_k", [((6, 8), 300, 50), ((20, 24), 2000, 300)])
+def test_rpn_proposals_bit_identical(grid_hw, pre_k, post_k, training):
+    """Small and large candidate counts (torchvision's batched_nms switches algorithm at 1000
+    boxes on the CPU), several images, ties, clipped boxes, an image without any proposal."""
+    check_rpn_proposals(grid_hw, pre_k, post_k, training, torch.device("cpu"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("grid_hw, pre_k, post_k", [((6, 8), 300, 50), ((60, 84), 12000, 2000)])
+def test_rpn_proposals_bit_identical_on_cuda(grid_hw, pre_k, post_k, training):
+    """The same on CUDA (CUDA nms kernel), up to Detectron2's 12000 / 2000 training top-k."""
+    check_rpn_proposals(grid_hw, pre_k, post_k, training, torch.device("cuda"))
 
 
 def test_rpn_nms_compares_unshifted_coordinates():
@@ -366,11 +379,7 @@ def tiny_box_heads(num_classes, **kwargs):
     return Res5ROIHeads(res5=res5, res5_out_channels=8, num_classes=num_classes, **kwargs).eval()
 
 
-@pytest.mark.parametrize("num_rois, num_classes", [(40, 3), (700, 5)])
-def test_box_inference_bit_identical(num_rois, num_classes):
-    """softmax -> decode -> clip -> score > 0.05 -> class-wise NMS -> top 100 -> rescale, clip, drop
-    empty; few and many candidates (torchvision's batched_nms switches algorithm at 1000 boxes on
-    the CPU), tied scores, boxes leaving the image, an image without RoIs, one without detections."""
+def check_box_inference(num_rois, num_classes, device):
     g = torch.Generator().manual_seed(2)
     heads = tiny_box_heads(num_classes, detections_per_image=100)
     counts = [num_rois, 0, 7, num_rois // 2]
@@ -385,15 +394,33 @@ def test_box_inference_bit_identical(num_rois, num_classes):
     box_deltas[::5] *= 8.0  # boxes far outside their RoI and the image
     box_deltas[3, 4] = float("inf")  # RoI 3 leaves the image for class 1: Detectron2 drops the RoI
     box_deltas[9, 1] = float("nan")
-    roi_image_idx = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
+    roi_image_idx = torch.repeat_interleave(torch.arange(4), torch.tensor(counts)).to(device)
+    heads, cls_logits, box_deltas = heads.to(device), cls_logits.to(device), box_deltas.to(device)
+    rois_per_image = [r.to(device) for r in rois_per_image]
     detections = heads.inference(cls_logits, box_deltas, torch.cat(rois_per_image), roi_image_idx,
-                                 torch.tensor(image_sizes), torch.tensor(original_sizes))
+                                 torch.tensor(image_sizes, device=device), torch.tensor(original_sizes, device=device))
     expected = d2_box_inference(cls_logits, box_deltas, rois_per_image, image_sizes, original_sizes, 0.05, 0.5, 100)
     assert [len(e[0]) for e in expected][1:3] == [0, 0] and min(len(expected[0][0]), len(expected[3][0])) > 20
     for det, (boxes, scores, classes) in zip(detections, expected):
         assert torch.equal(det["labels"], classes)
         assert torch.equal(det["scores"], scores)
         assert torch.equal(det["boxes"], boxes)
+
+
+@pytest.mark.parametrize("num_rois, num_classes", [(40, 3), (700, 5)])
+def test_box_inference_bit_identical(num_rois, num_classes):
+    """softmax -> decode -> clip -> score > 0.05 -> class-wise NMS -> top 100 -> rescale, clip, drop
+    empty; few and many candidates (torchvision's batched_nms switches algorithm at 1000 boxes on
+    the CPU), tied scores, boxes leaving the image, an image without RoIs, one without detections."""
+    check_box_inference(num_rois, num_classes, torch.device("cpu"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("num_rois, num_classes", [(40, 3), (1000, 80)])
+def test_box_inference_bit_identical_on_cuda(num_rois, num_classes):
+    """The same on CUDA, up to 1000 RoIs x 80 classes (above 25000 candidates torchvision's
+    batched_nms loops over the classes)."""
+    check_box_inference(num_rois, num_classes, torch.device("cuda"))
 
 
 def test_roi_align_arguments_bit_identical():
@@ -482,7 +509,7 @@ def d2_pairwise_iou(boxes1, boxes2):
     area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
     width_height = torch.min(boxes1[:, None, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, None, :2], boxes2[:, :2])
     inter = width_height.clamp(min=0).prod(dim=2)
-    return torch.where(inter > 0, inter / (area1[:, None] + area2 - inter), torch.zeros(1, dtype=inter.dtype))
+    return torch.where(inter > 0, inter / (area1[:, None] + area2 - inter), torch.zeros(1, dtype=inter.dtype, device=inter.device))
 
 
 def d2_preprocess(model, images):
@@ -503,7 +530,7 @@ def d2_rpn_head(model, features):
     logits = head.objectness_logits(t).permute(0, 2, 3, 1).flatten(1)
     d = head.anchor_deltas(t)
     deltas = d.view(d.shape[0], -1, 4, d.shape[-2], d.shape[-1]).permute(0, 3, 4, 1, 2).flatten(1, -2)
-    cell = d2_cell_anchors((32, 64, 128, 256, 512), (0.5, 1.0, 2.0))
+    cell = d2_cell_anchors((32, 64, 128, 256, 512), (0.5, 1.0, 2.0)).to(features.device)
     return logits, deltas, d2_grid_anchors(features.shape[-2:], model.rpn.anchor_generator.stride, 0.0, cell)
 
 
@@ -620,18 +647,16 @@ def test_training_step_matches_detectron2_losses_and_gradients(monkeypatch):
             assert max(step_differences.values()) < 1e-6
 
 
-def test_inference_end_to_end_bit_identical():
-    """R18-C4 eval on two images of different sizes, rescaled to other original sizes: detkit's
-    detections equal Detectron2's pipeline run through the same modules, bit for bit."""
+def check_inference_end_to_end(device):
     from detkit.structures import ImageBatch
 
-    model = small_r18(**{"model.rpn.pre_nms_topk_test": 400, "model.rpn.post_nms_topk_test": 60}).eval()
+    model = small_r18(**{"model.rpn.pre_nms_topk_test": 400, "model.rpn.post_nms_topk_test": 60}).eval().to(device)
     g = torch.Generator().manual_seed(8)
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in [(96, 128), (120, 80)]]
     original_sizes = [(144, 192), (301, 200)]
     with torch.no_grad():
         got = model(ImageBatch.from_tensors(images, size_divisibility=0, original_sizes=original_sizes))
-        features = model.backbone(d2_preprocess(model, images))
+        features = model.backbone(d2_preprocess(model, [img.to(device) for img in images]))
         logits, deltas, anchors = d2_rpn_head(model, features)
         image_sizes = [tuple(img.shape[1:]) for img in images]
         proposals = d2_rpn_proposals(anchors, logits, deltas, image_sizes, 0.7, 400, 60, 0.0, False)
@@ -644,3 +669,14 @@ def test_inference_end_to_end_bit_identical():
         assert torch.equal(det["labels"], classes)
         assert torch.equal(det["scores"], scores)
         assert torch.equal(det["boxes"], boxes)
+
+
+def test_inference_end_to_end_bit_identical():
+    """R18-C4 eval on two images of different sizes, rescaled to other original sizes: detkit's
+    detections equal Detectron2's pipeline run through the same modules, bit for bit."""
+    check_inference_end_to_end(torch.device("cpu"))
+
+
+@pytest.mark.cuda
+def test_inference_end_to_end_bit_identical_on_cuda():
+    check_inference_end_to_end(torch.device("cuda"))
