@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -103,38 +104,59 @@ def make_norm(kind: str) -> Callable[[int], nn.Module]:
 GEMM_CONV_MAX_POSITIONS = 16
 
 
+def small_map_conv2d(
+    input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: tuple[int, int], padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Tensor:
+    """F.conv2d (groups 1, zero padding) that computes tiny maps on the CPU as an im2col GEMM.
+
+    input (N, Cin, H, W), weight (Cout, Cin, kh, kw) -> (N, Cout, Ho, Wo). Outputs of at most
+    GEMM_CONV_MAX_POSITIONS positions: `unfold` (N, Cin*kh*kw, L) then weight (Cout, Cin*kh*kw) @
+    cols -> (N, Cout, L); a 1x1 map (1x1 output) is one matmul with the only tap that sees the input.
+    Anything else, and every non-CPU tensor, goes to F.conv2d.
+
+    torch.fx records a call of this function as one node (`torch.fx.wrap` below), so the decision,
+    which reads the input's device and shape, is taken when the traced graph runs, not when tracing.
+    """
+    if input.device.type == "cpu" and input.dim() == 4:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = weight.shape[-2:], stride, padding, dilation
+        h, w = input.shape[-2:]
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if h == w == 1 and ho == wo == 1 and dh == dw == 1 and 0 <= ph < kh and 0 <= pw < kw:
+            # A 1x1 map: every tap but (ph, pw) reads padding, so the conv is one (Cin -> Cout) matmul.
+            out = (input.flatten(1) @ weight[:, :, ph, pw].t())[:, :, None]  # (N, Cin) @ (Cin, Cout) -> (N, Cout, 1)
+        elif 0 < ho * wo <= GEMM_CONV_MAX_POSITIONS:
+            cols = F.unfold(input, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
+            out = weight.reshape(weight.shape[0], -1) @ cols  # (Cout, Cin*kh*kw) @ (N, Cin*kh*kw, L)
+        else:
+            return F.conv2d(input, weight, bias, stride, padding, dilation)
+        if bias is not None:
+            out = out + bias[:, None]
+        return out.view(input.shape[0], weight.shape[0], ho, wo)
+    return F.conv2d(input, weight, bias, stride, padding, dilation)
+
+
+torch.fx.wrap("small_map_conv2d")
+
+
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters, same state-dict keys) that computes tiny maps on the CPU as an
-    im2col GEMM: `unfold` (N, Cin*kh*kw, L) then weight (Cout, Cin*kh*kw) @ cols -> (N, Cout, L).
+    """nn.Conv2d (same parameters, same state-dict keys) that computes tiny maps on the CPU as a
+    GEMM (`small_map_conv2d`).
 
     res5 runs on many small RoI maps (R x 512 x 1 x 1 for the CPU demo), where oneDNN's
     convolution, its backward most, is far slower than the same arithmetic as a matmul (torch 2.14,
     2-core CPU machine: 3x3 512->512 on 64 x 2 x 2, forward + backward 102 ms with oneDNN, 47 ms as
     GEMM on 2 threads). A 1x1 map skips the unfold: only the tap at (padding, padding) sees the
-    input (192 x 512 x 1 x 1, 1 thread: 493 ms with oneDNN, 13 ms). Larger maps and GPUs keep the
-    library convolution (BENCHMARKS.md, "Profile").
+    input (192 x 512 x 1 x 1, 1 thread: 493 ms with oneDNN, 13 ms). On the demo's whole training
+    step the GEMM path is worth 1.3x (tools/bench_gemm_conv.py). Larger maps and GPUs keep the
+    library convolution (BENCHMARKS.md, "Profile"). Traceable by torch.fx (the decision is inside
+    the wrapped function).
     """
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        if (
-            input.device.type == "cpu" and input.dim() == 4 and self.groups == 1
-            and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-        ):
-            (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-            h, w = input.shape[-2:]
-            ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-            wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-            if h == w == 1 and ho == wo == 1 and dh == dw == 1 and 0 <= ph < kh and 0 <= pw < kw:
-                # A 1x1 map: every tap but (ph, pw) reads padding, so the conv is one (Cin -> Cout) matmul.
-                out = (input.flatten(1) @ weight[:, :, ph, pw].t())[:, :, None]  # (N, Cin) @ (Cin, Cout) -> (N, Cout, 1)
-            elif 0 < ho * wo <= GEMM_CONV_MAX_POSITIONS:
-                cols = F.unfold(input, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
-                out = weight.reshape(weight.shape[0], -1) @ cols  # (Cout, Cin*kh*kw) @ (N, Cin*kh*kw, L)
-            else:
-                return super()._conv_forward(input, weight, bias)
-            if bias is not None:
-                out = out + bias[:, None]
-            return out.view(input.shape[0], weight.shape[0], ho, wo)
+        if self.groups == 1 and self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            return small_map_conv2d(input, weight, bias, self.stride, self.padding, self.dilation)
         return super()._conv_forward(input, weight, bias)
 
 

@@ -9,24 +9,19 @@ import json
 import pytest
 import torch
 
-from detkit.cli.benchmark import main as benchmark_main
-from detkit.config import load_config
-from detkit.modeling import build_model
-from detkit.structures.image_batch import ImageBatch
-from detkit.utils.benchmark import (
-    calibrate_,
-    compare_detections,
-    make_inputs,
-    make_synthetic_coco,
-    run_eval_benchmark,
-)
-from detkit.utils.tv_reference import (
+from detkit.benchmark.calibration import calibrate_, compare_detections, make_inputs
+from detkit.benchmark.eval_speed import make_synthetic_coco, run_eval_benchmark
+from detkit.benchmark.tv_reference import (
     TorchvisionDetector,
     build_torchvision_reference,
     check_no_resize,
     from_torchvision_detections,
     to_torchvision_images,
 )
+from detkit.cli.benchmark import main as benchmark_main
+from detkit.config import load_config
+from detkit.modeling import build_model
+from detkit.structures.image_batch import ImageBatch
 
 # Same function, two implementations in fp32: differences are summation order only.
 BOX_TOL_PX = 1e-3
