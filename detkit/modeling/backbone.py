@@ -28,12 +28,32 @@ RESNET_SPECS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
 }
 
 
+def frozen_batch_norm(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:
+    """(N, C, H, W) -> (N, C, H, W) in x's dtype, computed exactly as Detectron2's FrozenBatchNorm2d.
+
+    Without grad: one `F.batch_norm(training=False)` call. With grad: `x * scale + bias`, because
+    F.batch_norm's backward would also compute gradients for the frozen statistics. The two round
+    differently (by ~1 ulp per layer, ~1e-3 after 100 layers), so detkit takes the branch Detectron2
+    takes in each case, for bit-identical outputs. torch.fx records a call of this function as one
+    node (`torch.fx.wrap` below): the branch on x.requires_grad is taken at run time, not traced.
+    """
+    if x.requires_grad:
+        scale = weight * (running_var + eps).rsqrt()
+        shift = bias - running_mean * scale
+        # (C,) -> (1, C, 1, 1), in x's dtype so bf16/fp16 activations stay in that dtype.
+        return x * scale.reshape(1, -1, 1, 1).to(x.dtype) + shift.reshape(1, -1, 1, 1).to(x.dtype)
+    return F.batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps)
+
+
+torch.fx.wrap("frozen_batch_norm")
+
+
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm with fixed statistics and affine parameters, all stored as buffers.
 
-    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, folded into one scale and
-    shift. Buffers (not parameters) so an optimizer never sees them; names match nn.BatchNorm2d so
-    torchvision checkpoints load into it.
+    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, computed by
+    `frozen_batch_norm` exactly as Detectron2 does. Buffers (not parameters) so an optimizer never
+    sees them; names match nn.BatchNorm2d so torchvision checkpoints load into it.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5):
@@ -51,19 +71,7 @@ class FrozenBatchNorm2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def forward(self, x: Tensor) -> Tensor:
-        """(N, C, H, W) -> (N, C, H, W) in x's dtype; computed exactly as Detectron2's FrozenBatchNorm2d.
-
-        Without grad: one `F.batch_norm(training=False)` call. With grad: `x * scale + bias`,
-        because F.batch_norm's backward would also compute gradients for the frozen statistics.
-        The two branches round differently (by ~1 ulp per layer, ~1e-3 after 100 layers), so detkit
-        uses the same branch as Detectron2 in each case to give bit-identical outputs.
-        """
-        if x.requires_grad:
-            scale = self.weight * (self.running_var + self.eps).rsqrt()
-            bias = self.bias - self.running_mean * scale
-            # (C,) -> (1, C, 1, 1), in x's dtype so bf16/fp16 activations stay in that dtype.
-            return x * scale.reshape(1, -1, 1, 1).to(x.dtype) + bias.reshape(1, -1, 1, 1).to(x.dtype)
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.eps)
+        return frozen_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"

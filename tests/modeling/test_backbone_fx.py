@@ -54,6 +54,24 @@ def test_create_feature_extractor_on_a_frozen_bn_trunk_with_frozen_bn_as_a_leaf(
         assert torch.equal(extractor(x)["res4"], trunk(x))
 
 
+def test_create_feature_extractor_on_the_default_frozen_bn_trunk_keeps_both_norm_formulas():
+    # The default trunk (FrozenBN, stem and res2 frozen): the norm's choice of formula (by
+    # x.requires_grad, as Detectron2) is one traced node decided at run time.
+    from detkit.modeling.backbone import frozen_batch_norm
+
+    torch.manual_seed(0)
+    trunk = ResNetTrunk(depth=18, norm="FrozenBN", freeze_at=2).eval()
+    _randomize_bn_(trunk)
+    extractor = create_feature_extractor(trunk, {"layer3": "res4"})
+    norms = [n for n in extractor.graph.nodes if n.op == "call_function" and n.target is frozen_batch_norm]
+    assert len(norms) == sum(isinstance(m, FrozenBatchNorm2d) for m in trunk.modules())
+    x = torch.randn(1, 3, 80, 64)
+    with torch.no_grad():
+        assert torch.equal(extractor(x)["res4"], trunk(x))
+    # With grad (res3, res4 trainable): the x * scale + bias branch, the same values as eager.
+    assert torch.equal(extractor(x)["res4"], trunk(x))
+
+
 @pytest.mark.parametrize("size, library_convs", [(1, 0), (2, 0), (14, 5)])
 def test_traced_res5_decides_gemm_or_library_conv_at_run_time(size, library_convs, monkeypatch):
     # R18's res5: 5 convs (four 3x3 and the 1x1 shortcut), all with 1x1 outputs for 1x1 and 2x2
