@@ -211,15 +211,17 @@ def main(argv: Sequence[str]) -> int:
                 if "skipped" not in row and len(digests) == 2:
                     row["same"] = "yes" if len(set(digests.values())) == 1 else "NO"
 
-    print(f"\nMatching memory, {datetime.date.today().isoformat()}, commit {_commit()}, {platform.node()}, device {args.device}, "
-          f"{args.threads} thread(s), torch {__import__('torch').__version__}, images {height}x{width}, budget {max_elements} IoU values per tile\n")
-    print("| stage | batch | GT / image | boxes / image (M) | IoU values N*G*M | mode | peak memory | time | same bits |")
-    print("| :--- | ---: | ---: | ---: | ---: | :--- | ---: | ---: | :---: |")
+    code = os.path.dirname(os.path.dirname(os.path.abspath(detkit.__file__)))
+    print(f"\nMatching memory, {datetime.date.today().isoformat()}, commit {_commit()} (detkit imported from {code}), {platform.node()}, device {args.device}, "
+          f"{args.threads} thread(s), torch {__import__('torch').__version__}, images {height}x{width}"
+          + (f", match_boxes budget {max_elements:,} IoU values per tile" if max_elements else "") + "\n")
+    print("| stage | batch | GT / image | boxes / image (M) | IoU values N*G*M | mode | peak memory | time | results sha1 | same bits |")
+    print("| :--- | ---: | ---: | ---: | ---: | :--- | ---: | ---: | :--- | :---: |")
     for r in rows:
         values = r["images"] * r["boxes_per_image"] * r["num_boxes"]
         peak = f"{r['peak_bytes'] / 2**20:,.0f} MiB" if "peak_bytes" in r else "skipped (" + r["skipped"] + ")"
         seconds = f"{r['seconds']:.2f} s" if "seconds" in r else "-"
-        print(f"| {r['stage']} | {r['images']} | {r['boxes_per_image']} | {r['num_boxes']:,} | {values / 1e6:,.1f}M | {r['mode']} | {peak} | {seconds} | {r.get('same', '-')} |")
+        print(f"| {r['stage']} | {r['images']} | {r['boxes_per_image']} | {r['num_boxes']:,} | {values / 1e6:,.1f}M | {r['mode']} | {peak} | {seconds} | {r.get('result_sha1', '-')[:10]} | {r.get('same', '-')} |")
     return 0
 
 

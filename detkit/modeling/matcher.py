@@ -52,15 +52,17 @@ class Matcher:
         matched_vals, matched_idxs = iou.max(dim=1)  # (N, M) each
         labels = self.threshold_labels(matched_vals)
         if self.allow_low_quality_matches:
-            labels[best_prediction_of_each_gt(iou, gt_valid).any(dim=1)] = 1
+            labels.masked_fill_(best_prediction_of_each_gt(iou, gt_valid).any(dim=1), 1)
         return matched_idxs, labels
 
     def threshold_labels(self, matched_vals: Tensor) -> Tensor:
-        """matched_vals (N, M): each prediction's best IoU -> labels (N, M) int8 in {1, 0, -1}."""
+        """matched_vals (N, M): each prediction's best IoU -> labels (N, M) int8 in {1, 0, -1}.
+
+        masked_fill_, not `labels[mask] = v`: a boolean index is a host-device sync on CUDA.
+        """
         labels = torch.ones_like(matched_vals, dtype=torch.int8)
-        labels[matched_vals < self.high_threshold] = -1
-        labels[matched_vals < self.low_threshold] = 0
-        return labels
+        labels.masked_fill_(matched_vals < self.high_threshold, -1)
+        return labels.masked_fill_(matched_vals < self.low_threshold, 0)
 
 
 def best_prediction_of_each_gt(iou: Tensor, gt_valid: Tensor, best_per_gt: Tensor | None = None) -> Tensor:
@@ -148,5 +150,5 @@ def match_boxes(
 
     labels = matcher.threshold_labels(matched_vals)
     if low_quality:
-        labels[is_low_quality] = 1
+        labels.masked_fill_(is_low_quality, 1)
     return matched_idxs, labels
