@@ -155,6 +155,15 @@ def test_low_quality_ties_across_box_tiles_use_the_best_iou_over_all_boxes():
     assert idxs.tolist() == [[0] * 6]
 
 
+def test_no_gt_slots_or_no_boxes_give_well_shaped_background():
+    # Matcher cannot take a max over an empty G axis; match_boxes labels everything background.
+    boxes = torch.tensor([[[0.0, 0.0, 4.0, 4.0], [1.0, 1.0, 3.0, 3.0]]]).expand(2, -1, -1)
+    idxs, labels = match_boxes(MATCHERS["rpn"], torch.zeros(2, 0, 4), torch.zeros(2, 0, dtype=torch.bool), boxes)
+    assert idxs.tolist() == [[0, 0], [0, 0]] and labels.tolist() == [[0, 0], [0, 0]]
+    idxs, labels = match_boxes(MATCHERS["rpn"], torch.ones(2, 3, 4), torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, 0, 4))
+    assert idxs.shape == labels.shape == (2, 0)
+
+
 def measure(cases: list) -> list:
     """Peak memory of matchings, one after the other in a fresh process (tools/bench_matching.py
     --measure resets the peak before each: one process saves a second torch import)."""
