@@ -13,7 +13,10 @@ whole (N, G, M) IoU matrix into `Matcher` (what the heads called before), `chunk
 same inputs, and the table says whether their results are the same bits.
 
 Peak memory is the growth of the process's peak resident set (Linux: VmHWM, reset through
-/proc/self/clear_refs) over its resident set before the matching, on the CPU; on CUDA
+/proc/self/clear_refs) over its resident set before the matching, on the CPU, with glibc's malloc
+told to map every block of 64 KiB or more on its own (MALLOC_MMAP_THRESHOLD_=65536): freed tensors
+then leave the resident set at once, and the peak counts live tensors (otherwise glibc keeps freed
+blocks under 32 MB in its heap, which adds a varying few hundred MB); on CUDA
 torch.cuda.max_memory_allocated over what was allocated before. Prints a markdown table for
 BENCHMARKS.md. A case whose estimated need exceeds --max-memory-gb (default: 80% of the memory
 available now) is skipped rather than run into the OOM killer.
@@ -39,6 +42,8 @@ except ImportError:  # run from a source checkout without `pip install -e .`
 from detkit.cli.common import run_cli
 from detkit.errors import DetkitError
 
+# Child processes: malloc maps blocks >= 64 KiB on their own, so the peak RSS counts live tensors.
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 # fp32 copies of the (N, G, M) IoU that the unchunked path held at its peak (measured: ~9-10 with the
 # (N, G, M, 2) corner-pair IoU), for the memory guard only.
 UNCHUNKED_COPIES_ESTIMATE = 11
@@ -184,7 +189,7 @@ def main(argv: Sequence[str]) -> int:
 
         max_elements = MATCH_MAX_ELEMENTS
     limit = args.max_memory_gb * 1e9 if args.max_memory_gb is not None else 0.8 * _available_bytes()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [os.path.dirname(os.path.dirname(detkit.__file__)), os.environ.get("PYTHONPATH")] if p))
+    env = dict(os.environ, **CHILD_ENV, PYTHONPATH=os.pathsep.join(p for p in [os.path.dirname(os.path.dirname(detkit.__file__)), os.environ.get("PYTHONPATH")] if p))
     height, width = args.size
     rows = []
     for text in args.cases:

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from detkit.modeling.matcher import Matcher, match_boxes, match_tile_sizes
+from detkit.modeling.matcher import MATCH_MAX_ELEMENTS, Matcher, match_boxes, match_tile_sizes
 from detkit.structures.boxes import batched_box_iou, box_area
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -167,7 +167,7 @@ def test_no_gt_slots_or_no_boxes_give_well_shaped_background():
 def measure(cases: list) -> list:
     """Peak memory of matchings, one after the other in a fresh process (tools/bench_matching.py
     --measure resets the peak before each: one process saves a second torch import)."""
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run(
         [sys.executable, os.path.join(REPO_ROOT, "tools", "bench_matching.py"), "--measure", json.dumps(cases)],
         capture_output=True, text=True, env=env, timeout=120, check=True,
@@ -192,3 +192,11 @@ def test_tiled_matching_peak_memory_is_bounded_by_the_budget():
     bound = 16 * max_elements + 40 * 4 * 20160 + (8 << 20)
     assert tiled["peak_bytes"] < bound
     assert tiled["peak_bytes"] < one_copy * 3 / 4  # less than a single copy of the whole IoU matrix
+
+
+def test_default_budget_keeps_the_batch_16_x_300_rpn_matching_under_1_gb():
+    # The issue's case (63,000 anchors at 800x1333), with the memory model the test above measures:
+    # 16 bytes per IoU value of a tile + 40 bytes per (image, anchor) + 8 MB slack.
+    tile = match_tile_sizes(16, 300, 63000, MATCH_MAX_ELEMENTS)
+    assert tile == (1, 150, 63000)
+    assert 16 * tile[0] * tile[1] * tile[2] + 40 * 16 * 63000 + (8 << 20) < 1e9 / 4
