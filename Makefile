@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test test-fast demo clean
+.PHONY: venv test test-fast demo gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ test-fast: venv
 
 demo: venv
 	$(BIN)/python tools/demo.py
+
+# On a GPU machine: CUDA tests, GPU benchmark rows, a short shapes training (JSON in output/gpu_check).
+gpu-check:
+	bash tools/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) output

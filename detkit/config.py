@@ -125,6 +125,7 @@ class DataConfig:
     flip_prob: float = 0.5
     augment: tuple[dict, ...] = ()
     size_divisibility: int = 32
+    resize_method: Literal["cv2", "pil"] = "cv2"
     filter_empty: bool = True
     max_bad_image_fraction: float = 0.01
     aspect_ratio_grouping: bool = True
@@ -350,6 +351,9 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
         return from_dict(tp, value, key, where)
     origin = typing.get_origin(tp)
     if origin is Literal:
+        # YAML 1.1 reads a bare `off` / `on` as a boolean: `solver.amp=off` means the string.
+        if isinstance(value, bool) and ("on" if value else "off") in typing.get_args(tp):
+            value = "on" if value else "off"
         if value not in typing.get_args(tp):
             raise fail()
         return value

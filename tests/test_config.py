@@ -121,3 +121,11 @@ def test_replace_with_dotted_keys():
     cfg = replace(Config(), **{"solver.max_iter": 5, "model.rpn.nms_thresh": 0.5, "seed": 3})
     assert (cfg.solver.max_iter, cfg.model.rpn.nms_thresh, cfg.seed) == (5, 0.5, 3)
     assert cfg.model.depth == 101
+
+
+def test_a_bare_off_in_yaml_or_an_override_is_the_string_off():
+    """YAML 1.1 reads `off` as false; `solver.amp=off` (documented) must still mean "off"."""
+    cfg = load_config(None, ["solver.amp=off", "test.amp=off"])
+    assert cfg.solver.amp == "off" and cfg.test.amp == "off"
+    with pytest.raises(ConfigError, match="solver.amp must be"):
+        load_config(None, ["solver.amp=true"])  # "on" is not a value of solver.amp

@@ -7,6 +7,7 @@ The module runs three trainings once (a fixture) and the tests read their output
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -166,3 +167,54 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "solver.max_iter" in result.stderr
     result = subprocess.run(TRAIN + [str(cfg), "--eval-only"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--weights" in result.stderr
+
+
+def test_a_bad_test_annotation_file_stops_the_run_before_its_first_iteration(tmp_path, capsys):
+    train_json = {
+        "images": [{"id": i, "file_name": f"{i}.png", "height": 64, "width": 64} for i in (1, 2)],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [8, 8, 30, 30], "area": 900, "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "box"}],
+    }
+    import cv2
+    import numpy as np
+
+    for i in (1, 2):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((64, 64, 3), 100, np.uint8))
+    (tmp_path / "train.json").write_text(json.dumps(train_json))
+    bad = dict(train_json, annotations=[{**train_json["annotations"][0], "category_id": 7}])
+    (tmp_path / "test.json").write_text(json.dumps(bad))
+    cfg = tmp_path / "coco.yaml"
+    cfg.write_text(
+        f"_base_: {ROOT / 'configs' / 'base.yaml'}\ndevice: cpu\nmodel: {{depth: 18, num_classes: 1}}\n"
+        f"data:\n  train: [{{type: coco, ann_file: {tmp_path / 'train.json'}, image_root: {tmp_path}}}]\n"
+        f"  test: [{{type: coco, ann_file: {tmp_path / 'test.json'}, image_root: {tmp_path}}}]\n"
+        "  num_workers: 0\nsolver: {ims_per_batch: 2, max_iter: 5}\n"
+    )
+    out = tmp_path / "out"
+    from detkit.cli.common import run_cli
+
+    assert run_cli(train_main, [str(cfg), f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "test.json" in err and "annotation 1 -> category_id 7" in err
+    assert not (out / "metrics.jsonl").exists()  # stopped before the first iteration
+
+
+@pytest.mark.slow
+def test_bf16_training_and_evaluation_run_end_to_end_on_cpu_autocast(tmp_path):
+    """solver.amp=bf16 / test.amp=bf16 through the trainer and the evaluator (the GPU's default
+    training path, with CPU autocast): finite losses and gradient norms, and a COCO evaluation."""
+    cfg = write_tiny_config(tmp_path)
+    out = tmp_path / "bf16"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        TRAIN + [str(cfg), f"output_dir={out}", "solver.amp=bf16", "test.amp=bf16", "solver.max_iter=4",
+                 "solver.checkpoint_period=0", "model.roi_heads.smooth_l1_beta=0.1", "model.rpn.smooth_l1_beta=0.1"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["amp"] == "bf16" and summary["iterations"] == 4
+    logged = training_rows(out)
+    assert sorted(logged) == [1, 2, 3, 4]
+    assert all(math.isfinite(r[k]) for r in logged.values() for k in LOSS_KEYS)
+    assert "bbox/AP" in summary["eval"] and math.isfinite(summary["eval"]["bbox/AP"])

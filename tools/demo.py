@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`make demo`: generate the shapes dataset, train ResNet-18 C4 on it, evaluate, draw detections.
+"""`make demo`: generate the shapes dataset, train ResNet-18 C4 on it, evaluate, draw detections and curves.
 
     python tools/demo.py                        # configs/shapes_r18.yaml -> output/demo
     python tools/demo.py --output output/demo2 solver.max_iter=300
@@ -85,6 +85,10 @@ def main(argv) -> int:
     _say("4/4 results")
     import json
 
+    from detkit.analysis.plots import plot_metrics
+
+    curves = plot_metrics(out / "metrics.jsonl")
+
     summary = json.loads((out / "summary.json").read_text())
     ev = summary.get("eval", {})
     ap, ap50 = ev.get("bbox/AP", float("nan")), ev.get("bbox/AP50", float("nan"))
@@ -92,7 +96,8 @@ def main(argv) -> int:
     print(f"box AP {ap:.1f}, AP50 {ap50:.1f} on {test_info.num_images} val images (COCO metrics, percent)")
     print(f"training + evaluation: {train_seconds:.0f} s; whole demo: {total:.0f} s ({summary['device']}, {os.cpu_count()} CPUs)")
     print(f"drawings:   {drawings}/")
-    print(f"metrics:    {out / 'metrics.jsonl'} (curves: python tools/plot.py {out}), {out / 'summary.json'}")
+    print(f"metrics:    {out / 'metrics.jsonl'}, {out / 'summary.json'}")
+    print(f"curves:     {', '.join(str(p) for p in curves)}")
     print(f"checkpoint: {out / 'model_final.pth'}  log: {out / 'log.txt'}")
     if not ap50 >= AP50_TARGET:
         print(f"warning: AP50 {ap50:.1f} is below the demo's target of {AP50_TARGET:.0f}", file=sys.stderr)

@@ -24,7 +24,8 @@ def main(argv):
     parser.add_argument("run", help="a training output dir, or a metrics.jsonl file")
     parser.add_argument("--out", help="folder for the PNGs (default: beside metrics.jsonl)")
     args = parser.parse_args(argv)
-    from detkit.utils.metrics import METRICS_FILE, plot_metrics
+    from detkit.analysis.plots import plot_metrics
+    from detkit.utils.metrics import METRICS_FILE
 
     path = Path(args.run)
     if path.is_dir():

@@ -215,15 +215,22 @@ def _first(items: Iterable, n: int = MAX_LISTED) -> str:
     return text + (", ..." if len(items) > n else "")
 
 
-def _read_json(ann_file: Path) -> dict:
-    if not ann_file.is_file():
-        hint = " (see datasets/README.md for where COCO goes)" if "coco" in str(ann_file).lower() else ""
-        raise DataError(f"annotation file not found: {ann_file}{hint}")
+def read_json(path: str | os.PathLike, what: str = "annotation") -> object:
+    """Parse a JSON file; a missing or unparsable file is a DataError naming it (`what`: its role)."""
+    path = Path(path)
+    if not path.is_file():
+        hint = " (see datasets/README.md for where COCO goes)" if "coco" in str(path).lower() else ""
+        raise DataError(f"{what} file not found: {path}{hint}")
     try:
-        with open(ann_file, "rb") as f:
-            data = json.load(f)
+        with open(path, "rb") as f:
+            return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{ann_file} is not valid JSON: {exc}") from None
+        raise DataError(f"{what} file {path} is not valid JSON: {exc}") from None
+
+
+def read_coco_dict(ann_file: str | os.PathLike, what: str = "annotation") -> dict:
+    """A COCO instances json with 'images' and 'categories' lists ('annotations' may be absent)."""
+    data = read_json(ann_file, what)
     if not isinstance(data, dict):
         raise DataError(f"{ann_file}: a COCO annotation file is a JSON object with images, annotations and categories; got a {type(data).__name__}")
     for key in ("images", "categories"):
@@ -234,6 +241,124 @@ def _read_json(ann_file: Path) -> dict:
     if not isinstance(data["annotations"], list):
         raise DataError(f"{ann_file}: the COCO key 'annotations' must be a list")
     return data
+
+
+@dataclass
+class CocoIndex:
+    """What `check_coco` parsed from a COCO dict: A annotations, I valid images."""
+
+    category_names: dict[int, str]  # id -> name
+    image_index: dict[int, int]  # image id -> position among the valid images
+    image_ids: list[int]
+    heights: list[int]
+    widths: list[int]
+    file_names: list[str]
+    bboxes_xywh: np.ndarray  # (A, 4) float64, NaN where a bbox is not 4 numbers
+    ann_image_idx: np.ndarray  # (A,) position of the annotation's image, -1 if unknown
+    ann_category_ids: list  # (A,) the raw category_id values
+    degenerate: np.ndarray  # (A,) bool: w or h <= 0, a non-finite value, or not 4 numbers
+    errors: list[str]
+
+
+def check_coco(data: dict) -> CocoIndex:
+    """The rules every reader of a COCO file applies: the training and test loaders and the evaluator.
+
+    Errors (collected, not raised): categories without an integer id or with duplicate ids, no
+    categories, images without an integer id, a file_name or a positive height/width, duplicate
+    image ids, annotations of unknown images or categories. Degenerate boxes are flagged, not errors:
+    both training and evaluation leave them out with one warning (see `degenerate_box_warning`).
+    """
+    errors: list[str] = []
+
+    # --- categories
+    cat_names: dict[int, str] = {}
+    bad_cats, dup_cats = [], []
+    for cat in data["categories"]:
+        cid = cat.get("id") if isinstance(cat, dict) else None
+        if isinstance(cid, bool) or not isinstance(cid, int):
+            bad_cats.append(repr(cat)[:60])
+        elif cid in cat_names:
+            dup_cats.append(cid)
+        else:
+            cat_names[cid] = str(cat.get("name", f"class_{cid}"))
+    if bad_cats:
+        errors.append(f"{len(bad_cats)} categories without an integer id (first: {_first(bad_cats)})")
+    if dup_cats:
+        errors.append(f"{len(dup_cats)} duplicate category ids (first: {_first(dup_cats)})")
+    if not cat_names and not bad_cats:
+        errors.append("no categories: the 'categories' list is empty")
+
+    # --- images
+    index_of: dict[int, int] = {}
+    image_ids, heights, widths, file_names = [], [], [], []
+    dup_ids, bad_images = [], []
+    for img in data["images"]:
+        iid = img.get("id") if isinstance(img, dict) else None
+        if isinstance(iid, bool) or not isinstance(iid, int) or not isinstance(img.get("file_name"), str):
+            bad_images.append(repr(img)[:60])
+            continue
+        h, w = img.get("height"), img.get("width")
+        if not (isinstance(h, (int, float)) and isinstance(w, (int, float)) and h > 0 and w > 0):
+            bad_images.append(f"id {iid} ({img['file_name']}: height={h!r}, width={w!r})")
+            continue
+        if iid in index_of:
+            dup_ids.append(iid)
+            continue
+        index_of[iid] = len(image_ids)
+        image_ids.append(iid)
+        heights.append(int(h))
+        widths.append(int(w))
+        file_names.append(img["file_name"])
+    if not data["images"]:
+        errors.append("no images: the 'images' list is empty")
+    if dup_ids:
+        errors.append(f"{len(dup_ids)} duplicate image ids (first: {_first(dup_ids)}); every entry of 'images' needs its own id")
+    if bad_images:
+        errors.append(f"{len(bad_images)} images without an integer id, a file_name or a positive height/width (first: {_first(bad_images)})")
+
+    # --- annotations
+    anns = data["annotations"]
+    raw = np.full((len(anns), 4), np.nan, dtype=np.float64)
+    ann_image_idx = np.full(len(anns), -1, dtype=np.int64)
+    ann_category_ids: list = [None] * len(anns)
+    unknown_cat, unknown_img = [], []
+    for j, ann in enumerate(anns):
+        if not isinstance(ann, dict):
+            unknown_img.append(f"annotation #{j} is not an object")
+            continue
+        aid = ann.get("id", f"#{j}")
+        idx = index_of.get(ann.get("image_id"))
+        if idx is None:
+            unknown_img.append(f"annotation {aid} -> image_id {ann.get('image_id')!r}")
+        else:
+            ann_image_idx[j] = idx
+        ann_category_ids[j] = ann.get("category_id")
+        if ann.get("category_id") not in cat_names:
+            unknown_cat.append(f"annotation {aid} -> category_id {ann.get('category_id')!r}")
+        bbox = ann.get("bbox")
+        if isinstance(bbox, (list, tuple)) and len(bbox) == 4 and not any(isinstance(v, bool) for v in bbox):
+            try:
+                raw[j] = bbox
+            except (TypeError, ValueError):
+                pass  # stays NaN: degenerate
+    if unknown_cat:
+        errors.append(f"{len(unknown_cat)} annotations with unknown category ids (first: {_first(unknown_cat)}); the categories are {_first(sorted(cat_names), 20)}")
+    if unknown_img:
+        errors.append(f"{len(unknown_img)} annotations of image ids that are not in 'images' (first: {_first(unknown_img)})")
+    degenerate = ~np.isfinite(raw).all(axis=1) | ~(raw[:, 2] > 0) | ~(raw[:, 3] > 0)
+    return CocoIndex(cat_names, index_of, image_ids, heights, widths, file_names, raw, ann_image_idx, ann_category_ids, degenerate, errors)
+
+
+def raise_coco_errors(errors: Sequence[str], where: str) -> None:
+    """One DataError listing every problem of a file, or nothing when there is none."""
+    if errors:
+        listing = "\n  - ".join(errors)
+        raise DataError(f"{where}: {len(errors)} problem(s) must be fixed before this dataset can be used:\n  - {listing}")
+
+
+def degenerate_box_examples(anns: Sequence, degenerate: np.ndarray) -> list[str]:
+    return [f"annotation {anns[j].get('id', f'#{j}') if isinstance(anns[j], dict) else f'#{j}'} bbox {anns[j].get('bbox')}"
+            for j in np.flatnonzero(degenerate)[:MAX_LISTED]]
 
 
 def _missing_files(image_root: Path, file_names: Sequence[str]) -> list[str]:
@@ -259,90 +384,19 @@ def load_coco_json(ann_file: str | os.PathLike, image_root: str | os.PathLike, *
     """
     ann_path = Path(ann_file)
     root = Path(image_root)
-    data = _read_json(ann_path)
-    errors: list[str] = []
-
-    # --- categories: sorted ids -> contiguous labels
-    cat_names: dict[int, str] = {}
-    bad_cats, dup_cats = [], []
-    for cat in data["categories"]:
-        cid = cat.get("id") if isinstance(cat, dict) else None
-        if isinstance(cid, bool) or not isinstance(cid, int):
-            bad_cats.append(repr(cat)[:60])
-        elif cid in cat_names:
-            dup_cats.append(cid)
-        else:
-            cat_names[cid] = str(cat.get("name", f"class_{cid}"))
-    if bad_cats:
-        errors.append(f"{len(bad_cats)} categories without an integer id (first: {_first(bad_cats)})")
-    if dup_cats:
-        errors.append(f"{len(dup_cats)} duplicate category ids (first: {_first(dup_cats)})")
-    if not cat_names and not bad_cats:
-        errors.append("no categories: the 'categories' list is empty")
-    category_ids = sorted(cat_names)
+    data = read_coco_dict(ann_path)
+    index = check_coco(data)
+    errors = list(index.errors)
+    category_ids = sorted(index.category_names)
+    cat_names = index.category_names
     label_of = {cid: i for i, cid in enumerate(category_ids)}
-
-    # --- images
-    images = data["images"]
-    index_of: dict[int, int] = {}
-    image_ids, heights, widths, file_names = [], [], [], []
-    dup_ids, bad_images = [], []
-    for img in images:
-        iid = img.get("id") if isinstance(img, dict) else None
-        if isinstance(iid, bool) or not isinstance(iid, int) or not isinstance(img.get("file_name"), str):
-            bad_images.append(repr(img)[:60])
-            continue
-        h, w = img.get("height"), img.get("width")
-        if not (isinstance(h, (int, float)) and isinstance(w, (int, float)) and h > 0 and w > 0):
-            bad_images.append(f"id {iid} ({img['file_name']}: height={h!r}, width={w!r})")
-            continue
-        if iid in index_of:
-            dup_ids.append(iid)
-            continue
-        index_of[iid] = len(image_ids)
-        image_ids.append(iid)
-        heights.append(int(h))
-        widths.append(int(w))
-        file_names.append(img["file_name"])
-    if dup_ids:
-        errors.append(f"{len(dup_ids)} duplicate image ids (first: {_first(dup_ids)}); every entry of 'images' needs its own id")
-    if bad_images:
-        errors.append(f"{len(bad_images)} images without an integer id, a file_name or a positive height/width (first: {_first(bad_images)})")
-
-    # --- annotations
+    image_ids, heights, widths, file_names = index.image_ids, index.heights, index.widths, index.file_names
     anns = data["annotations"]
     num_anns = len(anns)
-    raw = np.full((num_anns, 4), np.nan, dtype=np.float64)
-    ann_image_idx = np.full(num_anns, -1, dtype=np.int64)
-    ann_label = np.full(num_anns, -1, dtype=np.int64)
-    ann_crowd = np.zeros(num_anns, dtype=bool)
-    unknown_cat, unknown_img = [], []
-    for j, ann in enumerate(anns):
-        if not isinstance(ann, dict):
-            unknown_img.append(f"annotation #{j} is not an object")
-            continue
-        aid = ann.get("id", f"#{j}")
-        idx = index_of.get(ann.get("image_id"))
-        if idx is None:
-            unknown_img.append(f"annotation {aid} -> image_id {ann.get('image_id')!r}")
-        else:
-            ann_image_idx[j] = idx
-        label = label_of.get(ann.get("category_id"))
-        if label is None:
-            unknown_cat.append(f"annotation {aid} -> category_id {ann.get('category_id')!r}")
-        else:
-            ann_label[j] = label
-        ann_crowd[j] = bool(ann.get("iscrowd", 0))
-        bbox = ann.get("bbox")
-        if isinstance(bbox, (list, tuple)) and len(bbox) == 4:
-            try:
-                raw[j] = bbox
-            except (TypeError, ValueError):
-                pass  # stays NaN: reported as degenerate
-    if unknown_cat:
-        errors.append(f"{len(unknown_cat)} annotations with unknown category ids (first: {_first(unknown_cat)}); the categories are {_first(category_ids, 20)}")
-    if unknown_img:
-        errors.append(f"{len(unknown_img)} annotations of image ids that are not in 'images' (first: {_first(unknown_img)})")
+    raw = index.bboxes_xywh
+    ann_image_idx = index.ann_image_idx
+    ann_label = np.array([label_of.get(c, -1) if not isinstance(c, bool) else -1 for c in index.ann_category_ids], dtype=np.int64).reshape(num_anns)
+    ann_crowd = np.array([bool(a.get("iscrowd", 0)) if isinstance(a, dict) else False for a in anns], dtype=bool).reshape(num_anns)
 
     if check_image_files and file_names:
         if not root.is_dir():
@@ -353,9 +407,7 @@ def load_coco_json(ann_file: str | os.PathLike, image_root: str | os.PathLike, *
                 errors.append(f"{len(missing)} of {len(file_names)} image files missing under {root} (first: {_first(missing)})")
 
     where = f"dataset {name!r} ({ann_path})" if name else str(ann_path)
-    if errors:
-        listing = "\n  - ".join(errors)
-        raise DataError(f"{where}: {len(errors)} problem(s) must be fixed before this dataset can be used:\n  - {listing}")
+    raise_coco_errors(errors, where)
 
     # --- boxes: drop degenerate, clip to the image, keep crowd out (all vectorized over annotations)
     report = AnnotationReport(num_images=len(image_ids), num_annotations=num_anns)
@@ -363,7 +415,7 @@ def load_coco_json(ann_file: str | os.PathLike, image_root: str | os.PathLike, *
     img_h = np.asarray(heights, dtype=np.float64)[ann_image_idx] if num_anns else np.zeros(0)
     img_w = np.asarray(widths, dtype=np.float64)[ann_image_idx] if num_anns else np.zeros(0)
     x, y, w, h = raw.T
-    degenerate = ~np.isfinite(raw).all(axis=1) | ~(w > 0) | ~(h > 0)
+    degenerate = index.degenerate
     with np.errstate(invalid="ignore"):
         xyxy = np.stack([x, y, x + w, y + h], axis=1)
         clipped_xyxy = np.stack(

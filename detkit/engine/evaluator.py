@@ -44,6 +44,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from detkit.data.coco import check_coco, degenerate_box_examples, raise_coco_errors, read_coco_dict, read_json
 from detkit.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -124,17 +125,6 @@ def _make_coco(backend: str, dataset: dict) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_json(path: str | Path, what: str) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} file not found: {path}")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{what} file {path} is not valid JSON: {exc}") from None
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
@@ -157,41 +147,25 @@ def _bbox_problem(bbox: Any) -> Optional[str]:
 def load_ground_truth(ann_file: str | Path) -> dict:
     """Read and check a COCO instances json; returns the dataset dict ready for COCOeval.
 
-    Fixes two things pycocotools gets wrong silently, with a warning: annotations without "area"
-    get w*h (COCOeval needs it for the area ranges), and annotation ids that are missing, 0 or
-    duplicated are renumbered 1..N (COCOeval keys matches by id, and id 0 reads as "unmatched").
+    The same rules as the training and test loaders (`detkit.data.coco.check_coco`): the same
+    errors, raised together, and degenerate boxes (w or h <= 0, non-finite, not 4 numbers) left
+    out with the same warning (no detection can match them). Also fixes two things pycocotools
+    gets wrong silently, with a warning: annotations without "area" get w*h (COCOeval needs it for
+    the area ranges), and annotation ids that are missing, 0 or duplicated are renumbered 1..N
+    (COCOeval keys matches by id, and id 0 reads as "unmatched").
     """
-    data = _read_json(ann_file, "ground-truth")
-    if not isinstance(data, dict):
-        raise DataError(f"ground-truth file {ann_file} must hold a COCO dict with images, annotations, categories")
-    for key in ("images", "categories"):
-        if not isinstance(data.get(key), list) or not data[key]:
-            raise DataError(
-                f"ground-truth file {ann_file} has no {key!r} list (or it is empty); a COCO instances json "
-                "needs 'images', 'annotations' and 'categories'"
-            )
-    annotations = data.get("annotations", [])
-    if not isinstance(annotations, list):
-        raise DataError(f"ground-truth file {ann_file}: 'annotations' must be a list")
-    for where, entries in (("images", data["images"]), ("categories", data["categories"])):
-        for i, entry in enumerate(entries):
-            if not isinstance(entry, dict) or not _is_int(entry.get("id")):
-                raise DataError(f"ground-truth file {ann_file}: {where}[{i}] needs an integer 'id', got {entry!r}")
-    image_ids = {img["id"] for img in data["images"]}
-    category_ids = {cat["id"] for cat in data["categories"]}
+    data = read_coco_dict(ann_file, "ground-truth")
+    index = check_coco(data)
+    raise_coco_errors(index.errors, f"ground-truth file {ann_file}")
+    annotations = data["annotations"]
+    if index.degenerate.any():
+        logger.warning(
+            "%s: %d boxes with w or h <= 0 or non-finite values dropped (first: %s)",
+            ann_file, int(index.degenerate.sum()), ", ".join(degenerate_box_examples(annotations, index.degenerate)),
+        )
+        annotations = [ann for ann, bad in zip(annotations, index.degenerate) if not bad]
     filled_area = 0
-    for i, ann in enumerate(annotations):
-        problem = None
-        if not isinstance(ann, dict):
-            problem = "is not a dict"
-        elif ann.get("image_id") not in image_ids:
-            problem = f"has image_id {ann.get('image_id')!r}, which is not in 'images'"
-        elif ann.get("category_id") not in category_ids:
-            problem = f"has category_id {ann.get('category_id')!r}, which is not in 'categories'"
-        else:
-            problem = _bbox_problem(ann.get("bbox"))
-        if problem:
-            raise DataError(f"ground-truth file {ann_file}: annotations[{i}] {problem}")
+    for ann in annotations:
         if not _is_number(ann.get("area")):
             ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
             filled_area += 1
@@ -208,7 +182,7 @@ def load_ground_truth(ann_file: str | Path) -> dict:
 
 def load_predictions(path: str | Path) -> list[dict]:
     """Read a COCO results json (a list of {image_id, category_id, bbox, score})."""
-    data = _read_json(path, "predictions")
+    data = read_json(path, "predictions")
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
         raise DataError(
             f"predictions file {path} is a COCO dataset dict; a results file is a plain JSON list of "

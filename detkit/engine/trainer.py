@@ -174,6 +174,7 @@ class Trainer:
         self.start_iter = 0
         self._rng_to_restore: Optional[dict] = None
         self.class_names, self.category_ids = self._class_info()
+        self._check_test_data()
         self.last_losses: dict[str, float] = {}
         self.eval_results: dict[str, Any] = {}
 
@@ -184,6 +185,18 @@ class Trainer:
             return [], []
         names, ids, _ = _dataset_info(self.cfg, "train")
         return names, ids
+
+    def _check_test_data(self) -> None:
+        """Read the test annotations now, as the evaluation will (the test loader's and the
+        evaluator's checks, which follow the same rules), so that a bad file stops the run before
+        its first iteration rather than after its last one."""
+        if not self.cfg.data.test:
+            return
+        from detkit.engine.evaluator import load_ground_truth
+
+        _, _, ann_file = _dataset_info(self.cfg, "test")
+        if ann_file:
+            load_ground_truth(ann_file)
 
     def resume_or_load(self, resume: bool) -> int:
         """With resume=True and a `last_checkpoint` in output_dir, restore everything from it.

@@ -72,6 +72,7 @@ def build_model(cfg, device: Optional[torch.device | str] = None, load_weights: 
         pixel_mean=m.pixel_mean,
         pixel_std=m.pixel_std,
         input_format=m.input_format,
+        size_divisibility=cfg.data.size_divisibility if hasattr(cfg, "data") else 32,
     )
     if load_weights and b.weights:
         load_backbone_weights(model, b.weights, fmt=b.weights_format)

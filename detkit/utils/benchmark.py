@@ -471,8 +471,9 @@ def summarize_times(times_s: Sequence[float], batch_size: int) -> dict:
 # FLOPs
 # --------------------------------------------------------------------------------------------
 
-# Dense tensor-core peaks in TFLOP/s (vendor data sheets). fp32 runs with TF32 allowed (as
-# detkit.utils.env.configure_backends sets it), so its peak is the TF32 one.
+# Dense tensor-core peaks in TFLOP/s (vendor data sheets). The benchmark's fp32 rows run with TF32
+# allowed (configure_backends(..., allow_tf32=True) below, training's `allow_tf32: true`), so the
+# fp32 peak is the TF32 one.
 GPU_PEAK_TFLOPS = {
     "H200": {"fp32": 494.7, "bf16": 989.4, "fp16": 989.4},
     "H100 PCIe": {"fp32": 378.0, "bf16": 756.0, "fp16": 756.0},
@@ -579,7 +580,8 @@ def run_speed_benchmark(options: SpeedOptions) -> dict:
     from detkit.utils.tv_reference import build_torchvision_reference
 
     device = resolve_device(options.device)
-    configure_backends(device, cudnn_benchmark=True)
+    # Fixed input sizes: cuDNN's autotuning pays off here; fp32 rows use TF32 tensor cores.
+    configure_backends(device, cudnn_benchmark=True, allow_tf32=True)
     for precision in options.precisions:
         if precision not in AMP_DTYPES:
             raise ValueError(f"precision {precision!r}: use fp32, bf16 or fp16")

@@ -40,6 +40,67 @@ def test_resized_hw_follows_detectron2(hw, short, max_size, expected):
     assert resized_hw(*hw, short, max_size) == expected
 
 
+def detectron2_output_shape(oldh, oldw, short_edge_length, max_size):
+    """Detectron2's ResizeShortestEdge.get_output_shape, transcribed as an independent reference."""
+    h, w = oldh, oldw
+    size = short_edge_length * 1.0
+    scale = size / min(h, w)
+    if h < w:
+        newh, neww = size, scale * w
+    else:
+        newh, neww = scale * h, size
+    if max(newh, neww) > max_size:
+        scale = max_size * 1.0 / max(newh, neww)
+        newh = newh * scale
+        neww = neww * scale
+    return int(newh + 0.5), int(neww + 0.5)
+
+
+def test_resized_hw_equals_detectron2_on_every_size_up_to_1500_px():
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(16, 1500, size=(4000, 2))
+    for (h, w), short, max_size in zip(sizes, rng.choice([640, 672, 704, 736, 768, 800, 600], 4000), rng.choice([1333, 1000, 900], 4000)):
+        assert resized_hw(int(h), int(w), int(short), int(max_size)) == detectron2_output_shape(int(h), int(w), int(short), int(max_size))
+
+
+@pytest.mark.parametrize("hw, target", [((480, 640), (240, 320)), ((375, 500), (800, 1067)), ((101, 203), (67, 135))])
+def test_pil_resize_method_is_pillows_bilinear_bit_for_bit(hw, target):
+    from PIL import Image
+
+    image = np.random.default_rng(1).integers(0, 256, size=(*hw, 3), dtype=np.uint8)
+    tf = build_test_transform(cfg_with(**{"data.min_size_test": min(target), "data.max_size_test": 2000, "data.resize_method": "pil"}))
+    out = tf(image).image
+    expected = np.asarray(Image.fromarray(image).resize((target[1], target[0]), Image.BILINEAR))
+    assert out.shape == (*target, 3) and out.dtype == np.uint8
+    assert np.array_equal(out, expected)
+    # ... and OpenCV's INTER_LINEAR (the default "cv2") is another image: the key matters.
+    cv2_out = build_test_transform(cfg_with(**{"data.min_size_test": min(target), "data.max_size_test": 2000}))(image).image
+    assert np.array_equal(cv2_out, cv2.resize(image, (target[1], target[0]), interpolation=cv2.INTER_LINEAR))
+    assert not np.array_equal(cv2_out, expected)
+
+
+def test_pil_and_cv2_differ_by_about_a_grey_level_when_shrinking_by_two():
+    from PIL import Image
+
+    image = np.random.default_rng(2).integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
+    image = cv2.GaussianBlur(image, (0, 0), 2.0)  # a photo-like image, not pixel noise
+    pil = np.asarray(Image.fromarray(image).resize((320, 240), Image.BILINEAR)).astype(int)
+    ocv = cv2.resize(image, (320, 240), interpolation=cv2.INTER_LINEAR).astype(int)
+    diff = np.abs(pil - ocv)
+    assert 0.2 < diff.mean() < 3.0 and diff.max() >= 2
+
+
+def test_resize_method_is_checked():
+    with pytest.raises(ConfigError, match="resize_method"):
+        load_config(None, ["data.resize_method=nearest"])
+
+
+def test_detectron2_config_gives_detectron2_preprocessing():
+    cfg = load_config("configs/frcnn_r101_detectron2.yaml")
+    assert cfg.data.resize_method == "pil" and cfg.data.size_divisibility == 0
+    assert cfg.test.amp == "off" and cfg.model.input_format == "BGR"
+
+
 def test_test_transform_resizes_image_and_boxes():
     tf = build_test_transform(cfg_with(**{"data.min_size_test": 50, "data.max_size_test": 1000}))
     out = tf(gradient_image(100, 200), np.array([[10, 20, 50, 60], [0, 0, 200, 100]]), np.array([3, 1]))

@@ -317,11 +317,44 @@ def test_files_that_are_not_coco_give_clear_errors(tmp_path):
         evaluate_files(gt_file, gt_file)
     with pytest.raises(DataError, match="predictions file not found"):
         evaluate_files(gt_file, tmp_path / "missing.json")
-    with pytest.raises(DataError, match="has no 'categories' list"):
+    with pytest.raises(DataError, match="the COCO key 'categories' is missing or not a list"):
         COCOEvaluator(write_json(tmp_path / "nocats.json", {"images": [{"id": 1}], "annotations": []}))
     bad_ann = tiny_gt([{"image_id": 9, "category_id": 1, "bbox": box(1, 1, 9, 9)}])
-    with pytest.raises(DataError, match=r"annotations\[0\] has image_id 9, which is not in 'images'"):
+    with pytest.raises(DataError, match=r"annotations of image ids that are not in 'images' \(first: annotation 1 -> image_id 9\)"):
         COCOEvaluator(write_json(tmp_path / "badann.json", bad_ann))
+
+
+def test_ground_truth_follows_the_training_loaders_rules(tmp_path, caplog):
+    """The same file gives the same errors and the same dropped boxes to training and evaluation."""
+    from detkit.data.coco import load_coco_json
+
+    gt = tiny_gt(
+        [
+            {"image_id": 1, "category_id": 1, "bbox": box(10, 10, 50, 50)},
+            {"image_id": 1, "category_id": 1, "bbox": [5, 5, -3, 10]},  # negative width
+            {"image_id": 1, "category_id": 1, "bbox": [5, 5, float("nan"), 10]},
+        ],
+        n_images=2,
+    )
+    path = write_json(tmp_path / "gt.json", gt)
+    with caplog.at_level(logging.WARNING, logger="detkit"):
+        evaluator = COCOEvaluator(path, backend="pycocotools")
+        train_view = load_coco_json(path, tmp_path, check_image_files=False)
+    drops = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(drops) == 2 and all("2 boxes with w or h <= 0 or non-finite values dropped" in m for m in drops)
+    assert len(evaluator._gt_dataset["annotations"]) == 1 == train_view.report.num_boxes
+    assert evaluator.evaluate([det(1, 1, box(10, 10, 50, 50), 0.9)])["AP"] == pytest.approx(100.0)
+
+    gt["images"][1]["id"] = 1  # duplicate image id: an error for both, with the same text
+    gt["annotations"][0]["category_id"] = 5
+    path = write_json(tmp_path / "dup.json", gt)
+    messages = []
+    for load in (lambda: COCOEvaluator(path), lambda: load_coco_json(path, tmp_path, check_image_files=False)):
+        with pytest.raises(DataError) as err:
+            load()
+        messages.append(str(err.value).split(": 2 problem(s)")[1])
+    assert messages[0] == messages[1]
+    assert "1 duplicate image ids (first: 1)" in messages[0] and "annotation 1 -> category_id 5" in messages[0]
 
 
 def test_ground_truth_without_area_or_with_annotation_id_0_is_repaired(tmp_path, caplog):
