@@ -200,3 +200,23 @@ def test_default_budget_keeps_the_batch_16_x_300_rpn_matching_under_1_gb():
     tile = match_tile_sizes(16, 300, 63000, MATCH_MAX_ELEMENTS)
     assert tile == (1, 150, 63000)
     assert 16 * tile[0] * tile[1] * tile[2] + 40 * 16 * 63000 + (8 << 20) < 1e9 / 4
+
+
+@pytest.mark.cuda  # deselected without CUDA (conftest.py); make gpu-check runs it
+def test_on_cuda_tiled_matching_equals_the_whole_iou_matrix():
+    for matcher in MATCHERS.values():
+        for max_elements, _ in TILINGS.values():
+            gt_boxes, gt_valid, boxes = (t.cuda() for t in tie_case(1))
+            expected = matcher(batched_box_iou(gt_boxes, boxes), gt_valid)
+            got = match_boxes(matcher, gt_boxes, gt_valid, boxes, max_elements=max_elements)
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.cuda
+def test_on_cuda_the_batch_16_x_300_rpn_matching_stays_under_1_gb():
+    # The case at 800x1333 (63,000 anchors), torch.cuda.max_memory_allocated in a fresh process.
+    case = {"stage": "rpn", "images": 16, "boxes_per_image": 300, "device": "cuda"}
+    tiled, whole = measure([dict(case, mode="chunked", max_elements=MATCH_MAX_ELEMENTS), dict(case, mode="unchunked")])
+    assert tiled["result_sha1"] == whole["result_sha1"]
+    assert whole["peak_bytes"] > 2 * 16 * 300 * 63000 * 4  # the whole matrix: at least 2 copies of 1.2 GB
+    assert tiled["peak_bytes"] < 1e9 / 4
