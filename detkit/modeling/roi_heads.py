@@ -21,10 +21,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import batched_nms, roi_align
 
-from detkit.modeling.matcher import Matcher
+from detkit.modeling.matcher import Matcher, match_boxes
 from detkit.modeling.rpn import smooth_l1
 from detkit.modeling.sampler import sample_balanced
-from detkit.structures.boxes import BoxCoder, batched_box_iou, clip_boxes, nonempty_mask
+from detkit.structures.boxes import BoxCoder, clip_boxes, nonempty_mask
 
 
 class BoxPredictor(nn.Module):
@@ -146,8 +146,7 @@ class Res5ROIHeads(nn.Module):
         """
         candidates = torch.cat((proposals, gt_boxes), dim=1)  # (N, P + G, 4)
         candidates_valid = torch.cat((proposals_valid, gt_valid), dim=1)
-        iou = batched_box_iou(gt_boxes, candidates)  # (N, G, P + G)
-        matched_idxs, match_labels = self.matcher(iou, gt_valid)  # (N, P + G) each
+        matched_idxs, match_labels = match_boxes(self.matcher, gt_boxes, gt_valid, candidates)  # (N, P + G) each
 
         classes = torch.gather(gt_labels, 1, matched_idxs)
         classes = torch.where(match_labels == 1, classes, torch.full_like(classes, self.num_classes))
