@@ -281,6 +281,7 @@ def main(argv: Sequence[str]) -> int:
 
     predictor = Predictor(args.weights, config=args.config, overrides=args.overrides, device=args.device,
                           score_thresh=args.score_thresh, batch_size=args.batch_size)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     summary = {
         "weights": str(args.weights),
@@ -295,14 +296,19 @@ def main(argv: Sequence[str]) -> int:
         "ignored": [inputs.relative(p).as_posix() for p in inputs.ignored],
         "outputs": [],
     }
-    status = 0
     try:
         if inputs.images:
             _run_images(inputs, out, predictor, args, summary)
         status = _run_videos(inputs, out, predictor, video_options, summary) if video_options else 0
-    finally:
-        # Also after Ctrl-C or an error: summary.json lists what was written, so --overwrite can remove it.
-        _write_json_atomic(out / SUMMARY_NAME, summary)
+    except BaseException:
+        # After Ctrl-C or an error, summary.json still lists what was written (so --overwrite can
+        # remove it); a run that wrote nothing (a video that cannot be opened) leaves nothing.
+        if summary["outputs"] or summary["videos"]:
+            _write_json_atomic(out / SUMMARY_NAME, summary)
+        elif created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    _write_json_atomic(out / SUMMARY_NAME, summary)
     print(format_summary(summary, out))
     return status
 

@@ -150,7 +150,7 @@ def run_video(source: VideoSource, out: Path, stem: Path, predictor, options: Vi
         "codec": options.codec,
         "every": options.every,
         "frames_read": stats.frames_read,
-        "frames_processed": detector.frames_processed,
+        "frames_processed": jsonl.lines_written,  # = processed frames whose results were recorded
         "frames_dropped": stats.frames_dropped,
         "frames_written": writer.frames_written if writer is not None else 0,
         "first_frame": stats.first_index,
@@ -160,7 +160,7 @@ def run_video(source: VideoSource, out: Path, stem: Path, predictor, options: Vi
         "warning": stats.warning,
         "seconds": round(seconds, 3),
         "frames_per_second": round(stats.frames_read / max(seconds, 1e-9), 3),
-        "processed_per_second": round(detector.frames_processed / max(seconds, 1e-9), 3),
+        "processed_per_second": round(jsonl.lines_written / max(seconds, 1e-9), 3),
         # Where the time went: decoding + resizing (reader thread), the model, drawing + encoding,
         # and how long the model side waited for decoded frames (~0: the model is the bottleneck).
         "timing": {"decode_s": round(stats.decode_seconds, 3), "model_s": round(detector.model_seconds, 3),
