@@ -305,6 +305,7 @@ def main(argv: Sequence[str]) -> int:
         # remove it); a run that wrote nothing (a video that cannot be opened) leaves nothing.
         if summary["outputs"] or summary["videos"]:
             _write_json_atomic(out / SUMMARY_NAME, summary)
+            print(format_summary(summary, out))
         elif created and not any(out.iterdir()):
             out.rmdir()
         raise
