@@ -8,6 +8,7 @@ and stars (24..80 px, the shapes dataset's sizes) on a textured background, mp4v
 each thread count (torch.set_num_threads; OpenCV keeps its default), it runs
 
   decoder only   FrameReader: decode + BGR->RGB + the test-time resize, what the reader thread does
+  model only     predict_preprocessed on batches of the clip's first frames, nothing else running
   full           detkit-infer --input <clip> (decoder thread, model, drawing, writing the mp4v video)
 
 `--runs` times each and prints min / median frames/s and, from the runs' summary.json, where the time
@@ -85,6 +86,25 @@ def decoder_only(clip: Path, weights: str) -> float:
     return count / (time.perf_counter() - tic)
 
 
+def model_only(clip: Path, weights: str, batch_size: int, batches: int = 4) -> list[float]:
+    """Frames/s of predict_preprocessed alone on the clip's first frames (no decoder thread running)."""
+    from detkit.engine.predictor import Predictor
+
+    predictor = Predictor(weights, device="cpu", batch_size=batch_size)
+    capture = cv2.VideoCapture(str(clip))
+    frames = [cv2.cvtColor(capture.read()[1], cv2.COLOR_BGR2RGB) for _ in range(batch_size)]
+    capture.release()
+    tensors = [predictor.preprocess(frame) for frame in frames]
+    sizes = [frame.shape[:2] for frame in frames]
+    predictor.predict_preprocessed(tensors, sizes)  # warm-up
+    rates = []
+    for _ in range(batches):
+        tic = time.perf_counter()
+        predictor.predict_preprocessed(tensors, sizes)
+        rates.append(len(frames) / (time.perf_counter() - tic))
+    return rates
+
+
 def full_run(clip: Path, weights: str, threads: int, batch_size: int) -> dict:
     """One detkit-infer run in a fresh process with `threads` torch threads: its summary's video entry."""
     with tempfile.TemporaryDirectory(prefix="detkit-bench-video-") as tmp:
@@ -111,12 +131,14 @@ def main() -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         decode = [decoder_only(clip, args.weights) for _ in range(args.runs)]
+        model = model_only(clip, args.weights, args.batch_size, batches=args.runs)
         runs = [full_run(clip, args.weights, threads, args.batch_size) for _ in range(args.runs)]
         fps = [r["frames_per_second"] for r in runs]
         median = runs[sorted(range(len(runs)), key=lambda i: fps[i])[len(runs) // 2]]
         timing, seconds = median["timing"], median["seconds"]
         print(f"threads {threads}: full {min(fps):.2f} / {statistics.median(fps):.2f} frames/s (min / median of "
-              f"{args.runs}); decoder only {min(decode):.1f} / {statistics.median(decode):.1f} frames/s")
+              f"{args.runs}); decoder only {min(decode):.1f} / {statistics.median(decode):.1f}; model only "
+              f"{min(model):.2f} / {statistics.median(model):.2f} (batches of {args.batch_size})")
         print(f"  median run {seconds:.2f} s: model {timing['model_s']:.2f} s, draw+write {timing['draw_write_s']:.2f} s,"
               f" waited for decoder {timing['waited_for_decoder_s']:.2f} s; decoder thread busy "
               f"{timing['decode_s']:.2f} s")
