@@ -44,7 +44,7 @@ from typing import Optional, Sequence
 
 from detkit.cli.common import run_cli, setup_logging
 from detkit.data.video import VIDEO_EXTENSIONS, VideoSource, is_video_name, parse_source
-from detkit.errors import ConfigError, DataError, DetkitError, ImageReadError, VideoReadError
+from detkit.errors import ConfigError, DataError, ImageReadError, VideoReadError
 
 logger = logging.getLogger("detkit.cli.infer")
 
