@@ -214,6 +214,33 @@ def test_a_folder_with_images_and_videos(infer, tmp_path, write_video, read_vide
     assert code == 0 and sorted(p.name for p in out.iterdir()) == ["clip.jsonl", "clip.mp4", "summary.json"]
 
 
+def test_an_error_after_the_first_frame_closes_the_outputs_and_says_where(tmp_path, write_video, tiny_checkpoint):
+    from detkit.cli.infer_video import VideoOptions, run_video
+    from detkit.data.video import parse_source
+
+    predictor = Predictor(tiny_checkpoint, device="cpu", score_thresh=0.05)
+    model_calls = []
+    working = predictor.predict_preprocessed
+
+    def fails_on_the_third_batch(tensors, sizes):
+        model_calls.append(len(tensors))
+        if len(model_calls) == 3:
+            raise RuntimeError("simulated failure")
+        return working(tensors, sizes)
+
+    predictor.predict_preprocessed = fails_on_the_third_batch
+    path = write_video(tmp_path / "clip.avi", "MJPG")
+    result = run_video(parse_source(str(path)), tmp_path / "out", Path("clip"), predictor,
+                       VideoOptions(batch_size=4, codec="MJPG"))
+
+    assert isinstance(result.error, RuntimeError) and model_calls == [4, 4, 4]
+    assert result.entry["stopped"] == "error: RuntimeError: simulated failure after frame 7"
+    assert result.outputs == ["clip.jsonl", "clip.avi"]
+    assert [line["frame"] for line in json_lines(tmp_path / "out" / "clip.jsonl")] == list(range(8))
+    assert video_props(tmp_path / "out" / "clip.avi")[0] == 8 == result.entry["frames_written"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clip.avi", "clip.jsonl"]  # no temp files
+
+
 @pytest.mark.slow  # ~10 s: a subprocess imports torch and runs until interrupted
 def test_ctrl_c_leaves_a_playable_video_and_whole_json_lines(tmp_path, write_video, tiny_checkpoint):
     path = write_video(tmp_path / "long.avi", "MJPG", num_frames=600)

@@ -91,6 +91,7 @@ def run_video(source: VideoSource, out: Path, stem: Path, predictor, options: Vi
     fps_out = info.fps if info.fps > 0 else LIVE_FPS_FALLBACK
     result = VideoResult(entry={}, outputs=[])
     num_detections, draw_seconds, stop_reason = 0, 0.0, None
+    first_done = last_done = None  # frames fully handled (recorded and drawn); the reader may be ahead
     start = time.perf_counter()
     bar = tqdm(total=reader.expected_frames(), unit="frame", desc=source.name, dynamic_ncols=True, file=sys.stderr)
     try:
@@ -109,6 +110,8 @@ def run_video(source: VideoSource, out: Path, stem: Path, predictor, options: Vi
                     writer.write(draw_detections(frame.image, dets.boxes, dets.labels, dets.scores,
                                                  predictor.class_names))
                     draw_seconds += time.perf_counter() - tic
+                first_done = frame.index if first_done is None else first_done
+                last_done = frame.index
                 bar.update(1)
     except KeyboardInterrupt:
         result.interrupted = True
@@ -134,10 +137,9 @@ def run_video(source: VideoSource, out: Path, stem: Path, predictor, options: Vi
                              f"({stats.stop_reason}); check that it plays, e.g. with ffprobe")
 
     result.outputs = [jsonl_rel.as_posix()] + ([video_rel.as_posix()] if writer is not None else [])
-    last = stats.last_index
     stopped = stop_reason or stats.stop_reason
     if result.interrupted or result.error is not None:
-        stopped += f" after frame {last}" if last is not None else ""
+        stopped += f" after frame {last_done}" if last_done is not None else " before the first frame"
     result.entry = {
         "input": source.spec,
         "kind": source.kind,
@@ -153,8 +155,8 @@ def run_video(source: VideoSource, out: Path, stem: Path, predictor, options: Vi
         "frames_processed": jsonl.lines_written,  # = processed frames whose results were recorded
         "frames_dropped": stats.frames_dropped,
         "frames_written": writer.frames_written if writer is not None else 0,
-        "first_frame": stats.first_index,
-        "last_frame": last,
+        "first_frame": first_done,
+        "last_frame": last_done,
         "detections": num_detections,
         "stopped": stopped,
         "warning": stats.warning,
