@@ -34,11 +34,14 @@ def infer(capsys, tiny_checkpoint):
     detkit_logger = logging.getLogger("detkit")
 
     def run(*args):
+        # setup_logging adds a console handler only when there is none, bound to the sys.stdout of
+        # that moment: give it none, so it binds to this test's capture, and put the old ones back.
         handlers = list(detkit_logger.handlers)
+        detkit_logger.handlers[:] = []
         try:
             code = run_cli(main, ["--weights", str(tiny_checkpoint), "--device", "cpu", "--score-thresh", "0.05",
                                   *map(str, args)])
-        finally:  # setup_logging bound a handler to this test's captured stdout
+        finally:
             detkit_logger.handlers[:] = handlers
         captured = capsys.readouterr()
         return code, captured.out, captured.err
