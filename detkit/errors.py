@@ -28,6 +28,16 @@ class ImageReadError(DataError):
         super().__init__(f"cannot read image {self.path}: {reason}")
 
 
+class VideoReadError(DataError):
+    """A video file, camera or stream that cannot be opened or read. source: "video clip.mp4",
+    "camera 0", "stream rtsp://..."; reason: what failed and what to check."""
+
+    def __init__(self, source: str, reason: str):
+        self.source = source
+        self.reason = reason
+        super().__init__(f"cannot read {source}: {reason}")
+
+
 class CheckpointError(DetkitError):
     """A checkpoint or weights file that is missing, unsafe or does not fit the model."""
 

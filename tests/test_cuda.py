@@ -1,6 +1,6 @@
 """What only a GPU can show (run by `make gpu-check`; deselected without CUDA, see conftest.py):
-the default bf16 AMP path and fp16 with a gradient scaler on CUDA, CPU/GPU agreement in fp32, the
-single-call class-wise NMS, and the backend flags."""
+the default bf16 AMP path and fp16 with a gradient scaler on CUDA, CPU/GPU agreement in fp32, and
+the backend flags. (Detectron2 bit-identity on CUDA: tests/modeling/test_detectron2_reference.py.)"""
 
 import pytest
 import torch
@@ -8,7 +8,6 @@ import torch
 import detkit.modeling.roi_heads as roi_heads_module
 from detkit.config import load_config, replace
 from detkit.modeling import build_model
-from detkit.modeling.roi_heads import class_wise_nms
 from detkit.utils.env import configure_backends
 
 pytestmark = pytest.mark.cuda
@@ -70,18 +69,6 @@ def test_fp32_on_cuda_gives_the_cpu_detections():
         assert abs(len(a["scores"]) - len(b["scores"])) <= 2
         torch.testing.assert_close(b["boxes"][:n].cpu(), a["boxes"][:n], rtol=0, atol=1e-2)
         torch.testing.assert_close(b["scores"][:n].cpu(), a["scores"][:n], rtol=0, atol=1e-4)
-
-
-def test_single_call_class_wise_nms_equals_batched_nms_on_cuda():
-    g = torch.Generator().manual_seed(0)
-    xy = torch.rand(3000, 2, generator=g) * 500
-    boxes = torch.cat((xy, xy + 10 + torch.rand(3000, 2, generator=g) * 100), dim=1).cuda()
-    scores = torch.rand(3000, generator=g).cuda()
-    image_idx = torch.randint(0, 4, (3000,), generator=g).cuda()
-    class_idx = torch.randint(0, 80, (3000,), generator=g).cuda()
-    single = class_wise_nms(boxes, scores, image_idx, class_idx, 80, 0.5, single_call=True)
-    looped = class_wise_nms(boxes, scores, image_idx, class_idx, 80, 0.5, single_call=False)
-    assert torch.equal(single.sort().values, looped.sort().values)
 
 
 def test_backend_flags_follow_the_config():

@@ -5,7 +5,7 @@
     python tools/bench_loader.py --workers 0 1 2 --batches 60 --batch-size 2
     python tools/bench_loader.py --config configs/frcnn_r101.yaml   # your own data instead of shapes
 
-Prints a markdown table for BENCHMARKS.md. The timing itself is detkit.data.benchmark.benchmark_loader.
+Prints a markdown table for BENCHMARKS.md. The timing itself is detkit.benchmark.loader.benchmark_loader.
 """
 
 import argparse
@@ -38,7 +38,7 @@ def main(argv: Sequence[str]) -> int:
     setup_logging()
 
     from detkit.config import DatasetConfig, load_config, replace
-    from detkit.data.benchmark import benchmark_loader
+    from detkit.benchmark.loader import benchmark_loader
 
     if args.config:
         cfg = load_config(args.config, args.overrides)

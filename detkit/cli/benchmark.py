@@ -8,7 +8,7 @@
 
 Speed mode times, on identical inputs and shared (calibrated random) weights, one inference and
 one training step (forward, backward, SGD) of detkit's R101-C4 and of torchvision's FasterRCNN
-assembled as the same R101-C4 (detkit/utils/tv_reference.py), interleaved A, B, A, B, ... in one
+assembled as the same R101-C4 (detkit/benchmark/tv_reference.py), interleaved A, B, A, B, ... in one
 process; prints a markdown table (images/s min and median over the repeats, peak memory, RoIs per
 image each model ran, detkit/torchvision ratio), the detection agreement and the FLOPs, and writes
 everything as JSON (--json). Trailing `key=value` arguments are detkit config overrides, e.g.
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--dets-per-image", type=int, default=100, help="detections per image (default 100)")
     evaluation.add_argument("--eval-repeats", type=int, default=1, help="timed runs of each evaluator (default 1)")
     evaluation.add_argument("--backends", nargs="+", default=["pycocotools", "faster_coco_eval"], help="detkit evaluator backends to time")
-    loader = parser.add_argument_group("loader mode (detkit.data.benchmark, as tools/bench_loader.py) and accuracy mode")
+    loader = parser.add_argument_group("loader mode (detkit.benchmark.loader, as tools/bench_loader.py) and accuracy mode")
     loader.add_argument("--config", help="loader: time this config's training data instead of generated shapes images; "
                         "accuracy: the config to train with both models (e.g. configs/shapes_r101.yaml)")
     loader.add_argument("--output-dir", default="output/benchmark_accuracy", help="accuracy: runs go to DIR/detkit and DIR/torchvision")
@@ -183,9 +183,9 @@ def accuracy_table(summaries: dict) -> str:
 
 
 def run_loader(args: argparse.Namespace) -> dict:
-    """The training loader alone, via detkit.data.benchmark.benchmark_loader (tools/bench_loader.py)."""
+    """The training loader alone, via detkit.benchmark.loader.benchmark_loader (tools/bench_loader.py)."""
     from detkit.config import DatasetConfig, load_config, replace
-    from detkit.data.benchmark import benchmark_loader
+    from detkit.benchmark.loader import benchmark_loader
 
     if args.config:
         cfg = load_config(args.config, args.overrides)
@@ -222,7 +222,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     if args.mode == "speed":
-        from detkit.utils.benchmark import SpeedOptions, run_speed_benchmark
+        from detkit.benchmark.speed import SpeedOptions, run_speed_benchmark
         from detkit.utils.env import resolve_device
 
         for name, value in (("--iters", args.iters), ("--batch-size", min(args.batch_size)), ("--image-size", min(args.image_size))):
@@ -253,14 +253,14 @@ def _run(args: argparse.Namespace) -> int:
         result = run_export_benchmark(options)
         table = export_table(result)
     elif args.mode == "eval":
-        from detkit.utils.benchmark import run_eval_benchmark
+        from detkit.benchmark.eval_speed import run_eval_benchmark
 
         env = environment("cpu")
         result = run_eval_benchmark(args.eval_images, args.dets_per_image, args.eval_repeats, args.backends, seed=args.seed)
         table = eval_table(result)
     elif args.mode == "accuracy":
         from detkit.config import load_config
-        from detkit.utils.benchmark import run_accuracy_comparison
+        from detkit.benchmark.accuracy import run_accuracy_comparison
 
         if not args.config:
             raise ConfigError("--mode accuracy needs --config (e.g. configs/shapes_r101.yaml) and optionally key=value overrides")

@@ -142,3 +142,9 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 def destroy() -> None:
     if is_dist():
         dist.destroy_process_group()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself): for its state dict,
+    and at test time, where DDP's forward would broadcast buffers for nothing."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model

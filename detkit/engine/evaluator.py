@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from detkit.data.coco import check_coco, degenerate_box_examples, raise_coco_errors, read_coco_dict, read_json
+from detkit.engine.distributed import unwrap
 from detkit.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -460,11 +461,6 @@ def detections_to_coco(
     ]
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    # DistributedDataParallel's forward would broadcast buffers for nothing at test time.
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 @torch.no_grad()
 def inference_on_dataset(
     model: torch.nn.Module,
@@ -484,7 +480,7 @@ def inference_on_dataset(
     once), while the other ranks return []. Logs images/s. The model's train/eval mode is restored.
     """
     device = torch.device(device)
-    net = _unwrap(model)
+    net = unwrap(model)
     was_training = net.training
     net.eval()
     per_image: dict[int, list[dict]] = {}

@@ -4,6 +4,8 @@
     dets = predictor(read_image("street.jpg"))             # one RGB (H, W, 3) uint8 image
     dets.boxes, dets.scores, dets.labels, dets.class_names  # boxes xyxy in the image's own pixels
     many = predictor.predict([img1, img2, img3])            # batches of `batch_size`
+    for index, timestamp_ms, dets in predictor.predict_video("clip.mp4", every=2):  # or 0 (camera), a URL
+        ...
 
 The checkpoint brings the model's config and class names, so a checkpoint alone is enough; a config
 (file or `Config`) replaces the checkpoint's, and dotted overrides apply on top of either (e.g.
@@ -20,7 +22,7 @@ import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -253,6 +255,23 @@ class Predictor:
 
     def __call__(self, image: np.ndarray) -> Detections:
         return self.predict([image])[0]
+
+    def predict_video(self, source: Union[str, int, Path], *, every: int = 1, batch_size: Optional[int] = None,
+                      start_s: float = 0.0, end_s: Optional[float] = None, max_frames: Optional[int] = None,
+                      timeout_s: float = 10.0) -> Iterator[tuple[int, float, Detections]]:
+        """Yield (frame index, timestamp in ms, Detections) for every `every`-th frame of a video
+        file, a camera index (0, "0") or a stream URL ("rtsp://...", "http://...").
+
+        Frames are decoded and resized in a background thread while the model runs on batches of
+        `batch_size` (default: the predictor's). start_s / end_s: only frames with start_s <=
+        timestamp < end_s; max_frames: stop after reading this many frames (processed or not).
+        Raises VideoReadError when the source cannot be opened (a stream: within timeout_s); a
+        file that ends early just ends the iteration (see detkit.data.video).
+        """
+        from detkit.engine.video import iter_video_detections
+
+        return iter_video_detections(self, source, every=every, batch_size=batch_size, start_s=start_s, end_s=end_s,
+                                     max_frames=max_frames, timeout_s=timeout_s)
 
 
 def _config_dict(cfg: Config) -> dict:

@@ -45,6 +45,7 @@ from detkit.engine.checkpoint import (
     load_checkpoint,
     restore_rng_state,
 )
+from detkit.engine.distributed import unwrap
 from detkit.engine.lr_schedule import build_lr_scheduler, build_optimizer
 from detkit.errors import CheckpointError, ConfigError, NonFiniteLossError
 from detkit.utils.env import AmpChoice, configure_backends, resolve_device, seed_all, select_amp
@@ -59,11 +60,6 @@ SUMMARY_FILE = "summary.json"
 # --------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def total_norm(grads: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:

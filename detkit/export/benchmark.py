@@ -1,7 +1,7 @@
 """CPU inference of one model three ways: PyTorch eager, the TorchScript file, ONNX Runtime
 (`tools/benchmark.py --mode export`).
 
-The model is the speed benchmark's (detkit.utils.benchmark): random weights calibrated so that the
+The model is the speed benchmark's (detkit.benchmark): random weights calibrated so that the
 RPN keeps the full post-NMS top-k (1000 proposals per image for the R101-C4 defaults) and the box
 head passes a realistic number of candidates to NMS. It is exported to both formats in a temporary
 folder, then
@@ -39,7 +39,7 @@ class ExportBenchOptions:
     repeats: int = 3
     threads: Optional[int] = None  # None: torch's current setting, used for ONNX Runtime too
     overrides: tuple[str, ...] = ()
-    torchvision: bool = False  # also time the torchvision reference model (detkit.utils.tv_reference)
+    torchvision: bool = False  # also time the torchvision reference model (detkit.benchmark.tv_reference)
     seed: int = 0
     keep_dir: Optional[str] = None  # write the exported files here instead of a temporary folder
 
@@ -52,8 +52,8 @@ def _eager_detections(model, image: torch.Tensor) -> dict:
 
 def _compare(ref: dict, got: dict) -> dict:
     """Detections of one image: exact comparison in order, and (when that fails) an IoU >= 0.99
-    same-label matching (detkit.utils.benchmark.compare_detections) that tolerates reordering."""
-    from detkit.utils.benchmark import compare_detections
+    same-label matching (detkit.benchmark.calibration.compare_detections) that tolerates reordering."""
+    from detkit.benchmark.calibration import compare_detections
 
     same = len(ref["scores"]) == len(got["scores"]) and np.array_equal(ref["labels"], got["labels"])
     row = {"eager": int(len(ref["scores"])), "exported": int(len(got["scores"])), "same_count_and_labels": bool(same)}
@@ -74,7 +74,8 @@ def run_export_benchmark(options: ExportBenchOptions) -> dict:
     from detkit.export.exporter import export_model
     from detkit.export.runtime import load_exported
     from detkit.modeling import build_model
-    from detkit.utils.benchmark import calibrate_, make_inputs, summarize_times, time_interleaved
+    from detkit.benchmark.calibration import calibrate_, make_inputs
+    from detkit.benchmark.timing import summarize_times, time_interleaved
     from detkit.utils.env import seed_all
 
     threads = options.threads or torch.get_num_threads()
@@ -126,7 +127,7 @@ def run_export_benchmark(options: ExportBenchOptions) -> dict:
             "onnxruntime": lambda: exported_detections("onnxruntime", timed_image),
         }
         if options.torchvision:
-            from detkit.utils.tv_reference import build_torchvision_reference, to_torchvision_images
+            from detkit.benchmark.tv_reference import build_torchvision_reference, to_torchvision_images
 
             reference = build_torchvision_reference(model, (height, width)).eval()
             tv_images = to_torchvision_images(timed_image[None])

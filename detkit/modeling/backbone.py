@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -27,12 +28,32 @@ RESNET_SPECS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
 }
 
 
+def frozen_batch_norm(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:
+    """(N, C, H, W) -> (N, C, H, W) in x's dtype, computed exactly as Detectron2's FrozenBatchNorm2d.
+
+    Without grad: one `F.batch_norm(training=False)` call. With grad: `x * scale + bias`, because
+    F.batch_norm's backward would also compute gradients for the frozen statistics. The two round
+    differently (by ~1 ulp per layer, ~1e-3 after 100 layers), so detkit takes the branch Detectron2
+    takes in each case, for bit-identical outputs. torch.fx records a call of this function as one
+    node (`torch.fx.wrap` below): the branch on x.requires_grad is taken at run time, not traced.
+    """
+    if x.requires_grad:
+        scale = weight * (running_var + eps).rsqrt()
+        shift = bias - running_mean * scale
+        # (C,) -> (1, C, 1, 1), in x's dtype so bf16/fp16 activations stay in that dtype.
+        return x * scale.reshape(1, -1, 1, 1).to(x.dtype) + shift.reshape(1, -1, 1, 1).to(x.dtype)
+    return F.batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps)
+
+
+torch.fx.wrap("frozen_batch_norm")
+
+
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm with fixed statistics and affine parameters, all stored as buffers.
 
-    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, folded into one scale and
-    shift. Buffers (not parameters) so an optimizer never sees them; names match nn.BatchNorm2d so
-    torchvision checkpoints load into it.
+    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, computed by
+    `frozen_batch_norm` exactly as Detectron2 does. Buffers (not parameters) so an optimizer never
+    sees them; names match nn.BatchNorm2d so torchvision checkpoints load into it.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5):
@@ -50,19 +71,7 @@ class FrozenBatchNorm2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def forward(self, x: Tensor) -> Tensor:
-        """(N, C, H, W) -> (N, C, H, W) in x's dtype; computed exactly as Detectron2's FrozenBatchNorm2d.
-
-        Without grad: one `F.batch_norm(training=False)` call. With grad: `x * scale + bias`,
-        because F.batch_norm's backward would also compute gradients for the frozen statistics.
-        The two branches round differently (by ~1 ulp per layer, ~1e-3 after 100 layers), so detkit
-        uses the same branch as Detectron2 in each case to give bit-identical outputs.
-        """
-        if x.requires_grad:
-            scale = self.weight * (self.running_var + self.eps).rsqrt()
-            bias = self.bias - self.running_mean * scale
-            # (C,) -> (1, C, 1, 1), in x's dtype so bf16/fp16 activations stay in that dtype.
-            return x * scale.reshape(1, -1, 1, 1).to(x.dtype) + bias.reshape(1, -1, 1, 1).to(x.dtype)
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.eps)
+        return frozen_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
@@ -103,38 +112,59 @@ def make_norm(kind: str) -> Callable[[int], nn.Module]:
 GEMM_CONV_MAX_POSITIONS = 16
 
 
+def small_map_conv2d(
+    input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: tuple[int, int], padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Tensor:
+    """F.conv2d (groups 1, zero padding) that computes tiny maps on the CPU as an im2col GEMM.
+
+    input (N, Cin, H, W), weight (Cout, Cin, kh, kw) -> (N, Cout, Ho, Wo). Outputs of at most
+    GEMM_CONV_MAX_POSITIONS positions: `unfold` (N, Cin*kh*kw, L) then weight (Cout, Cin*kh*kw) @
+    cols -> (N, Cout, L); a 1x1 map (1x1 output) is one matmul with the only tap that sees the input.
+    Anything else, and every non-CPU tensor, goes to F.conv2d.
+
+    torch.fx records a call of this function as one node (`torch.fx.wrap` below), so the decision,
+    which reads the input's device and shape, is taken when the traced graph runs, not when tracing.
+    """
+    if input.device.type == "cpu" and input.dim() == 4:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = weight.shape[-2:], stride, padding, dilation
+        h, w = input.shape[-2:]
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if h == w == 1 and ho == wo == 1 and dh == dw == 1 and 0 <= ph < kh and 0 <= pw < kw:
+            # A 1x1 map: every tap but (ph, pw) reads padding, so the conv is one (Cin -> Cout) matmul.
+            out = (input.flatten(1) @ weight[:, :, ph, pw].t())[:, :, None]  # (N, Cin) @ (Cin, Cout) -> (N, Cout, 1)
+        elif 0 < ho * wo <= GEMM_CONV_MAX_POSITIONS:
+            cols = F.unfold(input, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
+            out = weight.reshape(weight.shape[0], -1) @ cols  # (Cout, Cin*kh*kw) @ (N, Cin*kh*kw, L)
+        else:
+            return F.conv2d(input, weight, bias, stride, padding, dilation)
+        if bias is not None:
+            out = out + bias[:, None]
+        return out.view(input.shape[0], weight.shape[0], ho, wo)
+    return F.conv2d(input, weight, bias, stride, padding, dilation)
+
+
+torch.fx.wrap("small_map_conv2d")
+
+
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters, same state-dict keys) that computes tiny maps on the CPU as an
-    im2col GEMM: `unfold` (N, Cin*kh*kw, L) then weight (Cout, Cin*kh*kw) @ cols -> (N, Cout, L).
+    """nn.Conv2d (same parameters, same state-dict keys) that computes tiny maps on the CPU as a
+    GEMM (`small_map_conv2d`).
 
     res5 runs on many small RoI maps (R x 512 x 1 x 1 for the CPU demo), where oneDNN's
     convolution, its backward most, is far slower than the same arithmetic as a matmul (torch 2.14,
     2-core CPU machine: 3x3 512->512 on 64 x 2 x 2, forward + backward 102 ms with oneDNN, 47 ms as
     GEMM on 2 threads). A 1x1 map skips the unfold: only the tap at (padding, padding) sees the
-    input (192 x 512 x 1 x 1, 1 thread: 493 ms with oneDNN, 13 ms). Larger maps and GPUs keep the
-    library convolution (BENCHMARKS.md, "Profile").
+    input (192 x 512 x 1 x 1, 1 thread: 493 ms with oneDNN, 13 ms). On the demo's whole training
+    step the GEMM path is worth 1.3x (tools/bench_gemm_conv.py). Larger maps and GPUs keep the
+    library convolution (BENCHMARKS.md, "Profile"). Traceable by torch.fx (the decision is inside
+    the wrapped function).
     """
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        if (
-            input.device.type == "cpu" and input.dim() == 4 and self.groups == 1
-            and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-        ):
-            (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-            h, w = input.shape[-2:]
-            ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-            wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-            if h == w == 1 and ho == wo == 1 and dh == dw == 1 and 0 <= ph < kh and 0 <= pw < kw:
-                # A 1x1 map: every tap but (ph, pw) reads padding, so the conv is one (Cin -> Cout) matmul.
-                out = (input.flatten(1) @ weight[:, :, ph, pw].t())[:, :, None]  # (N, Cin) @ (Cin, Cout) -> (N, Cout, 1)
-            elif 0 < ho * wo <= GEMM_CONV_MAX_POSITIONS:
-                cols = F.unfold(input, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
-                out = weight.reshape(weight.shape[0], -1) @ cols  # (Cout, Cin*kh*kw) @ (N, Cin*kh*kw, L)
-            else:
-                return super()._conv_forward(input, weight, bias)
-            if bias is not None:
-                out = out + bias[:, None]
-            return out.view(input.shape[0], weight.shape[0], ho, wo)
+        if self.groups == 1 and self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            return small_map_conv2d(input, weight, bias, self.stride, self.padding, self.dilation)
         return super()._conv_forward(input, weight, bias)
 
 

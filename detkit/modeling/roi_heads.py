@@ -19,43 +19,12 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops import batched_nms, nms, roi_align
+from torchvision.ops import batched_nms, roi_align
 
-from detkit.modeling.matcher import Matcher
+from detkit.modeling.matcher import Matcher, match_boxes
 from detkit.modeling.rpn import smooth_l1
 from detkit.modeling.sampler import sample_balanced
-from detkit.structures.boxes import BoxCoder, batched_box_iou, clip_boxes, nonempty_mask, rank_within_groups
-
-
-# Up to this many boxes, class-wise NMS on the GPU is one nms call (its IoU bit mask is
-# D * D / 8 bytes: 50 MB at 20000); beyond, torchvision's per-group loop.
-SINGLE_NMS_MAX_BOXES = 20000
-
-
-def class_wise_nms(
-    boxes: Tensor, scores: Tensor, image_idx: Tensor, class_idx: Tensor, num_classes: int, iou_threshold: float,
-    single_call: Optional[bool] = None,
-) -> Tensor:
-    """NMS within each (image, class) group; returns kept indices sorted by decreasing score.
-
-    boxes (D, 4) xyxy >= 0 (clipped); scores, image_idx, class_idx (D,).
-    single_call (None = on CUDA when D <= SINGLE_NMS_MAX_BOXES): one nms call with every group
-    shifted into its own tile of the plane (classes along x, images along y, tiles wider than any
-    box), so boxes of different groups never overlap. torchvision's batched_nms does this only
-    below 5000 boxes on CUDA and otherwise loops over the groups, one nms call and one host-device
-    sync each: at batch 8 with ~1000 candidates per image that is ~450 calls (profiled with
-    tools/benchmark.py), where torchvision's own model, calling it per image, makes 8. On the
-    CPU, where nms is a sequential O(D^2) loop, the per-group loop is the cheaper one.
-    The shift is at most K x (max coordinate + 1) in x, as in torchvision's per-image call.
-    """
-    if single_call is None:
-        single_call = boxes.is_cuda and boxes.shape[0] <= SINGLE_NMS_MAX_BOXES
-    if not single_call or boxes.shape[0] == 0:
-        return batched_nms(boxes, scores, image_idx * num_classes + class_idx, iou_threshold)
-    tile = boxes.max() + 1.0
-    # (D,) -> (D, 4): x offsets from the class, y offsets from the image.
-    offsets = torch.stack((class_idx, image_idx, class_idx, image_idx), dim=1).to(boxes.dtype) * tile
-    return nms(boxes + offsets, scores, iou_threshold)
+from detkit.structures.boxes import BoxCoder, clip_boxes, nonempty_mask
 
 
 class BoxPredictor(nn.Module):
@@ -177,8 +146,7 @@ class Res5ROIHeads(nn.Module):
         """
         candidates = torch.cat((proposals, gt_boxes), dim=1)  # (N, P + G, 4)
         candidates_valid = torch.cat((proposals_valid, gt_valid), dim=1)
-        iou = batched_box_iou(gt_boxes, candidates)  # (N, G, P + G)
-        matched_idxs, match_labels = self.matcher(iou, gt_valid)  # (N, P + G) each
+        matched_idxs, match_labels = match_boxes(self.matcher, gt_boxes, gt_valid, candidates)  # (N, P + G) each
 
         classes = torch.gather(gt_labels, 1, matched_idxs)
         classes = torch.where(match_labels == 1, classes, torch.full_like(classes, self.num_classes))
@@ -237,22 +205,32 @@ class Res5ROIHeads(nn.Module):
         """
         k = self.num_classes
         num_images = image_sizes.shape[0]
-        scores = F.softmax(cls_logits.float(), dim=-1)[:, :k]  # drop background (last): (R, K)
+        probs = F.softmax(cls_logits.float(), dim=-1)  # (R, K + 1), background last
         boxes = self.box_coder.decode(box_deltas, rois)  # (R, 4K) or (R, 4)
+        # RoIs with a non-finite box or score are dropped, tested before clipping as in Detectron2.
+        finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(probs).all(dim=1)  # (R,)
+        scores = probs[:, :k]  # (R, K + 1) -> (R, K)
         # (R, 4K) -> (R, K, 4) or (R, 1, 4); the class count is explicit so that R = 0 (no proposal
         # in any image) still reshapes.
         boxes = boxes.view(boxes.shape[0], box_deltas.shape[1] // 4, 4)
         boxes = clip_boxes(boxes, image_sizes[roi_image_idx][:, None, :])
-        finite = torch.isfinite(boxes).all(dim=(1, 2)) & torch.isfinite(scores).all(dim=1)  # (R,)
 
         roi_idx, class_idx = torch.nonzero((scores > self.score_thresh) & finite[:, None], as_tuple=True)
         det_boxes = boxes[roi_idx, class_idx if boxes.shape[1] > 1 else torch.zeros_like(class_idx)]
         det_scores = scores[roi_idx, class_idx]
         det_image = roi_image_idx[roi_idx]
 
-        # Class-wise NMS for all images at once: one group per (image, class).
-        keep = class_wise_nms(det_boxes, det_scores, det_image, class_idx, k, self.nms_thresh)
-        keep = keep[rank_within_groups(det_image[keep]) < self.detections_per_image]
+        # Class-wise NMS and top-k per image with Detectron2's very call (batched_nms with the class
+        # as the group), so that the kept boxes and the order of tied scores are Detectron2's bit for
+        # bit (see RPN.predict_proposals: one call over all images would round shifted coordinates
+        # or re-sort ties). torchvision 0.29's batched_nms is one nms call up to 25000 boxes on CUDA,
+        # so this is one call per image; the counts per image need one host-device sync.
+        by_image = torch.sort(det_image, stable=True).indices  # image-major, RoI-major within an image
+        keep = [
+            candidates[batched_nms(det_boxes[candidates], det_scores[candidates], class_idx[candidates], self.nms_thresh)[: self.detections_per_image]]
+            for candidates in by_image.split(torch.bincount(det_image, minlength=num_images).tolist())
+        ]
+        keep = torch.cat(keep) if keep else by_image
         det_boxes, det_scores, det_labels, det_image = det_boxes[keep], det_scores[keep], class_idx[keep], det_image[keep]
 
         # Rescale from the resized input to the original image, clip, drop boxes left empty.

@@ -20,9 +20,9 @@ from torch.nn import functional as F
 from torchvision.ops import batched_nms
 
 from detkit.modeling.anchors import AnchorGenerator
-from detkit.modeling.matcher import Matcher
+from detkit.modeling.matcher import Matcher, match_boxes
 from detkit.modeling.sampler import sample_balanced
-from detkit.structures.boxes import BoxCoder, batched_box_iou, clip_boxes, nonempty_mask, rank_within_groups
+from detkit.structures.boxes import BoxCoder, clip_boxes, nonempty_mask
 
 
 class RPNHead(nn.Module):
@@ -123,8 +123,8 @@ class RPN(nn.Module):
         """
         n = gt_boxes.shape[0]
         anchors_per_image = anchors.unsqueeze(0).expand(n, -1, -1)  # (M, 4) -> (N, M, 4)
-        iou = batched_box_iou(gt_boxes, anchors_per_image)  # (N, G, M)
-        matched_idxs, match_labels = self.matcher(iou, gt_valid)
+        # (N, M) each; never the whole (N, G, M) IoU at once (1.2 GB at batch 16 x 300 GT boxes).
+        matched_idxs, match_labels = match_boxes(self.matcher, gt_boxes, gt_valid, anchors_per_image)
         sampled_pos, sampled_neg = sample_balanced(
             match_labels == 1, match_labels == 0, self.batch_size_per_image, self.positive_fraction
         )
@@ -174,25 +174,26 @@ class RPN(nn.Module):
         top_anchors = anchors[top_idx]  # (N, K, 4)
         # (N, K, 4) -> (N*K, 4) for the coder and back.
         boxes = self.box_coder.decode(top_deltas.reshape(-1, 4), top_anchors.reshape(-1, 4)).view(n, pre_k, 4)
+        # Non-finite boxes are dropped before clipping (clipping would turn +inf into the border).
+        finite = torch.isfinite(boxes).all(dim=-1) & torch.isfinite(top_logits)
         boxes = clip_boxes(boxes, image_sizes[:, None, :])
-        keep = nonempty_mask(boxes, self.min_box_size) & torch.isfinite(boxes).all(dim=-1) & torch.isfinite(top_logits)
+        keep = nonempty_mask(boxes, self.min_box_size) & finite  # (N, K)
 
-        # One NMS call over all images (image index as the group); dropping the empty boxes and the
-        # variable number of survivors need a host-device sync, which NMS implies anyway.
+        # NMS per image with Detectron2's very call (batched_nms, one group id). One call over all
+        # images, the image index as the group, keeps nearly the same boxes but not Detectron2's:
+        # torchvision then shifts each image's coordinates by index x (max + 1), which rounds them
+        # (up to 1000 boxes on the CPU, 25000 on CUDA), or above that re-sorts the survivors of all
+        # images with an unstable sort, so tied logits change order and the post-NMS top-k with
+        # them. One NMS call and one host-device sync per image, as in Detectron2.
         flat_boxes = boxes.reshape(-1, 4)
         flat_logits = top_logits.reshape(-1)
-        flat_image = image_idx.reshape(-1)
-        kept = torch.nonzero(keep.reshape(-1)).squeeze(1)
-        survivors = kept[batched_nms(flat_boxes[kept], flat_logits[kept], flat_image[kept], self.nms_thresh)]
-        # `survivors` is sorted by logit (all images mixed): rank within each image, keep the top-k.
-        rank = rank_within_groups(flat_image[survivors])
-        in_top = rank < post_k
-        survivors, rank = survivors[in_top], rank[in_top]
-
+        kept_per_image = torch.nonzero(keep.reshape(-1)).squeeze(1).split(keep.sum(dim=1).tolist())
         proposals = boxes.new_zeros((n, post_k, 4))
         valid = torch.zeros((n, post_k), dtype=torch.bool, device=device)
-        proposals[flat_image[survivors], rank] = flat_boxes[survivors]
-        valid[flat_image[survivors], rank] = True
+        for i, kept in enumerate(kept_per_image):
+            survivors = kept[batched_nms(flat_boxes[kept], flat_logits[kept], torch.zeros_like(kept), self.nms_thresh)[:post_k]]
+            proposals[i, : survivors.numel()] = flat_boxes[survivors]
+            valid[i, : survivors.numel()] = True
         return proposals, valid
 
 

@@ -116,15 +116,23 @@ def batched_box_iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
 
     boxes_a: (N, G, 4), boxes_b: (N, M, 4) xyxy. Returns (N, G, M); 0 where the union is empty.
     The same numbers as torchvision.ops.box_iou on each image (tested), without a loop over images.
+    Intersection widths and heights are two (N, G, M) tensors updated in place, not (N, G, M, 2)
+    corner pairs: about 3 (N, G, M) floats at the peak instead of ~9, with the same operations on
+    every element, so the same bits (tested against the corner-pair form).
     """
-    area_a = box_area(boxes_a)  # (N, G)
-    area_b = box_area(boxes_b)  # (N, M)
-    top_left = torch.maximum(boxes_a[:, :, None, :2], boxes_b[:, None, :, :2])  # (N, G, M, 2)
-    bottom_right = torch.minimum(boxes_a[:, :, None, 2:], boxes_b[:, None, :, 2:])  # (N, G, M, 2)
-    wh = (bottom_right - top_left).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]  # (N, G, M)
-    union = area_a[:, :, None] + area_b[:, None, :] - inter
-    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(inter.dtype).tiny), torch.zeros_like(inter))
+    area_a = box_area(boxes_a)[:, :, None]  # (N, G) -> (N, G, 1)
+    area_b = box_area(boxes_b)[:, None, :]  # (N, M) -> (N, 1, M)
+    a = boxes_a[:, :, None, :]  # (N, G, 4) -> (N, G, 1, 4)
+    b = boxes_b[:, None, :, :]  # (N, M, 4) -> (N, 1, M, 4)
+    inter = torch.minimum(a[..., 2], b[..., 2]).sub_(torch.maximum(a[..., 0], b[..., 0])).clamp_(min=0)  # widths
+    heights = torch.minimum(a[..., 3], b[..., 3]).sub_(torch.maximum(a[..., 1], b[..., 1])).clamp_(min=0)
+    inter.mul_(heights)  # (N, G, M)
+    del heights
+    union = (area_a + area_b).sub_(inter)  # (N, G, M)
+    empty = (union > 0).logical_not_()  # not `union <= 0`: a NaN union gives IoU 0 too
+    iou = inter.div_(union.clamp_(min=torch.finfo(inter.dtype).tiny))
+    del union
+    return iou.masked_fill_(empty, 0.0)
 
 
 def pad_targets(

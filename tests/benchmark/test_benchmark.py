@@ -9,24 +9,19 @@ import json
 import pytest
 import torch
 
-from detkit.cli.benchmark import main as benchmark_main
-from detkit.config import load_config
-from detkit.modeling import build_model
-from detkit.structures.image_batch import ImageBatch
-from detkit.utils.benchmark import (
-    calibrate_,
-    compare_detections,
-    make_inputs,
-    make_synthetic_coco,
-    run_eval_benchmark,
-)
-from detkit.utils.tv_reference import (
+from detkit.benchmark.calibration import calibrate_, compare_detections, make_inputs
+from detkit.benchmark.eval_speed import make_synthetic_coco, run_eval_benchmark
+from detkit.benchmark.tv_reference import (
     TorchvisionDetector,
     build_torchvision_reference,
     check_no_resize,
     from_torchvision_detections,
     to_torchvision_images,
 )
+from detkit.cli.benchmark import main as benchmark_main
+from detkit.config import load_config
+from detkit.modeling import build_model
+from detkit.structures.image_batch import ImageBatch
 
 # Same function, two implementations in fp32: differences are summation order only.
 BOX_TOL_PX = 1e-3
@@ -196,30 +191,3 @@ def test_eval_benchmark_gives_the_same_ap_with_every_evaluator():
     assert all(r["eval_s_min"] > 0 for r in result["rows"])
     assert 5 < result["rows"][0]["AP"] < 95
     assert result["max_ap_difference"] < 1e-9
-
-
-def test_single_call_class_wise_nms_keeps_what_the_per_group_loop_keeps():
-    # The GPU path of Res5ROIHeads.inference (one nms call over all images and classes), run on
-    # the CPU against torchvision's batched_nms over the same (image, class) groups.
-    from detkit.modeling.roi_heads import class_wise_nms
-
-    g = torch.Generator().manual_seed(0)
-    num, num_images, num_classes = 6000, 8, 80
-    # Detections cluster around 300 objects, as a detector's do: plenty of overlap within a group.
-    objects = torch.rand(300, 2, generator=g) * torch.tensor([1333.0, 800.0])
-    centres = objects[torch.randint(0, 300, (num,), generator=g)] + torch.randn(num, 2, generator=g) * 5
-    sizes = 60 + torch.rand(num, 2, generator=g) * 40
-    boxes = torch.cat((centres - sizes / 2, centres + sizes / 2), dim=1)
-    boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([1333.0, 800.0, 1333.0, 800.0]))
-    scores = torch.rand(num, generator=g)
-    image_idx = torch.randint(0, num_images, (num,), generator=g)
-    class_idx = torch.randint(0, 3, (num,), generator=g) * 26  # 3 of the 80 classes: crowded groups
-    single = class_wise_nms(boxes, scores, image_idx, class_idx, num_classes, 0.5, single_call=True)
-    loop = class_wise_nms(boxes, scores, image_idx, class_idx, num_classes, 0.5, single_call=False)
-    assert 1000 < single.numel() < num - 1000  # many suppressed, many kept
-    assert set(single.tolist()) == set(loop.tolist())
-    # Both sorted by decreasing score (the order of exactly tied scores may differ).
-    assert torch.equal(scores[single], scores[loop])
-    assert bool((scores[single][1:] <= scores[single][:-1]).all())
-    empty = class_wise_nms(boxes[:0], scores[:0], image_idx[:0], class_idx[:0], num_classes, 0.5, single_call=True)
-    assert empty.numel() == 0
