@@ -15,7 +15,8 @@ Every step is the eager model's own code on one image (the modules and functions
 and detkit.structures), in the same order and with the same operations, so fp32 outputs match the
 eager `FasterRCNN` run on a batch of that one image. Two choices differ from the batched eager
 code only where that code itself chooses at run time:
-- NMS within the RPN is plain `nms` (one image is one group: batched_nms adds a zero offset);
+- NMS within the RPN is plain `nms` (eager calls batched_nms with one group: a zero offset up to
+  1000 boxes on the CPU; above that nms followed by an unstable re-sort, which can reorder ties);
 - class-wise NMS shifts each class into its own tile (torchvision's "coordinate trick", which
   eager `batched_nms` uses on the CPU up to 1000 candidates; above that it loops over classes,
   whose IoUs can differ in the last bit from the shifted boxes').
@@ -126,8 +127,10 @@ class SingleImageDetector(nn.Module):
         pre_k = min(self.pre_nms_topk, logits.shape[1])
         top_logits, top_idx = logits[0].float().topk(pre_k)  # (K,)
         boxes = self.rpn_decode(deltas[0][top_idx], anchors[top_idx])  # (K, 4)
+        # Non-finite boxes are dropped before clipping (clipping would turn +inf into the border).
+        finite = torch.isfinite(boxes).all(dim=-1) & torch.isfinite(top_logits)
         boxes = clip_boxes(boxes, image_size[None, :])
-        keep = nonempty_mask(boxes, self.min_box_size) & torch.isfinite(boxes).all(dim=-1) & torch.isfinite(top_logits)
+        keep = nonempty_mask(boxes, self.min_box_size) & finite
         kept = torch.nonzero(keep).squeeze(1)
         survivors = kept[nms(boxes[kept], top_logits[kept], self.rpn_nms_thresh)][: self.post_nms_topk]
         return boxes[survivors]
@@ -140,12 +143,14 @@ class SingleImageDetector(nn.Module):
         Returns boxes (D, 4) in original pixels, scores (D,), labels (D,) int64, best first.
         """
         cls_logits, box_deltas = self.box_head(features, proposals)  # (P, K + 1), (P, 4K) or (P, 4)
-        scores = F.softmax(cls_logits.float(), dim=-1)[:, : self.num_classes]  # background (last) dropped: (P, K)
-        boxes = self.box_decode(box_deltas, proposals)
+        probs = F.softmax(cls_logits.float(), dim=-1)  # (P, K + 1), background last
+        boxes = self.box_decode(box_deltas, proposals)  # (P, 4K) or (P, 4)
+        # RoIs with a non-finite box or score are dropped, tested before clipping (as the eager model).
+        finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(probs).all(dim=1)  # (P,)
+        scores = probs[:, : self.num_classes]  # (P, K)
         # (P, 4K) -> (P, K, 4) or (P, 1, 4)
         boxes = boxes.view(boxes.shape[0], box_deltas.shape[1] // 4, 4)
         boxes = clip_boxes(boxes, image_size[None, None, :])
-        finite = torch.isfinite(boxes).all(dim=2).all(dim=1) & torch.isfinite(scores).all(dim=1)  # (P,)
 
         candidates = torch.nonzero((scores > self.score_thresh) & finite[:, None])  # (C, 2) (roi, class), row-major
         roi_idx, class_idx = candidates[:, 0], candidates[:, 1]
