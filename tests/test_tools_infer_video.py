@@ -252,6 +252,9 @@ def test_ctrl_c_leaves_a_playable_video_and_whole_json_lines(tmp_path, write_vid
         [sys.executable, str(ROOT / "tools" / "infer.py"), "--weights", str(tiny_checkpoint), "--input", str(path),
          "--output", str(out), "--device", "cpu", "--score-thresh", "0.05", "--batch-size", "2"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A background job (nohup, CI runners) may start with SIGINT ignored, which the child would
+        # inherit, and Python then installs no KeyboardInterrupt handler: give it Ctrl-C back.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     partial = out / ".long.jsonl.partial"
     deadline = time.monotonic() + 120
