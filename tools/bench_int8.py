@@ -1,96 +1,98 @@
 #!/usr/bin/env python
-"""Experiment (issue #13): int8 static quantization of an exported detector's res5 with ONNX Runtime.
+"""int8 res5 against float32: ONNX Runtime time per image of two detkit ONNX files, interleaved.
 
-Quantizes the res5 Conv/MatMul nodes of a detkit ONNX file (QDQ format, per-channel int8 weights,
-uint8 activations) calibrated on N images of a folder, copies detkit's metadata into the result,
-then times the fp32 and int8 files interleaved on M images (1 thread, ms per image). Evaluate both
-with tools/eval.py --model FILE. Not an export option: on the shapes R18 demo model it kept AP but
-ran slower (README "Export", int8).
+The int8 file is `--int8 FILE` (from tools/export.py --int8-res5), or written here next to the
+float32 file with detkit.export.quantize (`--calibration DIR`, the first --num-calibration images),
+which also quantizes the export benchmark's calibrated model that has no checkpoint. Then both files
+run the first --num-timing images of --timing, fp32 and int8 alternating per round (round 0 warms
+up), with --threads intra-op threads; prints min / median ms per image and the per-round ratio.
+Evaluate accuracy with tools/eval.py --model FILE.
+
+Shapes R18 demo model (AP from tools/eval.py):
 
     python tools/export.py --weights output/shapes_amp/model_final.pth --format onnx --output output/int8/model.onnx
-    python tools/bench_int8.py output/int8/model.onnx --calibration datasets/shapes/train_*/images --timing datasets/shapes/val_*/images
-    python tools/eval.py --model output/int8/model_int8_res5.onnx output_dir=output/int8/eval_int8
+    python tools/export.py --weights output/shapes_amp/model_final.pth --format onnx --output output/int8/model_int8.onnx \\
+        --int8-res5 --calibration datasets/shapes/train_a88f2c9112a6/images
+    python tools/bench_int8.py output/int8/model.onnx --int8 output/int8/model_int8.onnx --timing datasets/shapes/val_59772c7e3d27/images
+
+The export benchmark's R101-C4 (random calibrated weights, so speed only), timed on images
+stretched to the benchmark's 480 x 640 network input:
+
+    python tools/benchmark.py --mode export --depth 101 --image-size 480 640 --threads 2 --export-dir r101/
+    python tools/bench_int8.py r101/model.onnx --calibration datasets/shapes/train_a88f2c9112a6/images --num-calibration 16 \\
+        --timing datasets/shapes/val_59772c7e3d27/images --num-timing 3 --input-size 480 640 --threads 2
 """
 
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
-import onnx
-import onnxruntime as ort
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-from detkit.config import config_from_dict
-from detkit.data import read_image
-from detkit.engine.predictor import Preprocessor
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def namespace(node) -> str:
-    return next((p.value for p in node.metadata_props if p.key == "namespace"), "")
+from detkit.data import read_image  # noqa: E402
+from detkit.export.quantize import calibration_images, quantize_res5  # noqa: E402
+from detkit.export.runtime import ExportedPredictor  # noqa: E402
 
 
-def feeds(model_path: str, folder: Path, count: int) -> list[dict]:
-    """Model inputs (resized image, original size) for the first `count` images of `folder`."""
-    meta = {p.key: p.value for p in onnx.load(model_path).metadata_props}
-    preprocess = Preprocessor(config_from_dict(json.loads(meta["config"])))
-    names = [i.name for i in onnx.load(model_path).graph.input]
+def timing_inputs(predictor: ExportedPredictor, folder: Path, count: int, input_size) -> list[tuple]:
+    """(image (3, h, w) uint8 tensor, original size) pairs: resized by the file's own rule, or
+    (input_size given) stretched to exactly (h, w) and fed as a resized image of that size."""
+    import torch
+
     out = []
-    for path in sorted(folder.glob("*"))[:count]:
-        image = read_image(str(path))
-        out.append({names[0]: preprocess(image).numpy(), names[1]: np.array(image.shape[:2], dtype=np.int64)})
+    for path in calibration_images(folder, count):
+        image = read_image(path)
+        if input_size:
+            resized = cv2.resize(image, tuple(input_size[::-1]), interpolation=cv2.INTER_LINEAR)
+            out.append((torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))), tuple(input_size)))
+        else:
+            out.append((predictor.preprocess(image), image.shape[:2]))
     return out
-
-
-class Reader(CalibrationDataReader):
-    def __init__(self, items: list[dict]):
-        self.items = iter(items)
-
-    def get_next(self):
-        return next(self.items, None)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a detkit ONNX file (tools/export.py --format onnx)")
-    parser.add_argument("--calibration", type=Path, required=True, help="folder of calibration images")
+    parser.add_argument("model", help="a float32 detkit ONNX file (tools/export.py --format onnx)")
+    parser.add_argument("--int8", type=Path, default=None, help="its int8 res5 file (default: quantize it here)")
+    parser.add_argument("--calibration", type=Path, default=None, help="folder of calibration images (without --int8)")
     parser.add_argument("--num-calibration", type=int, default=300)
     parser.add_argument("--timing", type=Path, required=True, help="folder of images to time on")
     parser.add_argument("--num-timing", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
+    parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                        help="feed every image stretched to H x W as the network input (default: the file's resize)")
     args = parser.parse_args()
 
-    model = onnx.load(args.model)
-    res5 = [n.name for n in model.graph.node if n.op_type in ("Conv", "MatMul") and "res5" in namespace(n)]
-    output = str(Path(args.model).with_name(Path(args.model).stem + "_int8_res5.onnx"))
-    start = time.perf_counter()
-    quantize_static(args.model, output, Reader(feeds(args.model, args.calibration, args.num_calibration)),
-                    quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    per_channel=True, nodes_to_quantize=res5, op_types_to_quantize=["Conv", "MatMul"])
-    quantized = onnx.load(output)
-    del quantized.metadata_props[:]
-    for prop in model.metadata_props:
-        quantized.metadata_props.add(key=prop.key, value=prop.value)
-    onnx.save(quantized, output)
-    print(f"quantized {len(res5)} res5 nodes in {time.perf_counter() - start:.1f} s -> {output}")
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    sessions = {name: ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-                for name, path in (("fp32", args.model), ("int8", output))}
-    inputs = feeds(args.model, args.timing, args.num_timing)
-    times: dict[str, list[float]] = {name: [] for name in sessions}
+    int8_path = args.int8
+    if int8_path is None:
+        if args.calibration is None:
+            parser.error("give --int8 FILE or --calibration DIR")
+        int8_path = Path(args.model).with_name(Path(args.model).stem + "_int8_res5.onnx")
+        start = time.perf_counter()
+        quantize_res5(args.model, int8_path, args.calibration, args.num_calibration)
+        print(f"quantized res5 on {args.num_calibration} images in {time.perf_counter() - start:.1f} s -> {int8_path}")
+    predictors = {name: ExportedPredictor(path, num_threads=args.threads)
+                  for name, path in (("fp32", args.model), ("int8", int8_path))}
+    print("int8 file:", json.loads(predictors["int8"].metadata.get("quantization", "null")))
+    inputs = timing_inputs(predictors["fp32"], args.timing, args.num_timing, args.input_size)
+    times: dict[str, list[float]] = {name: [] for name in predictors}
     for round_index in range(args.rounds + 1):  # round 0 warms up
-        for name, session in sessions.items():
+        for name, predictor in predictors.items():
             tic = time.perf_counter()
-            for feed in inputs:
-                session.run(None, feed)
+            for image, size in inputs:
+                predictor.run(image, size)
             if round_index:
                 times[name].append((time.perf_counter() - tic) / len(inputs) * 1000)
     for name, values in times.items():
-        print(f"{name}: {min(values):.2f} / {statistics.median(values):.2f} ms per image (min / median)")
+        print(f"{name}: {min(values):.2f} / {statistics.median(values):.2f} ms per image (min / median); "
+              f"rounds {[round(v, 2) for v in values]}")
     print("int8 / fp32 per round:", [round(b / a, 3) for a, b in zip(times["fp32"], times["int8"])])
 
 

@@ -10,6 +10,8 @@ labels (D,); class names, the resize rule and the rest travel in the file (READM
 --check SIZES runs the exported file (ONNX Runtime / TorchScript) and the PyTorch model on smooth
 random images of those original sizes and reports the largest differences; a different number
 of detections or different labels is an error (exit 1).
+--int8-res5 --calibration DIR (ONNX only) writes res5 in int8, calibrated on the first
+--num-calibration images of DIR (detkit.export.quantize; README, Export: when it pays).
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  python tools/export.py --weights output/model_final.pth --format onnx --output model.onnx\n"
         "  python tools/export.py --weights output/model_final.pth --format torchscript --output model.pt "
-        "--check 300x400,480x640",
+        "--check 300x400,480x640\n"
+        "  python tools/export.py --weights output/model_final.pth --format onnx --output model_int8.onnx "
+        "--int8-res5 --calibration datasets/coco/val2017",
     )
     parser.add_argument("--weights", required=True, help="detkit checkpoint (.pth); brings config and class names")
     parser.add_argument("--format", dest="fmt", choices=("onnx", "torchscript"), default="onnx", help="onnx (default)")
@@ -43,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. model.roi_heads.score_thresh=0.3")
     parser.add_argument("--check", metavar="HxW,...", default="",
                         help="after exporting, compare with the PyTorch model on images of these sizes")
+    int8 = parser.add_argument_group("int8 (ONNX only; README, Export: measured speed and AP)")
+    int8.add_argument("--int8-res5", action="store_true",
+                      help="quantize res5 (the per-RoI head) to int8 with ONNX Runtime's static quantization")
+    int8.add_argument("--calibration", metavar="DIR", help="folder of images to calibrate the int8 ranges on")
+    int8.add_argument("--num-calibration", type=int, default=300, metavar="N",
+                      help="calibrate on the first N images of --calibration (default 300)")
     return parser
 
 
@@ -68,6 +78,19 @@ def main(argv: Sequence[str]) -> int:
         raise ConfigError(f"--output {output}: folder {output.parent} does not exist")
     if output.is_dir():
         raise ConfigError(f"--output {output} is a folder; give a file name such as {output / 'model.onnx'}")
+    if args.int8_res5:
+        if args.fmt != "onnx":
+            raise ConfigError("--int8-res5 needs --format onnx (the quantized file runs in ONNX Runtime)")
+        if not args.calibration:
+            raise ConfigError("--int8-res5 needs --calibration DIR, a folder of images like the ones the model will see")
+        if sizes:
+            raise ConfigError("--check compares with the float32 PyTorch model, which int8 does not claim to match; "
+                              "measure an int8 file with tools/eval.py --model FILE instead")
+        from detkit.export.quantize import calibration_images
+
+        calibration_images(args.calibration, args.num_calibration)  # a bad folder fails before the export
+    elif args.calibration:
+        raise ConfigError("--calibration is only used with --int8-res5")
 
     from detkit.engine.predictor import Predictor
     from detkit.export.exporter import export_model, require_export_packages
@@ -75,8 +98,18 @@ def main(argv: Sequence[str]) -> int:
     if args.fmt == "onnx":
         require_export_packages()  # before the (slow) model build
     predictor = Predictor(args.weights, config=args.config, overrides=args.overrides, device="cpu")
-    export_model(predictor, output, args.fmt)
-    print(f"exported {args.weights} -> {output} ({args.fmt}, {output.stat().st_size / 2**20:.1f} MB)")
+    if args.int8_res5:
+        import tempfile
+
+        from detkit.export.quantize import quantize_res5
+
+        with tempfile.TemporaryDirectory(dir=output.parent, prefix=".export-") as work:
+            fp32 = export_model(predictor, Path(work) / "model_fp32.onnx", "onnx")
+            quantize_res5(fp32, output, args.calibration, args.num_calibration)
+    else:
+        export_model(predictor, output, args.fmt)
+    kind = "onnx, int8 res5" if args.int8_res5 else args.fmt
+    print(f"exported {args.weights} -> {output} ({kind}, {output.stat().st_size / 2**20:.1f} MB)")
     if not sizes:
         return 0
 

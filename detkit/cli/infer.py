@@ -44,12 +44,12 @@ from collections import Counter
 from typing import Optional, Sequence
 
 from detkit.cli.common import run_cli, setup_logging
+from detkit.data.image_io import IMAGE_EXTENSIONS
 from detkit.data.video import VIDEO_EXTENSIONS, VideoSource, is_video_name, parse_source
 from detkit.errors import ConfigError, DataError, ImageReadError, VideoReadError
 
 logger = logging.getLogger("detkit.cli.infer")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SUMMARY_NAME = "summary.json"
 PREDICTIONS_NAME = "predictions.json"
 

@@ -25,6 +25,9 @@ from detkit.errors import ImageReadError
 
 PathLike = Union[str, os.PathLike]
 
+# File name endings read as images by the tools (tools/infer.py inputs, int8 calibration folders).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
 # ANYDEPTH keeps 16-bit samples (IMREAD_COLOR would truncate them with >> 8 itself) and ANYCOLOR
 # keeps grayscale as one channel; unlike IMREAD_UNCHANGED this combination still applies the EXIF
 # orientation.

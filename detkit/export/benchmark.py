@@ -68,18 +68,15 @@ def _compare(ref: dict, got: dict) -> dict:
     return row
 
 
-def run_export_benchmark(options: ExportBenchOptions) -> dict:
-    """Returns {"settings", "export_s", "proposals_per_image", "parity": [...], "rows": [...]}."""
-    from detkit.config import load_config
-    from detkit.export.exporter import export_model
-    from detkit.export.runtime import load_exported
-    from detkit.modeling import build_model
+def calibrated_model(options: ExportBenchOptions) -> SimpleNamespace:
+    """The benchmark's model: detkit R101-C4 (options.depth) with random weights calibrated on two
+    generated images (detkit.benchmark.calibration), eval mode, on the CPU. Returns what
+    export_model takes: model, cfg, iteration, class_names, category_ids. Same options, same weights."""
     from detkit.benchmark.calibration import calibrate_, make_inputs
-    from detkit.benchmark.timing import summarize_times, time_interleaved
+    from detkit.config import load_config
+    from detkit.modeling import build_model
     from detkit.utils.env import seed_all
 
-    threads = options.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
     height, width = options.image_size
     cfg = load_config(None, [f"model.depth={options.depth}", f"model.num_classes={options.num_classes}",
                              "model.roi_heads.aligned=false", *options.overrides, "model.channels_last=false",
@@ -88,8 +85,32 @@ def run_export_benchmark(options: ExportBenchOptions) -> dict:
     model = build_model(cfg, device="cpu").eval()
     calibrate_(model, make_inputs(2, height, width, options.num_classes, seed=options.seed + 1).images)
     model.eval()
-    source = SimpleNamespace(model=model, cfg=cfg, iteration=0, class_names=[f"class{k}" for k in range(options.num_classes)],
-                             category_ids=list(range(1, options.num_classes + 1)))
+    return SimpleNamespace(model=model, cfg=cfg, iteration=0, class_names=[f"class{k}" for k in range(options.num_classes)],
+                           category_ids=list(range(1, options.num_classes + 1)))
+
+
+def benchmark_images(options: ExportBenchOptions) -> list[torch.Tensor]:
+    """The timed image (options.image_size) first, then one image per parity size: (3, h, w) uint8."""
+    from detkit.benchmark.calibration import make_inputs
+
+    height, width = options.image_size
+    images = [make_inputs(1, height, width, options.num_classes, seed=options.seed).images[0]]
+    for index, (h, w) in enumerate(options.parity_sizes, start=1):
+        images.append(make_inputs(1, h, w, options.num_classes, seed=options.seed + 10 + index).images[0])
+    return images
+
+
+def run_export_benchmark(options: ExportBenchOptions) -> dict:
+    """Returns {"settings", "export_s", "proposals_per_image", "parity": [...], "rows": [...]}."""
+    from detkit.benchmark.timing import summarize_times, time_interleaved
+    from detkit.export.exporter import export_model
+    from detkit.export.runtime import load_exported
+
+    threads = options.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    height, width = options.image_size
+    source = calibrated_model(options)
+    model = source.model
 
     result: dict = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.__dict__.items()},
                     "threads": threads, "export_s": {}}
@@ -107,12 +128,13 @@ def run_export_benchmark(options: ExportBenchOptions) -> dict:
             boxes, scores, labels = runners[name](image, torch.tensor(image.shape[1:], dtype=torch.int64))
             return {"boxes": np.asarray(boxes), "scores": np.asarray(scores), "labels": np.asarray(labels).astype(np.int64)}
 
-        timed_image = make_inputs(1, height, width, options.num_classes, seed=options.seed).images[0]
+        images = benchmark_images(options)
+        timed_image = images[0]
         proposals = []
         hook = model.rpn.register_forward_hook(lambda m, a, out: proposals.append(int(out[1].sum())))
         parity = []
-        for index, (h, w) in enumerate([(height, width), *options.parity_sizes]):
-            image = timed_image if index == 0 else make_inputs(1, h, w, options.num_classes, seed=options.seed + 10 + index).images[0]
+        for image in images:
+            h, w = image.shape[1:]
             ref = _eager_detections(model, image)
             for name in runners:
                 parity.append({"size": [h, w], "backend": name, **_compare(ref, exported_detections(name, image))})

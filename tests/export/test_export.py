@@ -272,3 +272,89 @@ def test_a_part_that_cannot_be_exported_is_named_not_traced(exported, tmp_path, 
         export_model(exported[3], tmp_path / "broken.onnx", "onnx")
     assert "\n" not in str(info.value) and len(str(info.value)) < 500
     assert not (tmp_path / "broken.onnx").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+# ------------------------------------------------------------------------------------- int8 res5
+
+
+def write_images(folder: Path, sizes, seed: int = 100) -> list[np.ndarray]:
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images = [smooth_random_image(h, w, seed=seed + i) for i, (h, w) in enumerate(sizes)]
+    for i, image in enumerate(images):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), image[:, :, ::-1])  # RGB -> BGR on disk
+    return images
+
+
+def test_int8_res5_quantizes_res5_only_and_keeps_the_detections(exported, tmp_path):
+    import onnx
+
+    from detkit.benchmark.calibration import compare_detections
+    from detkit.export.quantize import QUANTIZATION_KEY, quantize_res5, res5_nodes
+
+    _, _, _, predictor, onnx_path, _ = exported
+    write_images(tmp_path / "calib", [(80, 120), (120, 80), (96, 96), (64, 128)])
+    out = quantize_res5(onnx_path, tmp_path / "int8.onnx", tmp_path / "calib", num_images=3)
+    assert out.is_file() and not list(tmp_path.glob(".tmp-*"))
+
+    fp32, int8 = onnx.load(str(onnx_path)), onnx.load(str(out))
+    res5 = res5_nodes(fp32)
+    # R18 res5: two BasicBlocks of two 3 x 3 convs, and the shortcut; on these 4 x 4 RoI maps they
+    # run as GEMMs (backbone.Conv2d), exported as MatMul.
+    assert len(res5) == 5
+    dequantized = {o for n in int8.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    quantized = {n.name for n in int8.graph.node if n.op_type in ("Conv", "MatMul") and set(n.input) & dequantized}
+    assert quantized == set(res5)  # every res5 conv, nothing else
+    for op in ("Conv", "MatMul"):
+        assert sum(n.op_type == op for n in int8.graph.node) == sum(n.op_type == op for n in fp32.graph.node)
+    meta_fp32 = {p.key: p.value for p in fp32.metadata_props}
+    meta_int8 = {p.key: p.value for p in int8.metadata_props}
+    info = json.loads(meta_int8.pop(QUANTIZATION_KEY))
+    assert meta_int8 == meta_fp32
+    assert info["nodes"] == 5 and info["calibration_images"] == 3 and info["method"] == "MinMax"
+
+    # The tiny random model's detections survive int8 res5: every one of the fp32 file's 10 best
+    # has a same-label twin at IoU >= 0.9, scores within 0.05.
+    images = [smooth_random_image(h, w, seed=7 + i) for i, (h, w) in enumerate(PARITY_SIZES)]
+    fp32_dets = ExportedPredictor(onnx_path).predict(images)
+    int8_dets = ExportedPredictor(out).predict(images)
+    for a, b in zip(fp32_dets, int8_dets):
+        top = {"boxes": torch.from_numpy(a.boxes[:10]), "scores": torch.from_numpy(a.scores[:10]),
+               "labels": torch.from_numpy(a.labels[:10])}
+        other = {"boxes": torch.from_numpy(b.boxes), "scores": torch.from_numpy(b.scores),
+                 "labels": torch.from_numpy(b.labels)}
+        match = compare_detections([top], [other], iou_thresh=0.9)
+        assert match["matched"] == len(top["scores"]) > 0, match
+        assert match["max_score_diff"] < 0.05
+
+
+def test_int8_res5_cli_writes_a_file_tools_can_run(exported, tmp_path):
+    _, _, weights, _, _, _ = exported
+    write_images(tmp_path / "calib" / "nested", [(80, 120), (120, 80)])
+    out = tmp_path / "int8.onnx"
+    proc = run_tool(ROOT / "tools" / "export.py", "--weights", weights, "--output", out, "--int8-res5",
+                    "--calibration", tmp_path / "calib", "--num-calibration", "5")
+    assert "(onnx, int8 res5," in proc.stdout
+    assert "fewer than --num-calibration 5: using all of them" in proc.stdout  # detkit logs to stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "int8.onnx"]  # no temporary files left
+    predictor = ExportedPredictor(out)
+    assert json.loads(predictor.metadata["quantization"])["calibration_images"] == 2
+    dets = predictor(smooth_random_image(90, 150))
+    assert len(dets) > 0 and (dets.scores >= 0.05).all() and set(dets.labels) <= {0, 1, 2}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--int8-res5", "--format", "torchscript", "--calibration", "."], "--int8-res5 needs --format onnx"),
+    (["--int8-res5"], "--int8-res5 needs --calibration DIR"),
+    (["--int8-res5", "--calibration", "no/such/folder"], "--calibration no/such/folder: no such folder"),
+    (["--int8-res5", "--calibration", "configs"], "--calibration configs: no images"),
+    (["--int8-res5", "--calibration", ".", "--check", "64x64"], "measure an int8 file with tools/eval.py"),
+    (["--calibration", "."], "--calibration is only used with --int8-res5"),
+])
+def test_int8_res5_bad_arguments_are_one_line_and_exit_2(exported, tmp_path, extra, message):
+    proc = run_tool(ROOT / "tools" / "export.py", "--weights", exported[2], "--output", tmp_path / "m.onnx", *extra,
+                    check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert len(error_lines(proc)) == 1 and message in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing exported

@@ -1,0 +1,53 @@
+"""tools/benchmark.py --mode export (detkit.export.benchmark) on a tiny R18: the calibrated model
+is reproducible from the options alone (tools/trace_export_parity.py rebuilds it), the RPN keeps the
+full top-k, TorchScript is bit-identical, ONNX Runtime gives the same detections, and every backend
+is timed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from detkit.benchmark.calibration import make_inputs
+from detkit.export.benchmark import ExportBenchOptions, benchmark_images, calibrated_model, run_export_benchmark
+
+pytestmark = pytest.mark.slow  # one ONNX and one TorchScript export of an R18 (~30 s on 2 cores)
+
+OPTIONS = dict(depth=18, num_classes=3, image_size=(96, 128), parity_sizes=((64, 96), (112, 80)), warmup=0,
+               repeats=2, overrides=("model.rpn.pre_nms_topk_test=200", "model.rpn.post_nms_topk_test=40"))
+
+
+def test_the_calibrated_model_and_images_are_rebuilt_from_the_options():
+    options = ExportBenchOptions(**OPTIONS)
+    a, b = calibrated_model(options).model.state_dict(), calibrated_model(options).model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    images = benchmark_images(options)
+    assert [tuple(i.shape) for i in images] == [(3, 96, 128), (3, 64, 96), (3, 112, 80)]
+    assert torch.equal(images[0], make_inputs(1, 96, 128, 3, seed=0).images[0])
+    assert torch.equal(images[2], make_inputs(1, 112, 80, 3, seed=12).images[0])
+
+
+def test_export_benchmark_times_three_backends_and_checks_parity(tmp_path):
+    result = run_export_benchmark(ExportBenchOptions(**OPTIONS, keep_dir=str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.pt"]
+    assert [r["backend"] for r in result["rows"]] == ["pytorch eager", "torchscript", "onnxruntime"]
+    for row in result["rows"]:
+        assert len(row["times_s"]) == 2 and all(t > 0 for t in row["times_s"])
+        assert row["time_ms_min"] == pytest.approx(min(row["times_s"]) * 1000)
+    assert result["rows"][0]["vs_eager_median"] == 1.0
+    assert result["proposals_per_image"] == [40, 40, 40]  # calibration: the RPN keeps its full top-k
+    by_backend = {}
+    for p in result["parity"]:
+        by_backend.setdefault(p["backend"], []).append(p)
+    assert [p["size"] for p in by_backend["torchscript"]] == [[96, 128], [64, 96], [112, 80]]
+    for p in by_backend["torchscript"]:
+        assert p["eager"] > 0 and p["same_count_and_labels"]
+        assert p["max_box_diff_px"] == 0.0 and p["max_score_diff"] == 0.0
+    for p in by_backend["onnxruntime"]:
+        assert p["exported"] == p["eager"] > 0
+        if p["same_count_and_labels"]:
+            assert p["max_box_diff_px"] < 1e-3 and p["max_score_diff"] < 1e-4
+        else:  # near-tied scores may swap places; every detection still has its twin
+            assert p["matched_iou_0.99"] == p["eager"]
+    assert np.isfinite([r["time_ms_median"] for r in result["rows"]]).all()
