@@ -8,7 +8,7 @@ run the first --num-timing images of --timing, fp32 and int8 alternating per rou
 up), with --threads intra-op threads; prints min / median ms per image and the per-round ratio.
 Evaluate accuracy with tools/eval.py --model FILE.
 
-Shapes R18 demo model (AP from tools/eval.py):
+Shapes R18, configs/shapes_r18.yaml trained 800 iterations into output/shapes_amp (AP from tools/eval.py):
 
     python tools/export.py --weights output/shapes_amp/model_final.pth --format onnx --output output/int8/model.onnx
     python tools/export.py --weights output/shapes_amp/model_final.pth --format onnx --output output/int8/model_int8.onnx \\

@@ -4,12 +4,12 @@
     quantize_res5("model.onnx", "model_int8.onnx", "datasets/coco/val2017", num_images=300)
 
 Only res5 is quantized, where an R101-C4 spends ~94% of its FLOPs (1000 RoIs of 14 x 14): its
-Conv nodes (MatMul when its RoI maps are 1 x 1) get QDQ pairs with per-channel int8 weights and
+Conv nodes (MatMul where backbone.Conv2d runs small RoI maps as a GEMM) get QDQ pairs with per-channel int8 weights and
 uint8 activations whose ranges come from MinMax calibration on real images, run through the file's
 own resize. The trunk, the RPN and all post-processing stay float32. Measured (README "Export",
-BENCHMARKS.md): on the export benchmark's R101-C4 at 480 x 640 ONNX Runtime runs 0.47x the time
-of the float32 file; on the shapes R18 demo model AP moves 28.68 -> 28.93 and the file is slower
-(res5 on 1 x 1 maps is too small a share for the added quantize nodes to pay).
+BENCHMARKS.md): on the export benchmark's R101-C4 at 480 x 640 ONNX Runtime runs 0.46x the time
+of the float32 file; on the shapes R18 (800 iterations) AP moves 28.68 -> 28.93 and the file is
+1.24x slower (res5 on 1 x 1 maps is too small a share for the added quantize nodes to pay).
 
 The result is a float32-in / float32-out ONNX file with the fp32 file's metadata plus a
 `quantization` entry; ExportedPredictor, tools/infer.py and tools/eval.py run it unchanged.
