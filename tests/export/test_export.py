@@ -358,3 +358,41 @@ def test_int8_res5_bad_arguments_are_one_line_and_exit_2(exported, tmp_path, ext
     assert proc.returncode == 2, proc.stderr
     assert len(error_lines(proc)) == 1 and message in proc.stderr
     assert not list(tmp_path.iterdir())  # nothing exported
+
+
+def test_trace_export_parity_reads_the_stages_out_of_the_onnx_file(exported, tmp_path):
+    """tools/trace_export_parity.py: the copy of the graph with stage outputs gives the file's own
+    detections, its res4 map / proposals / class logits are the eager stages' within float32
+    kernel rounding, and eager compared with itself shows no difference at any stage."""
+    import importlib.util
+
+    import onnxruntime as ort
+
+    spec = importlib.util.spec_from_file_location("trace_export_parity", ROOT / "tools" / "trace_export_parity.py")
+    trace = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trace)
+    from detkit.export.graph import SingleImageDetector
+
+    _, _, _, predictor, onnx_path, _ = exported
+    staged = tmp_path / "staged.onnx"
+    trace.onnx_with_stages(str(onnx_path), staged)
+    session = ort.InferenceSession(str(staged), providers=["CPUExecutionProvider"])
+    plain = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    detector = SingleImageDetector(predictor.model, predictor.cfg.data.size_divisibility).eval()
+    image = torch.from_numpy(smooth_random_image(64, 96, seed=3)).permute(2, 0, 1).contiguous()
+    got = trace.ort_stages(session, image)
+    ref = trace.eager_stages(detector, image)
+    boxes, scores, labels = plain.run(None, {"image": image.numpy(), "original_size": np.array([64, 96])})
+    assert np.array_equal(got["boxes"], boxes) and np.array_equal(got["scores"], scores)
+    assert np.array_equal(got["labels"], labels)
+    assert got["features"].shape == ref["features"].shape == (1, 256, 4, 6)
+    assert np.abs(got["features"] - ref["features"]).max() <= 1e-5 * np.abs(ref["features"]).max()
+    assert got["proposals"].shape == ref["proposals"].shape and got["cls_logits"].shape == ref["cls_logits"].shape
+    exact = ref["features"].astype(np.float64)
+    same = trace.compare(ref, ref, exact)
+    assert same["features_max_abs_diff"] == 0.0 and same["features_rel_err_vs_float64"] == 0.0
+    assert same["proposals_first_rank_differing_by_0.01px"] == len(ref["proposals"]) == 16
+    assert same["cls_logits_max_abs_diff"] == 0.0 and same["same_labels_in_order"]
+    assert same["max_box_diff_px"] == 0.0 and same["matched_iou_0.99"] == len(ref["scores"])
+    row = trace.compare(ref, got, exact)
+    assert row["detections"][0] == row["detections"][1] and row["matched_iou_0.99"] == len(ref["scores"])
