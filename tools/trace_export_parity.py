@@ -3,16 +3,18 @@
 benchmark's R101-C4 (issue #13; README "Export", measured parity).
 
 For each benchmark image (480x640 and the three parity sizes of `tools/benchmark.py --mode export`)
-this compares, against eager PyTorch (oneDNN convolutions, the reference):
-- res4 features (the trunk's output): max |difference|, relative to max |feature|;
+this compares each candidate with eager PyTorch (oneDNN convolutions, the reference):
+- res4 features (the trunk's output): max |difference|, relative to max |feature|, and each
+  float32 map's error against the same trunk run in float64;
 - the RPN's proposals: count, the first rank where they differ, max |box| difference before it;
 - the box head's class logits on the proposals (when the proposals are the same);
 - the detections, matched by IoU >= 0.99 and label whatever their order: how many match, max box
   and score differences, and how many ranks changed.
-the error of each float32 res4 map against the same trunk run in float64, and lists the closest decisions eager made (score gaps at the ranks where order matters), which a
-difference of that size can flip. The candidates:
-- `onnxruntime`: the exported file, default session (all graph optimisations: Conv + BatchNorm
-  folding and fusions);
+It also lists the closest decisions eager made (score gaps at the ranks where order matters),
+which a difference of that size can flip, and the FrozenBN statistics (|mean| / std per channel).
+The candidates:
+- `onnxruntime`: the exported file, default session (all graph optimisations and fusions; the
+  exporter has already folded each FrozenBN into its convolution);
 - `onnxruntime-noopt`: the same file with graph optimisations off (every op as exported);
 - `pytorch-slow-conv`: the same eager model with oneDNN off (PyTorch's own im2col + GEMM
   convolution): how far fp32 PyTorch moves from itself with another valid convolution kernel.
