@@ -9,15 +9,19 @@ Writes, for a source named <name> (the file's stem, "camera0", "stream"):
                  boxes in the frame's pixels (3 decimals), scores (5 decimals), labels 0-based.
 
 Both go through hidden temp files renamed when the video ends, also on Ctrl-C or an error after
-the first frame, so what is there is complete: a playable video and whole lines.
+the first frame, so what is there is complete: a playable video and whole lines, and the same
+frames in both (a Ctrl-C while a frame is being recorded takes effect once it is in both files).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -68,6 +72,25 @@ def json_line(frame_index: int, timestamp_ms: float, dets) -> str:
     })
 
 
+@contextmanager
+def deferred_interrupt():
+    """A Ctrl-C inside the block raises KeyboardInterrupt when the block ends, not inside it, so
+    what the block writes is written whole. Only where Python's own SIGINT handler is installed (in
+    the main thread, SIGINT not ignored); elsewhere the block runs as it is."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 def run_video(source: VideoSource, out: Path, stem: Path, predictor, options: VideoOptions) -> VideoResult:
     """Detect on `source`, writing <out>/<stem><ext> and <out>/<stem>.jsonl.
 
@@ -97,21 +120,26 @@ def run_video(source: VideoSource, out: Path, stem: Path, predictor, options: Vi
     try:
         with reader:
             for frame, dets in detector.run(reader):
-                if frame.process:
-                    jsonl.write(json_line(frame.index, frame.timestamp_ms, dets))
-                    jsonl.flush()  # a killed run still leaves whole lines in the temp file
-                    num_detections += len(dets)
-                if video_rel is not None:
+                drawn = None
+                if video_rel is not None:  # drawing records nothing yet: a Ctrl-C here drops the frame
                     tic = time.perf_counter()
-                    if writer is None:  # the decoded size, which a stream may not announce
-                        height, width = frame.image.shape[:2]
-                        writer = VideoFileWriter(out / video_rel, fps=fps_out, size_wh=(width, height),
-                                                 codec=options.codec)
-                    writer.write(draw_detections(frame.image, dets.boxes, dets.labels, dets.scores,
-                                                 predictor.class_names))
+                    drawn = draw_detections(frame.image, dets.boxes, dets.labels, dets.scores, predictor.class_names)
                     draw_seconds += time.perf_counter() - tic
-                first_done = frame.index if first_done is None else first_done
-                last_done = frame.index
+                with deferred_interrupt():  # the frame goes into both outputs, or into neither
+                    if frame.process:
+                        jsonl.write(json_line(frame.index, frame.timestamp_ms, dets))
+                        jsonl.flush()  # a killed run still leaves whole lines in the temp file
+                        num_detections += len(dets)
+                    if drawn is not None:
+                        tic = time.perf_counter()
+                        if writer is None:  # the decoded size, which a stream may not announce
+                            height, width = frame.image.shape[:2]
+                            writer = VideoFileWriter(out / video_rel, fps=fps_out, size_wh=(width, height),
+                                                     codec=options.codec)
+                        writer.write(drawn)
+                        draw_seconds += time.perf_counter() - tic
+                    first_done = frame.index if first_done is None else first_done
+                    last_done = frame.index
                 bar.update(1)
     except KeyboardInterrupt:
         result.interrupted = True
