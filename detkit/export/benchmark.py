@@ -7,8 +7,9 @@ head passes a realistic number of candidates to NMS. It is exported to both form
 folder, then
 - parity: each backend runs images of `parity_sizes` (and the timing image); detections are
   compared with eager's (count, labels, max box and score differences);
-- speed: the three backends (and optionally torchvision's reference model) run the timing image
-  interleaved A, B, C, A, B, C, ... with the same number of threads, min and median over repeats.
+- speed: the three backends (and optionally the int8 res5 file of detkit.export.quantize and
+  torchvision's reference model) run the timing image interleaved A, B, C, A, B, C, ... with the
+  same number of threads, min and median over repeats.
 
 Shapes: (h, w) image sizes; D detections.
 """
@@ -42,6 +43,8 @@ class ExportBenchOptions:
     torchvision: bool = False  # also time the torchvision reference model (detkit.benchmark.tv_reference)
     seed: int = 0
     keep_dir: Optional[str] = None  # write the exported files here instead of a temporary folder
+    int8_calibration: Optional[str] = None  # also quantize res5 to int8 on images of this folder, and time it
+    int8_images: int = 16  # calibration images for int8 (each runs the whole model once)
 
 
 def _eager_detections(model, image: torch.Tensor) -> dict:
@@ -123,6 +126,14 @@ def run_export_benchmark(options: ExportBenchOptions) -> dict:
             path = export_model(source, folder / f"model{suffix}", fmt)
             result["export_s"][fmt] = time.perf_counter() - start
             runners[name] = load_exported(path, num_threads=threads)
+        if options.int8_calibration:
+            from detkit.export.quantize import quantize_res5
+
+            start = time.perf_counter()
+            path = quantize_res5(folder / "model.onnx", folder / "model_int8_res5.onnx", options.int8_calibration,
+                                 options.int8_images)
+            result["export_s"]["int8 res5"] = time.perf_counter() - start
+            runners["onnxruntime int8 res5"] = load_exported(path, num_threads=threads)
 
         def exported_detections(name: str, image: torch.Tensor) -> dict:
             boxes, scores, labels = runners[name](image, torch.tensor(image.shape[1:], dtype=torch.int64))
@@ -143,11 +154,9 @@ def run_export_benchmark(options: ExportBenchOptions) -> dict:
         result["proposals_per_image"] = proposals
         result["parity"] = parity
 
-        steps = {
-            "pytorch eager": lambda: _eager_detections(model, timed_image),
-            "torchscript": lambda: exported_detections("torchscript", timed_image),
-            "onnxruntime": lambda: exported_detections("onnxruntime", timed_image),
-        }
+        steps = {"pytorch eager": lambda: _eager_detections(model, timed_image)}
+        for name in runners:
+            steps[name] = lambda name=name: exported_detections(name, timed_image)
         if options.torchvision:
             from detkit.benchmark.tv_reference import build_torchvision_reference, to_torchvision_images
 

@@ -1,18 +1,19 @@
 """tools/benchmark.py --mode export (detkit.export.benchmark) on a tiny R18: the calibrated model
 is reproducible from the options alone (tools/trace_export_parity.py rebuilds it), the RPN keeps the
 full top-k, TorchScript is bit-identical, ONNX Runtime gives the same detections, and every backend
-is timed."""
+(the int8 res5 file included) is timed."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from detkit.benchmark.calibration import make_inputs
-from detkit.export.benchmark import ExportBenchOptions, benchmark_images, calibrated_model, run_export_benchmark
+from detkit.export.benchmark import (
+    ExportBenchOptions, benchmark_images, calibrated_model, export_table, run_export_benchmark,
+)
 
-pytestmark = pytest.mark.slow  # one ONNX and one TorchScript export of an R18 (~30 s on 2 cores)
+pytestmark = pytest.mark.slow  # one ONNX and one TorchScript export of an R18 and an int8 quantization (~30 s)
 
 OPTIONS = dict(depth=18, num_classes=3, image_size=(96, 128), parity_sizes=((64, 96), (112, 80)), warmup=0,
                repeats=2, overrides=("model.rpn.pre_nms_topk_test=200", "model.rpn.post_nms_topk_test=40"))
@@ -28,10 +29,22 @@ def test_the_calibrated_model_and_images_are_rebuilt_from_the_options():
     assert torch.equal(images[2], make_inputs(1, 112, 80, 3, seed=12).images[0])
 
 
-def test_export_benchmark_times_three_backends_and_checks_parity(tmp_path):
-    result = run_export_benchmark(ExportBenchOptions(**OPTIONS, keep_dir=str(tmp_path)))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.pt"]
-    assert [r["backend"] for r in result["rows"]] == ["pytorch eager", "torchscript", "onnxruntime"]
+def test_export_benchmark_times_four_backends_and_checks_parity(tmp_path):
+    import cv2
+
+    from detkit.export.exporter import smooth_random_image
+
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(calibration / f"{i}.png"), smooth_random_image(96, 128, seed=i))
+    files = tmp_path / "files"
+    result = run_export_benchmark(ExportBenchOptions(**OPTIONS, keep_dir=str(files), int8_calibration=str(calibration),
+                                                     int8_images=2))
+    assert sorted(p.name for p in files.iterdir()) == ["model.onnx", "model.pt", "model_int8_res5.onnx"]
+    assert [r["backend"] for r in result["rows"]] == ["pytorch eager", "torchscript", "onnxruntime",
+                                                     "onnxruntime int8 res5"]
+    assert sorted(result["export_s"]) == ["int8 res5", "onnx", "torchscript"]
     for row in result["rows"]:
         assert len(row["times_s"]) == 2 and all(t > 0 for t in row["times_s"])
         assert row["time_ms_min"] == pytest.approx(min(row["times_s"]) * 1000)
@@ -50,4 +63,5 @@ def test_export_benchmark_times_three_backends_and_checks_parity(tmp_path):
             assert p["max_box_diff_px"] < 1e-3 and p["max_score_diff"] < 1e-4
         else:  # near-tied scores may swap places; every detection still has its twin
             assert p["matched_iou_0.99"] == p["eager"]
-    assert np.isfinite([r["time_ms_median"] for r in result["rows"]]).all()
+    assert len(by_backend["onnxruntime int8 res5"]) == 3  # compared too (int8 claims no parity)
+    assert "onnxruntime int8 res5" in export_table(result)
