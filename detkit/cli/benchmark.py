@@ -64,9 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     export = parser.add_argument_group("export mode (detkit.export.benchmark; also uses --depth --image-size --iters "
                                        "--warmup --num-classes --models --threads)")
     export.add_argument("--export-dir", metavar="DIR", help="keep the exported .onnx / .pt here (default: a temporary folder)")
+    export.add_argument("--int8", action="store_true",
+                        help="also quantize res5 to int8 (tools/export.py --int8-res5) and time that file")
+    export.add_argument("--int8-images", type=int, default=16, metavar="N", help="calibration images for --int8 (default 16)")
     export.add_argument("--int8-calibration", metavar="DIR",
-                        help="also quantize res5 to int8 (tools/export.py --int8-res5), calibrated on images of DIR, and time it")
-    export.add_argument("--int8-images", type=int, default=16, metavar="N", help="calibration images for int8 (default 16)")
+                        help="calibrate --int8 on images of DIR (default: images generated like the timed one)")
     evaluation = parser.add_argument_group("eval mode")
     evaluation.add_argument("--eval-images", type=int, default=5000, help="generated images (default 5000)")
     evaluation.add_argument("--dets-per-image", type=int, default=100, help="detections per image (default 100)")
@@ -252,7 +254,7 @@ def _run(args: argparse.Namespace) -> int:
             depth=args.depth, num_classes=args.num_classes, image_size=tuple(args.image_size), warmup=args.warmup,
             repeats=args.iters, threads=args.threads, overrides=tuple(args.overrides),
             torchvision="torchvision" in args.models, seed=args.seed, keep_dir=args.export_dir,
-            int8_calibration=args.int8_calibration, int8_images=args.int8_images,
+            int8=args.int8, int8_calibration=args.int8_calibration, int8_images=args.int8_images,
         )
         result = run_export_benchmark(options)
         table = export_table(result)

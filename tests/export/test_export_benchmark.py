@@ -32,16 +32,12 @@ def test_the_calibrated_model_and_images_are_rebuilt_from_the_options():
 def test_export_benchmark_times_four_backends_and_checks_parity(tmp_path):
     import cv2
 
-    from detkit.export.exporter import smooth_random_image
-
-    calibration = tmp_path / "calibration"
-    calibration.mkdir()
-    for i in range(2):
-        cv2.imwrite(str(calibration / f"{i}.png"), smooth_random_image(96, 128, seed=i))
     files = tmp_path / "files"
-    result = run_export_benchmark(ExportBenchOptions(**OPTIONS, keep_dir=str(files), int8_calibration=str(calibration),
-                                                     int8_images=2))
-    assert sorted(p.name for p in files.iterdir()) == ["model.onnx", "model.pt", "model_int8_res5.onnx"]
+    result = run_export_benchmark(ExportBenchOptions(**OPTIONS, keep_dir=str(files), int8=True, int8_images=2))
+    assert sorted(p.name for p in files.iterdir()) == ["int8_calibration", "model.onnx", "model.pt", "model_int8_res5.onnx"]
+    calibration = sorted((files / "int8_calibration").iterdir())
+    assert [p.name for p in calibration] == ["0000.png", "0001.png"]  # generated like the timed image
+    assert cv2.imread(str(calibration[1]))[:, :, ::-1].tolist() == make_inputs(1, 96, 128, 3, seed=1001).images[0].permute(1, 2, 0).tolist()
     assert [r["backend"] for r in result["rows"]] == ["pytorch eager", "torchscript", "onnxruntime",
                                                      "onnxruntime int8 res5"]
     assert sorted(result["export_s"]) == ["int8 res5", "onnx", "torchscript"]
