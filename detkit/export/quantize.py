@@ -65,6 +65,17 @@ def calibration_images(folder: Union[str, Path], num_images: int) -> list[Path]:
     return paths[:num_images]
 
 
+class _DropMessages(logging.Filter):
+    """Drops log records whose message contains `text`."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 class _Feeds:
     """What onnxruntime's calibration reads (its CalibrationDataReader's `get_next`): the graph's
     inputs for each image file, resized by the exported file's own rule (the Preprocessor of its
@@ -118,9 +129,14 @@ def quantize_res5(model_path: Union[str, Path], output: Union[str, Path], calibr
     os.close(fd)
     start = time.perf_counter()
     try:
-        quantize_static(str(model_path), tmp_name, _Feeds(preprocess, paths), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                        nodes_to_quantize=nodes, op_types_to_quantize=list(QUANTIZED_OPS))
+        quiet = _DropMessages("pre-processing before quantization")  # ORT's advice for image classifiers
+        logging.getLogger().addFilter(quiet)
+        try:
+            quantize_static(str(model_path), tmp_name, _Feeds(preprocess, paths), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                            nodes_to_quantize=nodes, op_types_to_quantize=list(QUANTIZED_OPS))
+        finally:
+            logging.getLogger().removeFilter(quiet)
         quantized = onnx.load(tmp_name)
         del quantized.metadata_props[:]
         for prop in fp32.metadata_props:
