@@ -13,10 +13,10 @@ Prints min / median seconds of each and the median of the per-round ratios A/B, 
 
 import argparse
 import statistics
-import time
 
 import torch
 
+from detkit.benchmark.timing import time_interleaved
 from detkit.modeling.backbone import FrozenBatchNorm2d, ResNetTrunk, build_res5
 
 
@@ -56,16 +56,19 @@ def main() -> None:
 
     original = FrozenBatchNorm2d.forward
     variants = {"detectron2": original, "addcmul": addcmul_forward}
+    def with_forward(forward, step):
+        def run():
+            FrozenBatchNorm2d.forward = forward
+            step()
+        return run
+
     for step_name, step in (("inference", infer), ("training", train)):
-        times = {name: [] for name in variants}
-        for round_index in range(args.rounds + 1):  # round 0 warms up
-            for name, forward in variants.items():
-                FrozenBatchNorm2d.forward = forward
-                start = time.perf_counter()
-                step()
-                if round_index:
-                    times[name].append(time.perf_counter() - start)
-        FrozenBatchNorm2d.forward = original
+        try:  # one warm-up round, then the variants alternate round by round
+            timed = time_interleaved({name: with_forward(forward, step) for name, forward in variants.items()},
+                                     torch.device("cpu"), warmup=1, repeats=args.rounds)
+        finally:
+            FrozenBatchNorm2d.forward = original
+        times = {name: timed[name]["times_s"] for name in variants}
         ratios = [a / b for a, b in zip(times["detectron2"], times["addcmul"])]
         for name, values in times.items():
             print(f"{step_name:9s} {name:10s} min {min(values):.3f} s  median {statistics.median(values):.3f} s")

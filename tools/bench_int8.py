@@ -4,8 +4,8 @@
 The int8 file is `--int8 FILE` (from tools/export.py --int8-res5), or written here next to the
 float32 file with detkit.export.quantize (`--calibration DIR`, the first --num-calibration images),
 which also quantizes the export benchmark's calibrated model that has no checkpoint. Then both files
-run the first --num-timing images of --timing, fp32 and int8 alternating per round (round 0 warms
-up), with --threads intra-op threads; prints min / median ms per image and the per-round ratio.
+run the first --num-timing images of --timing, fp32 and int8 alternating per round (one warm-up
+round first; detkit.benchmark.timing.time_interleaved), with --threads intra-op threads; prints min / median ms per image and the per-round ratio.
 Evaluate accuracy with tools/eval.py --model FILE.
 
 Shapes R18, configs/shapes_r18.yaml trained 800 iterations into output/shapes_amp (AP from tools/eval.py):
@@ -32,9 +32,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from detkit.benchmark.timing import time_interleaved  # noqa: E402
 from detkit.data import read_image  # noqa: E402
 from detkit.export.quantize import calibration_images, quantize_res5  # noqa: E402
 from detkit.export.runtime import ExportedPredictor  # noqa: E402
@@ -43,10 +45,8 @@ from detkit.export.runtime import ExportedPredictor  # noqa: E402
 def timing_inputs(predictor: ExportedPredictor, folder: Path, count: int, input_size) -> list[tuple]:
     """(image (3, h, w) uint8 tensor, original size) pairs: resized by the file's own rule, or
     (input_size given) stretched to exactly (h, w) and fed as a resized image of that size."""
-    import torch
-
     out = []
-    for path in calibration_images(folder, count):
+    for path in calibration_images(folder, count, "--timing", "--num-timing"):
         image = read_image(path)
         if input_size:
             resized = cv2.resize(image, tuple(input_size[::-1]), interpolation=cv2.INTER_LINEAR)
@@ -82,14 +82,14 @@ def main() -> None:
                   for name, path in (("fp32", args.model), ("int8", int8_path))}
     print("int8 file:", json.loads(predictors["int8"].metadata.get("quantization", "null")))
     inputs = timing_inputs(predictors["fp32"], args.timing, args.num_timing, args.input_size)
-    times: dict[str, list[float]] = {name: [] for name in predictors}
-    for round_index in range(args.rounds + 1):  # round 0 warms up
-        for name, predictor in predictors.items():
-            tic = time.perf_counter()
-            for image, size in inputs:
-                predictor.run(image, size)
-            if round_index:
-                times[name].append((time.perf_counter() - tic) / len(inputs) * 1000)
+
+    def run_all(predictor: ExportedPredictor) -> None:
+        for image, size in inputs:
+            predictor.run(image, size)
+
+    timed = time_interleaved({name: (lambda p=p: run_all(p)) for name, p in predictors.items()},
+                             torch.device("cpu"), warmup=1, repeats=args.rounds)
+    times = {name: [t / len(inputs) * 1000 for t in timed[name]["times_s"]] for name in predictors}  # ms per image
     for name, values in times.items():
         print(f"{name}: {min(values):.2f} / {statistics.median(values):.2f} ms per image (min / median); "
               f"rounds {[round(v, 2) for v in values]}")

@@ -42,29 +42,31 @@ from detkit.export.benchmark import ExportBenchOptions, benchmark_images, calibr
 from detkit.export.graph import SingleImageDetector  # noqa: E402
 
 
-def normalized_input(detector: SingleImageDetector, image: torch.Tensor) -> torch.Tensor:
-    """(3, h, w) uint8 -> the trunk's (1, 3, Hp, Wp) float32 input, as the graph computes it."""
-    h, w = image.shape[1:]
-    x = (image.float()[None] - detector.pixel_mean) / detector.pixel_std
-    d = detector.size_divisibility
-    if d > 1:
-        x = torch.nn.functional.pad(x, [0, (d - w % d) % d, 0, (d - h % d) % d])
-    return x
-
-
 def eager_stages(detector: SingleImageDetector, image: torch.Tensor) -> dict:
-    """The eager graph's intermediate tensors on one image (same code as the export)."""
-    with torch.no_grad():
-        h, w = image.shape[1:]
-        image_size = torch.tensor([h, w])
-        features = detector.trunk(normalized_input(detector, image))
-        logits, _ = detector.rpn_head(features)
-        proposals = detector.proposals(features, image_size)
-        cls_logits, _ = detector.box_head(features, proposals)
-        boxes, scores, labels = detector.detections(features, proposals, image_size, image_size)
-    return {"features": features.numpy(), "rpn_logits": logits[0].numpy(), "proposals": proposals.numpy(),
-            "cls_logits": cls_logits.numpy(), "boxes": boxes.numpy(), "scores": scores.numpy(),
-            "labels": labels.numpy()}
+    """The eager graph's intermediate tensors on one image, caught by hooks during one forward
+    (the exported code, run once): the trunk's input and output, the RPN logits, the proposals and
+    class logits of the box head, and the detections."""
+    caught = {}
+
+    def keep(name, take):
+        def hook(module, args, output) -> None:  # returns None: the output goes on unchanged
+            caught[name] = take(args, output)
+        return hook
+
+    hooks = [detector.trunk.register_forward_hook(keep("trunk", lambda a, o: (a[0], o))),
+             detector.rpn_head.register_forward_hook(keep("rpn", lambda a, o: o[0])),
+             detector.box_head.register_forward_hook(keep("box", lambda a, o: (a[1], o[0])))]
+    try:
+        with torch.no_grad():
+            size = torch.tensor(image.shape[1:])
+            boxes, scores, labels = detector(image, size)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    (trunk_input, features), (proposals, cls_logits) = caught["trunk"], caught["box"]
+    return {"trunk_input": trunk_input, "features": features.numpy(), "rpn_logits": caught["rpn"][0].numpy(),
+            "proposals": proposals.numpy(), "cls_logits": cls_logits.numpy(), "boxes": boxes.numpy(),
+            "scores": scores.numpy(), "labels": labels.numpy()}
 
 
 def onnx_with_stages(path: str, out_path: Path) -> None:
@@ -195,7 +197,7 @@ def main() -> None:
         h, w = image.shape[1:]
         ref = eager_stages(detector, image)
         with torch.no_grad():  # the trunk in float64: how far each float32 kernel is from exact
-            exact = trunk64(normalized_input(detector, image).double()).numpy()
+            exact = trunk64(ref["trunk_input"].double()).numpy()
         decisions = closest_decisions(ref, detector.pre_nms_topk, detector.post_nms_topk, detector.detections_per_image)
         decisions["eager_features_rel_err_vs_float64"] = relative_error(ref["features"], exact)
         print(f"\n{h}x{w}: eager closest decisions {json.dumps(decisions)}")

@@ -46,22 +46,23 @@ def res5_nodes(model) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS and ".res5" in namespace(n)]
 
 
-def calibration_images(folder: Union[str, Path], num_images: int) -> list[Path]:
+def calibration_images(folder: Union[str, Path], num_images: int, folder_flag: str = "--calibration",
+                       count_flag: str = "--num-calibration") -> list[Path]:
     """The first `num_images` image files of `folder` (sorted, recursive); ConfigError naming the
-    folder when it is missing or holds none."""
+    folder (as the command line's `folder_flag`) when it is missing or holds none."""
     from detkit.data.image_io import IMAGE_EXTENSIONS
 
     folder = Path(folder)
     if num_images < 1:
-        raise ConfigError(f"--num-calibration {num_images}: must be at least 1")
+        raise ConfigError(f"{count_flag} {num_images}: must be at least 1")
     if not folder.is_dir():
-        raise ConfigError(f"--calibration {folder}: no such folder (give a folder of training or validation images)")
+        raise ConfigError(f"{folder_flag} {folder}: no such folder (give a folder of training or validation images)")
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
-        raise ConfigError(f"--calibration {folder}: no images ({' '.join(IMAGE_EXTENSIONS)}) in it")
+        raise ConfigError(f"{folder_flag} {folder}: no images ({' '.join(IMAGE_EXTENSIONS)}) in it")
     if len(paths) < num_images:
-        logger.warning("--calibration %s has %d images, fewer than --num-calibration %d: using all of them",
-                       folder, len(paths), num_images)
+        logger.warning("%s %s has %d images, fewer than %s %d: using all of them",
+                       folder_flag, folder, len(paths), count_flag, num_images)
     return paths[:num_images]
 
 
