@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test test-fast demo gpu-check clean
+.PHONY: venv test test-fast demo gpu-check docs clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,14 @@ test-fast: venv
 
 demo: venv
 	$(BIN)/python tools/demo.py
+
+$(VENV)/.docs-installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[docs]" -c constraints.txt
+	touch $@
+
+# The documentation site (mkdocs.yml, docs/) into site/; --strict fails on any broken link or reference.
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
 
 # On a GPU machine: CUDA tests, GPU benchmark rows, a short shapes training (JSON in output/gpu_check).
 gpu-check:

@@ -6,8 +6,7 @@ like a trained one where it matters for speed, and the check that both models ag
     compare_detections(detkit_detections, torchvision_detections)   # {"matched", "match_fraction", ...}
 
 No trained weights are available offline, and with random weights an R101 trunk with identity
-FrozenBN blows activations up and the RPN scores are flat (shared/DESIGN.md, "Performance
-principles"), so `calibrate_` sets:
+FrozenBN blows activations up and the RPN scores are flat, so `calibrate_` sets:
 - every FrozenBN to the mean/variance of its input on the benchmark images (unit activations);
 - the RPN head so objectness logits have std ~1 and box deltas ~0.1 (spread-out scores, boxes near
   their anchors: NMS keeps the full post-NMS top-k);
