@@ -25,7 +25,7 @@ demo: venv
 
 # On a GPU machine: CUDA tests, GPU benchmark rows, a short shapes training (JSON in output/gpu_check).
 gpu-check:
-	bash tools/gpu_check.sh
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) output

@@ -154,3 +154,17 @@ def test_detkit_infer_end_to_end(tiny_checkpoint, tmp_path):
         assert [p["category_name"] for p in mine] == list(dets.class_names)
         np.testing.assert_allclose([p["score"] for p in mine], dets.scores, atol=1e-4)
         assert {p["image_id"] for p in mine} == {k + 1}
+
+
+def test_tools_holds_the_user_tools_and_benchmarks_is_a_package_not_shipped():
+    import importlib
+
+    assert sorted(p.name for p in (ROOT / "tools").iterdir() if p.name != "__pycache__") == [
+        "analyze.py", "benchmark.py", "convert_weights.py", "demo.py", "eval.py", "export.py", "infer.py", "plot.py",
+        "train.py"]
+    for name in ("frozen_bn", "gemm_conv", "int8", "loader", "matching", "video", "trace_export_parity"):
+        module = importlib.import_module(f"benchmarks.{name}")
+        assert callable(module.main), name
+        assert f"`python -m benchmarks.{name} " in (ROOT / "benchmarks" / "README.md").read_text(), name
+    find = (ROOT / "pyproject.toml").read_text().split("[tool.setuptools.packages.find]", 1)[1].split("\n[", 1)[0]
+    assert re.search(r'^include = \["detkit\*"\]$', find, re.M)  # the wheel holds detkit/ only
