@@ -20,7 +20,9 @@ for MSRA's folded BN), and OUT is written with torch.save as
 With --config the weights are also loaded into the model that config builds (any missing tensor
 or shape mismatch is an error), and when they make the whole model, OUT also gets the config and
 the class names of its test dataset, which makes it a detkit checkpoint for `detkit eval` and
-`detkit infer`. Key=value overrides after OUT apply to that config.
+`detkit infer`. Key=value overrides after OUT apply to that config. A model of 80 classes whose
+test annotation file is not there (a model-zoo download without COCO on disk) gets COCO's 80 class
+names and category ids (detkit.data.coco_classes); an annotation file that is there gives them.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from detkit.cli.common import run_cli, setup_logging
 from detkit.errors import CheckpointError, ConfigError, DetkitError
@@ -150,19 +152,46 @@ def _some(names: list[str], limit: int = 4) -> str:
 
 
 def _add_class_names(state: dict, cfg, config_path: str) -> None:
-    """Class names and category ids of the config's test dataset (read from its annotation file)."""
+    """Class names and category ids of the config's test dataset (read from its annotation file);
+    for a model of 80 classes whose test annotation file is not there, COCO's (detkit.data.coco_classes)."""
     from detkit.data import get_dataset_info
+    from detkit.data.coco_classes import COCO_CATEGORY_IDS, COCO_CLASS_NAMES, NUM_COCO_CLASSES
 
     try:
         info = get_dataset_info(cfg, "test")
     except DetkitError as exc:
+        missing = _missing_test_annotations(cfg)
+        if missing is not None and cfg.model.num_classes == NUM_COCO_CLASSES:
+            # A model-zoo download without COCO on disk: 80 classes are COCO's, in COCO's label order.
+            state["class_names"] = list(COCO_CLASS_NAMES)
+            state["category_ids"] = list(COCO_CATEGORY_IDS)
+            logger.warning(
+                "class names: COCO's 80 (person, bicycle, ..., toothbrush; category ids 1..90) stored, as the model "
+                "has 80 classes and the test annotation file of %s is not there (%s); for other names run the "
+                "conversion again with a config whose data.test names their annotation file", config_path, missing,
+            )
+            return
         logger.warning(
-            "no class names stored (cannot read the test dataset of %s: %s); tools/eval.py and tools/infer.py "
-            "need them, so run the conversion again once the dataset is in place", config_path, exc,
+            "no class names stored (cannot read the test dataset of %s: %s); detkit eval and detkit infer need "
+            "them, so run the conversion again once the dataset is in place", config_path, exc,
         )
         return
     state["class_names"] = list(info.class_names)
     state["category_ids"] = list(info.category_ids)
+
+
+def _missing_test_annotations(cfg) -> Optional[str]:
+    """What is missing when the config names no test annotation file that exists: the absent
+    path, or "no data.test entry"; None when there is one (readable or not: its error stands)."""
+    from detkit.data.datasets import resolve_path
+
+    if not cfg.data.test:
+        return "no data.test entry"
+    first = cfg.data.test[0]
+    if first.type != "coco":
+        return None  # shapes: generated, never missing
+    ann_file = resolve_path(first.ann_file)
+    return None if ann_file.is_file() else f"{ann_file} does not exist"
 
 
 def entry_point() -> None:
