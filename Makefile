@@ -33,7 +33,7 @@ docs: $(VENV)/.docs-installed
 
 # On a GPU machine: CUDA tests, GPU benchmark rows, a short shapes training (JSON in output/gpu_check).
 gpu-check:
-	bash tools/gpu_check.sh
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) output

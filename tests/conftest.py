@@ -1,7 +1,7 @@
 """Suite-wide set-up and fixtures shared across test folders.
 
 Tests marked `cuda` run only where torch sees a CUDA device: they are deselected (not skipped)
-elsewhere, and the header says so; `make gpu-check` (tools/gpu_check.sh) runs them with `-m cuda`.
+elsewhere, and the header says so; `make gpu-check` (benchmarks/gpu_check.sh) runs them with `-m cuda`.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import pickle
 import subprocess
@@ -196,3 +197,148 @@ def test_the_tool_refuses_a_pickle_that_would_run_code(tmp_path):
     assert result.stderr.strip().startswith("error: refused to load") and "posix.system" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1  # one clear line, no traceback
     assert not marker.exists() and not out.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# COCO class names for a model-zoo file converted without COCO on disk
+# --------------------------------------------------------------------------------------------
+
+
+def torchvision_coco_categories() -> list[tuple[int, str]]:
+    """(category id, name) of COCO's 80 classes from torchvision's weights metadata (an independent
+    copy: a 91-slot list indexed by category id, with placeholders at the unused ids)."""
+    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+
+    names = FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
+    return [(i, n) for i, n in enumerate(names) if n not in ("__background__", "N/A")]
+
+
+@functools.lru_cache(maxsize=None)
+def coco_model() -> nn.Module:
+    """A ResNet-18 detector with 80 classes whose classifier gives every RoI the same scores, which
+    favour label 0 and label 79 (COCO's person and toothbrush): e^6 / (2 e^6 + 79) = 0.455 for each
+    of the two, 0.001 for the other 78 and the background."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(num_classes=80))
+    with torch.no_grad():
+        cls_score = model.roi_heads.box_predictor.cls_score  # 81 outputs, background last
+        cls_score.weight.zero_()
+        cls_score.bias.zero_()
+        cls_score.bias[0] = cls_score.bias[79] = 6.0
+    return model.eval()
+
+
+def coco_args(tmp_path: Path, num_classes: int = 80) -> list[str]:
+    """configs/frcnn_r101_detectron2.yaml as a user runs it, made cheap (ResNet-18, 64 px, 8 RoIs),
+    its test set pointing at a COCO folder that does not exist here."""
+    coco = tmp_path / "coco"
+    return ["--config", str(ROOT / "configs" / "frcnn_r101_detectron2.yaml"), "model.depth=18",
+            f"model.num_classes={num_classes}", "model.rpn.pre_nms_topk_test=100", "model.rpn.post_nms_topk_test=8",
+            "data.min_size_test=64", "data.max_size_test=96",
+            f"data.test=[{{type: coco, name: coco_2017_val, ann_file: {coco}/annotations/instances_val2017.json, "
+            f"image_root: {coco}/val2017}}]"]
+
+
+@pytest.fixture
+def console(capsys):
+    """console(main, argv) -> (exit status, stdout, stderr) through run_cli, with detkit's log lines
+    in stdout (setup_logging binds its handler to this test's capture; the old ones come back)."""
+    import logging
+
+    from detkit.cli.common import run_cli
+
+    detkit_logger = logging.getLogger("detkit")
+
+    def run(tool_main, argv):
+        saved = list(detkit_logger.handlers), detkit_logger.propagate
+        detkit_logger.handlers[:] = []
+        try:
+            code = run_cli(tool_main, [str(a) for a in argv])
+        finally:
+            detkit_logger.handlers[:], detkit_logger.propagate = saved
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def photo_folder(folder: Path, count: int = 2) -> Path:
+    import cv2
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for k in range(count):  # smooth random colours, 64 x 96
+        small = rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)
+        cv2.imwrite(str(folder / f"photo{k}.jpg"), cv2.resize(small, (96, 64), interpolation=cv2.INTER_CUBIC))
+    return folder
+
+
+def test_a_coco_model_without_the_coco_json_gets_cocos_names_and_infer_shows_them(tmp_path, console):
+    from detkit.cli.infer import main as infer_main
+
+    weights = {k: v.numpy() for k, v in export_state_dict(coco_model(), "detectron2").items()}
+    pkl = write_pickle(tmp_path / "model_final_298dad.pkl", {"model": weights, "__author__": "Detectron2 Model Zoo"})
+    out = tmp_path / "frcnn_r101_c4_3x.pth"
+    code, stdout, stderr = console(main, ["--from", "detectron2", pkl, out, *coco_args(tmp_path)])
+    assert code == 0, stderr
+    assert "class names: COCO's 80 (person, bicycle, ..., toothbrush; category ids 1..90) stored" in stdout
+    assert f"{tmp_path / 'coco' / 'annotations' / 'instances_val2017.json'} does not exist" in stdout
+
+    state = torch.load(out, weights_only=True)
+    reference = torchvision_coco_categories()
+    assert len(reference) == 80
+    assert state["class_names"] == [name for _, name in reference]
+    assert state["category_ids"] == [cid for cid, _ in reference]
+    assert state["category_ids"][:12] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13] and state["category_ids"][-1] == 90
+
+    # Step two: detect on a folder of photos with the converted file as it is.
+    photos = photo_folder(tmp_path / "photos")
+    code, stdout, stderr = console(infer_main, ["--weights", out, "--input", photos, "--output", tmp_path / "det",
+                                                "--device", "cpu", "--score-thresh", "0.3", "--workers", "0"])
+    assert code == 0, stderr
+    assert "images:     2 processed, 0 skipped" in stdout
+    predictions = json.loads((tmp_path / "det" / "predictions.json").read_text())
+    assert {p["file_name"] for p in predictions} == {"photo0.jpg", "photo1.jpg"}
+    # Labels 0 and 79 are COCO's person (id 1) and toothbrush (id 90), each scoring 0.455.
+    assert {(p["category_name"], p["category_id"]) for p in predictions} == {("person", 1), ("toothbrush", 90)}
+    np.testing.assert_allclose([p["score"] for p in predictions], np.exp(6) / (2 * np.exp(6) + 79), atol=1e-4)
+
+
+def test_a_readable_annotation_file_gives_the_names_of_an_80_class_model(tmp_path, console):
+    weights = {k: v.numpy() for k, v in export_state_dict(coco_model(), "detectron2").items()}
+    pkl = write_pickle(tmp_path / "model_final.pkl", {"model": weights})
+    ann = tmp_path / "coco" / "annotations" / "instances_val2017.json"
+    ann.parent.mkdir(parents=True)
+    photo_folder(tmp_path / "coco" / "val2017", count=1)
+    ann.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "photo0.jpg", "height": 64, "width": 96}], "annotations": [],
+        "categories": [{"id": 100 + k, "name": f"part{k}"} for k in range(80)]}))
+    out = tmp_path / "mine.pth"
+    code, stdout, stderr = console(main, ["--from", "detectron2", pkl, out, *coco_args(tmp_path)])
+    assert code == 0, stderr
+    assert "COCO's 80" not in stdout
+    state = torch.load(out, weights_only=True)
+    assert state["class_names"] == [f"part{k}" for k in range(80)]
+    assert state["category_ids"] == list(range(100, 180))
+
+
+def test_a_model_of_other_classes_without_names_gives_the_clear_error(tmp_path, console):
+    from detkit.cli.infer import main as infer_main
+
+    out = tmp_path / "three.pth"
+    code, stdout, stderr = console(main, ["--from", "detectron2", detectron2_pkl(tmp_path), out,
+                                          *coco_args(tmp_path, num_classes=3)])
+    assert code == 0, stderr
+    assert "no class names stored (cannot read the test dataset of" in stdout and "COCO's 80" not in stdout
+    state = torch.load(out, weights_only=True)
+    assert "class_names" not in state and "category_ids" not in state
+    assert state["config"]["model"]["num_classes"] == 3
+
+    code, stdout, stderr = console(infer_main, ["--weights", out, "--input", photo_folder(tmp_path / "photos"),
+                                                "--output", tmp_path / "det", "--device", "cpu", "--workers", "0"])
+    assert code == 2
+    assert stderr.strip().splitlines() == [
+        f"error: {out} has no class names: it was converted from {tmp_path / 'model_final.pkl'} while the test "
+        "annotation file of its --config could not be read. Convert it again with a --config whose data.test names "
+        "the annotation file of the model's classes (a model of 80 classes gets COCO's names without one)"]
+    assert not (tmp_path / "det").exists()

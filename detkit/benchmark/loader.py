@@ -4,7 +4,7 @@
 
 Each row times `num_batches` batches after `warmup_batches` (which absorb worker start-up and the
 first page-cache reads): decode, augmentation, resize, padding and the transfer out of the workers
-- everything the training loop waits for, nothing of the model. `tools/bench_loader.py` runs it on
+- everything the training loop waits for, nothing of the model. `python -m benchmarks.loader` runs it on
 the shapes data at COCO-like sizes (also the `--loader` mode of the benchmark tool).
 """
 

@@ -1,1 +1,5 @@
-"""Command-line entry points. `tools/*.py` and the `detkit-*` console scripts call these `main`s."""
+"""Command-line entry points: one module per task, each with `main(argv) -> exit status`.
+
+`detkit <task>` (main.py, also `python -m detkit`), the `detkit-*` console scripts and tools/*.py
+all call these `main`s through `common.run_cli`.
+"""

@@ -1,14 +1,15 @@
-"""detkit-analyze / tools/analyze.py: why a detector fails, and whether a dataset fits the anchors.
+"""`detkit analyze` (also tools/analyze.py, detkit-analyze): why a detector fails, and whether a
+dataset fits the anchors.
 
 Predictions against ground truth (error analysis + a dataset report of that ground truth):
-    python tools/analyze.py --gt instances_val.json --predictions predictions.json --out report/
+    detkit analyze --gt instances_val.json --predictions predictions.json --out report/
         [--images IMAGE_ROOT] [--iou 0.5] [--score-thresh 0.3] [--config CONFIG]
-    python tools/analyze.py output/run [--out DIR]     # a training or eval output folder: its config.yaml
-        names the test set and the anchors, predictions.json holds the detections (tools/eval.py
+    detkit analyze output/run [--out DIR]     # a training or eval output folder: its config.yaml
+        names the test set and the anchors, predictions.json holds the detections (detkit eval
         writes it); images are drawn from the test set's image root. Default --out: output/run/analysis.
 Dataset only, before any training:
-    python tools/analyze.py --gt instances_train.json --out report/ [--config CONFIG]
-    python tools/analyze.py --config configs/shapes_r18.yaml --out report/   # the config's training set
+    detkit analyze --gt instances_train.json --out report/ [--config CONFIG]
+    detkit analyze --config configs/shapes_r18.yaml --out report/   # the config's training set
 
 Writes into --out: report.html (every figure with its table), analysis.json (every number), and
 the PNGs: summary.png (TIDE + PR curves + confusion in one picture), tide.png, pr_overall.png, pr_<class>.png, confusion.png, per_class_ap.png,
@@ -36,14 +37,14 @@ NUM_EXAMPLES = 12
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="detkit-analyze",
+        prog="detkit analyze",
         description="Error analysis of COCO predictions (COCO analyze curves, TIDE, confusion matrix, per-class "
         "table) and a dataset report (box statistics, anchor coverage), as PNGs + report.html + analysis.json.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-        "  python tools/analyze.py --gt val.json --predictions predictions.json --out report/ --images val_images/\n"
-        "  python tools/analyze.py output/shapes_r18                 # a run folder with predictions.json\n"
-        "  python tools/analyze.py --config configs/shapes_r18.yaml --out report/   # dataset report only",
+        "  detkit analyze --gt val.json --predictions predictions.json --out report/ --images val_images/\n"
+        "  detkit analyze output/shapes_r18                 # a run folder with predictions.json\n"
+        "  detkit analyze --config configs/shapes_r18.yaml --out report/   # dataset report only",
     )
     parser.add_argument("run", nargs="?", help="a training or eval output folder (config.yaml + predictions.json)")
     parser.add_argument("--gt", help="COCO instances json (ground truth)")
@@ -80,7 +81,7 @@ def _resolve_inputs(args):
         predictions = run / "predictions.json"
         if not predictions.is_file():
             raise DataError(
-                f"{run} has no predictions.json; write it with `python tools/eval.py {run / 'config.yaml'} "
+                f"{run} has no predictions.json; write it with `detkit eval {run / 'config.yaml'} "
                 f"--weights {run / 'model_final.pth'} output_dir={run}` (or give --gt and --predictions)"
             )
         cfg = load_config(args.config or run / "config.yaml")

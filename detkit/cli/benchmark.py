@@ -1,10 +1,11 @@
-"""tools/benchmark.py: detkit vs torchvision speed, COCO evaluation speed, data-loader speed.
+"""`detkit benchmark` (also tools/benchmark.py, detkit-benchmark): detkit vs torchvision speed, COCO
+evaluation speed, data-loader speed, exported files' speed.
 
-    python tools/benchmark.py --device cuda --batch-size 1 8 --precision fp32 bf16      # speed
-    python tools/benchmark.py --device cpu --image-size 480 640 --step infer --iters 3 --warmup 1
-    python tools/benchmark.py --mode eval                     # 5000 images x 100 detections
-    python tools/benchmark.py --mode loader --workers 0 2 4   # the training loader alone
-    python tools/benchmark.py --mode export --image-size 480 640 --iters 3 --warmup 1 --threads 2  # eager/TorchScript/ORT
+    detkit benchmark --device cuda --batch-size 1 8 --precision fp32 bf16      # speed
+    detkit benchmark --device cpu --image-size 480 640 --step infer --iters 3 --warmup 1
+    detkit benchmark --mode eval                     # 5000 images x 100 detections
+    detkit benchmark --mode loader --workers 0 2 4   # the training loader alone
+    detkit benchmark --mode export --image-size 480 640 --iters 3 --warmup 1 --threads 2  # eager/TorchScript/ORT
 
 Speed mode times, on identical inputs and shared (calibrated random) weights, one inference and
 one training step (forward, backward, SGD) of detkit's R101-C4 and of torchvision's FasterRCNN
@@ -29,16 +30,21 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from detkit.cli.common import run_cli, setup_logging
+from detkit.cli.common import command_line, run_cli, setup_logging
 from detkit.errors import ConfigError
 
 logger = logging.getLogger("detkit.benchmark")
 
 
+# The help ends with the examples: the docstring's explanation first, then its command lines.
+_EPILOG = __doc__.split("\n\n", 2)[2].rstrip() + "\n\nexamples:\n" + "\n".join(
+    "  " + line.strip() for line in __doc__.split("\n\n")[1].splitlines())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="benchmark.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
+        prog="detkit benchmark", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
     )
     parser.add_argument("--mode", choices=("speed", "eval", "loader", "accuracy", "export"), default="speed", help="what to time (default: speed)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON here (default: print them after the table)")
@@ -65,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "--warmup --num-classes --models --threads)")
     export.add_argument("--export-dir", metavar="DIR", help="keep the exported .onnx / .pt here (default: a temporary folder)")
     export.add_argument("--int8", action="store_true",
-                        help="also quantize res5 to int8 (tools/export.py --int8-res5) and time that file")
+                        help="also quantize res5 to int8 (detkit export --int8-res5) and time that file")
     export.add_argument("--int8-images", type=int, default=16, metavar="N", help="calibration images for --int8 (default 16)")
     export.add_argument("--int8-calibration", metavar="DIR",
                         help="calibrate --int8 on images of DIR (default: images generated like the timed one)")
@@ -74,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--dets-per-image", type=int, default=100, help="detections per image (default 100)")
     evaluation.add_argument("--eval-repeats", type=int, default=1, help="timed runs of each evaluator (default 1)")
     evaluation.add_argument("--backends", nargs="+", default=["pycocotools", "faster_coco_eval"], help="detkit evaluator backends to time")
-    loader = parser.add_argument_group("loader mode (detkit.benchmark.loader, as tools/bench_loader.py) and accuracy mode")
+    loader = parser.add_argument_group("loader mode (detkit.benchmark.loader, as python -m benchmarks.loader) and accuracy mode")
     loader.add_argument("--config", help="loader: time this config's training data instead of generated shapes images; "
                         "accuracy: the config to train with both models (e.g. configs/shapes_r101.yaml)")
     loader.add_argument("--output-dir", default="output/benchmark_accuracy", help="accuracy: runs go to DIR/detkit and DIR/torchvision")
@@ -114,7 +120,7 @@ def environment(device_name: str) -> dict:
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),
         "load_average_start": list(os.getloadavg()),
-        "command": "python tools/benchmark.py " + " ".join(sys.argv[1:]),
+        "command": command_line(),
     }
 
 
@@ -188,7 +194,7 @@ def accuracy_table(summaries: dict) -> str:
 
 
 def run_loader(args: argparse.Namespace) -> dict:
-    """The training loader alone, via detkit.benchmark.loader.benchmark_loader (tools/bench_loader.py)."""
+    """The training loader alone, via detkit.benchmark.loader.benchmark_loader (python -m benchmarks.loader in a checkout)."""
     from detkit.config import DatasetConfig, load_config, replace
     from detkit.benchmark.loader import benchmark_loader
 

@@ -25,6 +25,20 @@ def setup_logging(level: int = logging.INFO, log_file: Optional[str] = None) -> 
     root.propagate = False
 
 
+def command_line(argv: Optional[Sequence[str]] = None) -> str:
+    """This process's command line as the user typed it, for logs and result files:
+    `python -m detkit train ...`, `detkit train ...`, `python tools/train.py ...`."""
+    argv = list(sys.argv if argv is None else argv)
+    program = argv[0] if argv else "detkit"
+    if program.replace("\\", "/").endswith("detkit/__main__.py"):
+        program = "python -m detkit"
+    elif program.endswith(".py"):
+        program = f"python {program}"
+    else:
+        program = program.replace("\\", "/").rsplit("/", 1)[-1]  # a console script: detkit, detkit-train
+    return " ".join([program, *argv[1:]])
+
+
 def run_cli(main: Callable[[Sequence[str]], int], argv: Optional[Sequence[str]] = None) -> int:
     """Run a tool's main; a DetkitError becomes one line on stderr and exit code 2.
 

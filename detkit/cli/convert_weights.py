@@ -1,13 +1,15 @@
-"""tools/convert_weights.py: Detectron2, MSRA/Caffe2 or torchvision weights -> a detkit checkpoint.
+"""`detkit convert-weights` (also tools/convert_weights.py, detkit-convert-weights): Detectron2,
+MSRA/Caffe2 or torchvision weights -> a detkit checkpoint.
 
-    # Detectron2's R101-C4 3x (COCO) -> a checkpoint tools/eval.py and tools/infer.py take as it is
-    python tools/convert_weights.py --from detectron2 model_final_298dad.pkl weights/frcnn_r101_c4_3x.pth \\
+    # Detectron2's R101-C4 3x (COCO) -> a checkpoint `detkit eval` and `detkit infer` take as it is
+    detkit convert-weights --from detectron2 model_final_298dad.pkl weights/frcnn_r101_c4_3x.pth \\
         --config configs/frcnn_r101_detectron2.yaml
+    detkit infer --weights weights/frcnn_r101_c4_3x.pth --input photos/ --output out/
     # ImageNet backbones (for model.backbone.weights)
-    python tools/convert_weights.py --from msra R-101.pkl weights/R-101.pth
-    python tools/convert_weights.py --from torchvision resnet101-63fe2227.pth weights/R-101-torchvision.pth
+    detkit convert-weights --from msra R-101.pkl weights/R-101.pth
+    detkit convert-weights --from torchvision resnet101-63fe2227.pth weights/R-101-torchvision.pth
     # fine-tuning on 6 classes: keep backbone, RPN and res5, drop the 81-class box predictor
-    python tools/convert_weights.py --from detectron2 model_final_298dad.pkl weights/r101_c4_init.pth --num-classes 6
+    detkit convert-weights --from detectron2 model_final_298dad.pkl weights/r101_c4_init.pth --num-classes 6
 
 IN is read without running any code from it (pickles through detkit's restricted unpickler, torch
 files with weights_only=True), every tensor is renamed to detkit's names (BN statistics filled in
@@ -17,8 +19,10 @@ for MSRA's folded BN), and OUT is written with torch.save as
 
 With --config the weights are also loaded into the model that config builds (any missing tensor
 or shape mismatch is an error), and when they make the whole model, OUT also gets the config and
-the class names of its test dataset, which makes it a detkit checkpoint for tools/eval.py and
-tools/infer.py. Key=value overrides after OUT apply to that config.
+the class names of its test dataset, which makes it a detkit checkpoint for `detkit eval` and
+`detkit infer`. Key=value overrides after OUT apply to that config. A model of 80 classes whose
+test annotation file is not there (a model-zoo download without COCO on disk) gets COCO's 80 class
+names and category ids (detkit.data.coco_classes); an annotation file that is there gives them.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from detkit.cli.common import run_cli, setup_logging
 from detkit.errors import CheckpointError, ConfigError, DetkitError
@@ -39,15 +43,15 @@ SOURCE_FORMATS = ("detectron2", "msra", "torchvision", "detkit", "auto")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tools/convert_weights.py",
+        prog="detkit convert-weights",
         description="Convert Detectron2 (model-zoo .pkl, training .pth), MSRA/Caffe2 (R-50.pkl, R-101.pkl) or "
         "torchvision ResNet weights into a detkit checkpoint. Nothing in IN is executed.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-        "  python tools/convert_weights.py --from detectron2 model_final_298dad.pkl weights/frcnn_r101_c4_3x.pth \\\n"
+        "  detkit convert-weights --from detectron2 model_final_298dad.pkl weights/frcnn_r101_c4_3x.pth \\\n"
         "      --config configs/frcnn_r101_detectron2.yaml\n"
-        "  python tools/convert_weights.py --from msra R-101.pkl weights/R-101.pth\n"
-        "  python tools/convert_weights.py --from detectron2 model_final_298dad.pkl init.pth --num-classes 6",
+        "  detkit convert-weights --from msra R-101.pkl weights/R-101.pth\n"
+        "  detkit convert-weights --from detectron2 model_final_298dad.pkl init.pth --num-classes 6",
     )
     parser.add_argument("--from", dest="src", required=True, choices=SOURCE_FORMATS,
                         help="layout of IN (auto: recognise it from the tensor names)")
@@ -139,7 +143,7 @@ def main(argv: Sequence[str]) -> int:
     usage = "model.backbone.weights" if not any(k.startswith("rpn.") for k in state["model"]) else "model.weights"
     print(f"wrote {args.output}: {len(state['model'])} tensors from {weights.format} weights "
           f"({len(weights.unused)} unused, {len(weights.ignored)} ignored, {len(dropped)} dropped); "
-          f"use it as {usage}" + (" or with tools/eval.py / tools/infer.py --weights" if "class_names" in state else ""))
+          f"use it as {usage}" + (" or with detkit eval / detkit infer --weights" if "class_names" in state else ""))
     return 0
 
 
@@ -148,19 +152,46 @@ def _some(names: list[str], limit: int = 4) -> str:
 
 
 def _add_class_names(state: dict, cfg, config_path: str) -> None:
-    """Class names and category ids of the config's test dataset (read from its annotation file)."""
+    """Class names and category ids of the config's test dataset (read from its annotation file);
+    for a model of 80 classes whose test annotation file is not there, COCO's (detkit.data.coco_classes)."""
     from detkit.data import get_dataset_info
+    from detkit.data.coco_classes import COCO_CATEGORY_IDS, COCO_CLASS_NAMES, NUM_COCO_CLASSES
 
     try:
         info = get_dataset_info(cfg, "test")
     except DetkitError as exc:
+        missing = _missing_test_annotations(cfg)
+        if missing is not None and cfg.model.num_classes == NUM_COCO_CLASSES:
+            # A model-zoo download without COCO on disk: 80 classes are COCO's, in COCO's label order.
+            state["class_names"] = list(COCO_CLASS_NAMES)
+            state["category_ids"] = list(COCO_CATEGORY_IDS)
+            logger.warning(
+                "class names: COCO's 80 (person, bicycle, ..., toothbrush; category ids 1..90) stored, as the model "
+                "has 80 classes and the test annotation file of %s is not there (%s); for other names run the "
+                "conversion again with a config whose data.test names their annotation file", config_path, missing,
+            )
+            return
         logger.warning(
-            "no class names stored (cannot read the test dataset of %s: %s); tools/eval.py and tools/infer.py "
-            "need them, so run the conversion again once the dataset is in place", config_path, exc,
+            "no class names stored (cannot read the test dataset of %s: %s); detkit eval and detkit infer need "
+            "them, so run the conversion again once the dataset is in place", config_path, exc,
         )
         return
     state["class_names"] = list(info.class_names)
     state["category_ids"] = list(info.category_ids)
+
+
+def _missing_test_annotations(cfg) -> Optional[str]:
+    """What is missing when the config names no test annotation file that exists: the absent
+    path, or "no data.test entry"; None when there is one (readable or not: its error stands)."""
+    from detkit.data.datasets import resolve_path
+
+    if not cfg.data.test:
+        return "no data.test entry"
+    first = cfg.data.test[0]
+    if first.type != "coco":
+        return None  # shapes: generated, never missing
+    ann_file = resolve_path(first.ann_file)
+    return None if ann_file.is_file() else f"{ann_file} does not exist"
 
 
 def entry_point() -> None:

@@ -1,14 +1,15 @@
-"""detkit-eval / tools/eval.py: COCO box AP of a model, or of an existing predictions file.
+"""`detkit eval` (also tools/eval.py, detkit-eval): COCO box AP of a model, or of an existing
+predictions file.
 
 Model mode (inference on the config's test set, then evaluation):
-    python tools/eval.py configs/shapes_r18.yaml --weights output/model_final.pth [key=value ...]
+    detkit eval configs/shapes_r18.yaml --weights output/model_final.pth [key=value ...]
     -> {output_dir}/predictions.json (COCO results) and {output_dir}/metrics.json, tables on stdout.
-    python tools/eval.py --model model.onnx [CONFIG] [key=value ...]   (an exported model, README Export)
+    detkit eval --model model.onnx [CONFIG] [key=value ...]   (an exported model, README Export)
     CONFIG may be left out: the checkpoint's own config is used. Under torchrun each rank runs its
     shard of the test set and rank 0 evaluates and writes.
 
 File mode (no model, predictions from any tool):
-    python tools/eval.py --gt instances_val.json --predictions predictions.json [--out metrics.json]
+    detkit eval --gt instances_val.json --predictions predictions.json [--out metrics.json]
 """
 
 from __future__ import annotations
@@ -29,19 +30,20 @@ _BACKEND_CHOICES = ("auto", "pycocotools", "faster_coco_eval")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="detkit-eval",
+        prog="detkit eval",
         description="COCO box evaluation. Model mode: CONFIG --weights CKPT [key=value ...]. "
         "File mode: --gt instances.json --predictions predictions.json [--out metrics.json].",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-        "  python tools/eval.py configs/shapes_r18.yaml --weights output/model_final.pth output_dir=output/eval\n"
-        "  python tools/eval.py --gt annotations/instances_val2017.json --predictions predictions.json",
+        "  detkit eval configs/shapes_r18.yaml --weights output/shapes_r18/model_final.pth output_dir=output/eval\n"
+        "  detkit eval --model model.onnx output_dir=output/eval_onnx          # an exported file, its own config\n"
+        "  detkit eval --gt annotations/instances_val2017.json --predictions predictions.json",
     )
     parser.add_argument("config", nargs="?", help="model mode: YAML config (default: the checkpoint's config)")
     parser.add_argument("overrides", nargs="*", help="model mode: config overrides key=value")
     parser.add_argument("--weights", help="model mode: detkit checkpoint (.pth)")
     parser.add_argument("--model", help="model mode: an exported model (.onnx: ONNX Runtime, .pt: TorchScript) "
-                        "written by tools/export.py, instead of --weights")
+                        "written by detkit export, instead of --weights")
     parser.add_argument("--gt", help="file mode: COCO instances json (ground truth)")
     parser.add_argument("--predictions", help="file mode: COCO results json to evaluate")
     parser.add_argument("--out", help="file mode: write metrics.json here (default: only print)")
@@ -56,7 +58,7 @@ def main(argv: Sequence[str]) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(list(argv))
     setup_logging()
-    # `tools/eval.py key=value` with no CONFIG: argparse puts the first override into `config`.
+    # `detkit eval key=value` with no CONFIG: argparse puts the first override into `config`.
     if args.config is not None and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides.insert(0, args.config)
         args.config = None

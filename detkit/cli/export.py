@@ -1,7 +1,8 @@
-"""detkit-export / tools/export.py: a detkit checkpoint as one ONNX or TorchScript file.
+"""`detkit export` (also tools/export.py, detkit-export): a detkit checkpoint as one ONNX or
+TorchScript file.
 
-    python tools/export.py --weights output/model_final.pth --format onnx --output model.onnx
-    python tools/export.py --weights model_final.pth --config configs/shapes_r18.yaml --format torchscript \\
+    detkit export --weights output/model_final.pth --format onnx --output model.onnx
+    detkit export --weights model_final.pth --config configs/shapes_r18.yaml --format torchscript \\
         --output model.pt [key=value ...]
 
 The file takes one resized image (3, h, w) uint8 in the model's channel order (any h, w) and its
@@ -30,14 +31,14 @@ logger = logging.getLogger("detkit.cli.export")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="detkit-export",
+        prog="detkit export",
         description="Export a detkit checkpoint (image in, detections out) to ONNX or TorchScript.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-        "  python tools/export.py --weights output/model_final.pth --format onnx --output model.onnx\n"
-        "  python tools/export.py --weights output/model_final.pth --format torchscript --output model.pt "
+        "  detkit export --weights output/model_final.pth --format onnx --output model.onnx\n"
+        "  detkit export --weights output/model_final.pth --format torchscript --output model.pt "
         "--check 300x400,480x640\n"
-        "  python tools/export.py --weights output/model_final.pth --format onnx --output model_int8.onnx "
+        "  detkit export --weights output/model_final.pth --format onnx --output model_int8.onnx "
         "--int8-res5 --calibration datasets/coco/val2017",
     )
     parser.add_argument("--weights", required=True, help="detkit checkpoint (.pth); brings config and class names")

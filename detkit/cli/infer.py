@@ -1,10 +1,10 @@
-"""detkit-infer / tools/infer.py: detect objects in images and videos (a file, a folder or a glob),
-a camera or a stream; draw them.
+"""`detkit infer` (also tools/infer.py, detkit-infer): detect objects in images and videos (a file, a
+folder or a glob), a camera or a stream; draw them.
 
-    python tools/infer.py --weights output/model_final.pth --input photos/ --output out/ [--recursive]
-    python tools/infer.py --backend onnxruntime --model model.onnx --input photos/ --output out/
-    python tools/infer.py --weights output/model_final.pth --input clip.mp4 --output out/ [--every 5]
-    python tools/infer.py --weights output/model_final.pth --input 0 --output out/ --max-frames 300
+    detkit infer --weights output/model_final.pth --input photos/ --output out/ [--recursive]
+    detkit infer --backend onnxruntime --model model.onnx --input photos/ --output out/
+    detkit infer --weights output/model_final.pth --input clip.mp4 --output out/ [--every 5]
+    detkit infer --weights output/model_final.pth --input 0 --output out/ --max-frames 300
 
 Writes into --output:
   <same relative path as the input>   each image with boxes, class names and scores (a colour per class)
@@ -56,16 +56,20 @@ PREDICTIONS_NAME = "predictions.json"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="detkit-infer",
+        prog="detkit infer",
         description="Detect objects in images with a detkit checkpoint; write drawn images and predictions.json.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  python tools/infer.py --weights output/model_final.pth --input photos/ --output out/ "
-        "--score-thresh 0.5",
+        epilog="Writes into --output: the drawn images (same relative paths as the inputs), predictions.json\n"
+        "(COCO results plus file_name and category_name), summary.json; per video <name>.mp4 and <name>.jsonl.\n\n"
+        "examples:\n"
+        "  detkit infer --weights output/shapes_r18/model_final.pth --input photos/ --output out/ --score-thresh 0.5\n"
+        "  detkit infer --weights weights/frcnn_r101_c4_3x.pth --input clip.mp4 --output out_clip/ --every 5\n"
+        "  detkit infer --backend onnxruntime --model model.onnx --input 'photos/*.jpg' --output out_onnx/",
     )
     parser.add_argument("--weights", help="detkit checkpoint (.pth); brings config and class names (--backend pytorch)")
     parser.add_argument("--backend", choices=("pytorch", "onnxruntime", "torchscript"), default="pytorch",
                         help="pytorch: the checkpoint in --weights; onnxruntime / torchscript: the file in --model "
-                        "written by tools/export.py (README, Export)")
+                        "written by detkit export (README, Export)")
     parser.add_argument("--model", help="exported model (.onnx, .pt) for --backend onnxruntime / torchscript")
     parser.add_argument("--input", required=True,
                         help="an image or video file, a folder, a glob such as 'photos/*.jpg', a camera index (0) "

@@ -86,6 +86,13 @@ def detections_from_arrays(
 def check_checkpoint(state: dict, source: Union[str, Path]) -> None:
     """Raise CheckpointError unless `state` is a detkit checkpoint usable for inference."""
     missing = [k for k in _REQUIRED_KEYS if k not in state]
+    if missing == ["class_names"] and "converted_from" in state:  # written by detkit convert-weights --config
+        origin = state["converted_from"]
+        raise CheckpointError(
+            f"{source} has no class names: it was converted from {origin.get('file') if isinstance(origin, dict) else origin} while the "
+            "test annotation file of its --config could not be read. Convert it again with a --config whose data.test "
+            "names the annotation file of the model's classes (a model of 80 classes gets COCO's names without one)"
+        )
     if missing:
         raise CheckpointError(
             f"{source} lacks {', '.join(missing)}: it is not a detkit checkpoint (tools/train.py writes them; "

@@ -157,7 +157,7 @@ class Conv2d(nn.Conv2d):
     2-core CPU machine: 3x3 512->512 on 64 x 2 x 2, forward + backward 102 ms with oneDNN, 47 ms as
     GEMM on 2 threads). A 1x1 map skips the unfold: only the tap at (padding, padding) sees the
     input (192 x 512 x 1 x 1, 1 thread: 493 ms with oneDNN, 13 ms). On the demo's whole training
-    step the GEMM path is worth 1.3x (tools/bench_gemm_conv.py). Larger maps and GPUs keep the
+    step the GEMM path is worth 1.3x (python -m benchmarks.gemm_conv). Larger maps and GPUs keep the
     library convolution (BENCHMARKS.md, "Profile"). Traceable by torch.fx (the decision is inside
     the wrapped function).
     """

@@ -23,7 +23,7 @@ from detkit.structures.boxes import batched_box_iou
 
 # IoU values per tile of `match_boxes`. A tile costs ~12 bytes a value at its peak (3 fp32 copies
 # inside batched_box_iou), so at most ~200 MB. Measured (BENCHMARKS.md, "Matching memory", CPU,
-# tools/bench_matching.py): the RPN's matching at batch 16, 300 GT boxes per image, 800x1333
+# python -m benchmarks.matching): the RPN's matching at batch 16, 300 GT boxes per image, 800x1333
 # (63,000 anchors: tiles of 1 image x 150 GT slots) peaks at 121 MiB instead of 12,822 MiB for the
 # whole-matrix code before, and is no slower. Smaller tiles save little more on the CPU; on a GPU
 # larger tiles mean fewer kernel launches (~15 per tile).

@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import runpy
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -137,11 +136,11 @@ def test_prepare_shapes_script_writes_a_standalone_set(tmp_path, capsys, restore
     assert "3 images" in capsys.readouterr().out
 
 
-def test_bench_loader_tool_prints_a_table(tmp_path, capsys, monkeypatch, restore_logging):
-    monkeypatch.setattr(sys, "argv", ["bench_loader.py"])
-    tool = runpy.run_path(str(REPO / "tools" / "bench_loader.py"))
+def test_bench_loader_tool_prints_a_table(tmp_path, capsys, restore_logging):
+    from benchmarks.loader import main
+
     argv = ["--root", str(tmp_path), "--num-images", "4", "--image-size", "48", "64", "--workers", "0", "--batches", "2", "--warmup", "1",
             "data.min_size_train=[48]", "data.max_size_train=100"]
-    assert tool["main"](argv) == 0
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "| workers | images/s |" in out and "| 0 |" in out and "48 x 64" in out

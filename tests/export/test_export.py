@@ -362,16 +362,12 @@ def test_int8_res5_bad_arguments_are_one_line_and_exit_2(exported, tmp_path, ext
 
 
 def test_trace_export_parity_reads_the_stages_out_of_the_onnx_file(exported, tmp_path):
-    """tools/trace_export_parity.py: the copy of the graph with stage outputs gives the file's own
+    """benchmarks.trace_export_parity: the copy of the graph with stage outputs gives the file's own
     detections, its res4 map / proposals / class logits are the eager stages' within float32
     kernel rounding, and eager compared with itself shows no difference at any stage."""
-    import importlib.util
-
     import onnxruntime as ort
 
-    spec = importlib.util.spec_from_file_location("trace_export_parity", ROOT / "tools" / "trace_export_parity.py")
-    trace = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trace)
+    from benchmarks import trace_export_parity as trace
     from detkit.export.graph import SingleImageDetector
 
     _, _, _, predictor, onnx_path, _ = exported

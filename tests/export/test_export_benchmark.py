@@ -1,5 +1,5 @@
 """tools/benchmark.py --mode export (detkit.export.benchmark) on a tiny R18: the calibrated model
-is reproducible from the options alone (tools/trace_export_parity.py rebuilds it), the RPN keeps the
+is reproducible from the options alone (benchmarks.trace_export_parity rebuilds it), the RPN keeps the
 full top-k, TorchScript is bit-identical, ONNX Runtime gives the same detections, and every backend
 (the int8 res5 file included) is timed."""
 

@@ -165,12 +165,12 @@ def test_no_gt_slots_or_no_boxes_give_well_shaped_background():
 
 
 def measure(cases: list) -> list:
-    """Peak memory of matchings, one after the other in a fresh process (tools/bench_matching.py
-    --measure resets the peak before each: one process saves a second torch import)."""
+    """Peak memory of matchings, one after the other in a fresh process (python -m
+    benchmarks.matching --measure resets the peak before each: one process saves a second torch import)."""
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "tools", "bench_matching.py"), "--measure", json.dumps(cases)],
-        capture_output=True, text=True, env=env, timeout=120, check=True,
+        [sys.executable, "-m", "benchmarks.matching", "--measure", json.dumps(cases)],
+        capture_output=True, text=True, env=env, timeout=120, check=True, cwd=REPO_ROOT,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 

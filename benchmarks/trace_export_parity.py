@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Where do ONNX Runtime's detections part from eager PyTorch's? Stage by stage, on the export
-benchmark's R101-C4 (issue #13; README "Export", measured parity).
+benchmark's R101-C4 (README "Export", measured parity).
 
-For each benchmark image (480x640 and the three parity sizes of `tools/benchmark.py --mode export`)
+For each benchmark image (480x640 and the three parity sizes of `detkit benchmark --mode export`)
 this compares each candidate with eager PyTorch (oneDNN convolutions, the reference):
 - res4 features (the trunk's output): max |difference|, relative to max |feature|, and each
   float32 map's error against the same trunk run in float64;
@@ -19,8 +18,8 @@ The candidates:
 - `pytorch-slow-conv`: the same eager model with oneDNN off (PyTorch's own im2col + GEMM
   convolution): how far fp32 PyTorch moves from itself with another valid convolution kernel.
 
-    python tools/benchmark.py --mode export --depth 101 --image-size 480 640 --export-dir r101/
-    python tools/trace_export_parity.py r101/model.onnx --threads 2 [--json trace.json]
+    detkit benchmark --mode export --depth 101 --image-size 480 640 --export-dir r101/
+    python -m benchmarks.trace_export_parity r101/model.onnx --threads 2 [--json trace.json]
 
 The model is rebuilt with the benchmark's seeds (detkit.export.benchmark.calibrated_model), so it is
 the one the file was exported from; --depth / --num-classes / --seed must match that run.
@@ -31,15 +30,16 @@ import copy
 import json
 import sys
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from detkit.benchmark.calibration import compare_detections  # noqa: E402
-from detkit.export.benchmark import ExportBenchOptions, benchmark_images, calibrated_model  # noqa: E402
-from detkit.export.graph import SingleImageDetector  # noqa: E402
+from detkit.benchmark.calibration import compare_detections
+from detkit.cli.common import run_cli
+from detkit.errors import ExportError
+from detkit.export.benchmark import ExportBenchOptions, benchmark_images, calibrated_model
+from detkit.export.graph import SingleImageDetector
 
 
 def eager_stages(detector: SingleImageDetector, image: torch.Tensor) -> dict:
@@ -78,7 +78,8 @@ def onnx_with_stages(path: str, out_path: Path) -> None:
     roi_align = [n for n in model.graph.node if n.op_type == "RoiAlign"]
     softmax = [n for n in model.graph.node if n.op_type == "Softmax"]
     if len(roi_align) != 1 or len(softmax) != 1:
-        raise SystemExit(f"{path}: expected one RoiAlign and one Softmax node, found {len(roi_align)} and {len(softmax)}")
+        raise ExportError(f"{path}: expected one RoiAlign and one Softmax node, found {len(roi_align)} and "
+                          f"{len(softmax)}: give a detkit ONNX file (detkit benchmark --mode export --export-dir DIR)")
     for name in (roi_align[0].input[0], roi_align[0].input[1], softmax[0].input[0]):
         model.graph.output.add(name=name)
     onnx.save(model, str(out_path), save_as_external_data=False)
@@ -158,9 +159,9 @@ def compare(ref: dict, got: dict, exact: np.ndarray) -> dict:
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="model.onnx written by tools/benchmark.py --mode export --export-dir DIR")
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.trace_export_parity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="model.onnx written by detkit benchmark --mode export --export-dir DIR")
     parser.add_argument("--depth", type=int, default=101)
     parser.add_argument("--num-classes", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0)
@@ -168,7 +169,7 @@ def main() -> None:
     parser.add_argument("--candidates", nargs="+", default=["onnxruntime", "onnxruntime-noopt", "pytorch-slow-conv"],
                         choices=["onnxruntime", "onnxruntime-noopt", "pytorch-slow-conv"])
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import onnxruntime as ort
 
@@ -213,7 +214,8 @@ def main() -> None:
     staged.unlink()
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

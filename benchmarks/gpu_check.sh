@@ -3,12 +3,12 @@
 # benchmark rows of BENCHMARKS.md, and a short shapes training evaluated in fp32 and bf16.
 # Writes JSON (and logs) to $OUT (default output/gpu_check). Budget: under 8 minutes on one H200.
 #
-#   make gpu-check            # or: bash tools/gpu_check.sh
+#   make gpu-check            # or: bash benchmarks/gpu_check.sh
 #
 # On a machine without registry access, ship pycocotools/albumentations as wheels in .whl/ (see
 # README "GPU check"); they are installed into .site/ and put on PYTHONPATH with the project.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.."  # the repository root: benchmarks/..
 OUT=${OUT:-output/gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -38,18 +38,18 @@ stamp "1/4 CUDA tests (pytest -m cuda)"
 $PY -m pytest -q -m cuda -p no:cacheprovider tests --junitxml="$OUT/cuda_tests.xml" 2>&1 | tail -n 25 | tee "$OUT/cuda_tests.txt"
 
 stamp "2/4 inference rows: R101-C4 800x1333, batch 1 and 8, fp32 (TF32) and bf16, detkit vs torchvision"
-timeout 150 $PY tools/benchmark.py --device cuda --image-size 800 1333 --step infer --batch-size 1 8 \
+timeout 150 $PY -m detkit benchmark --device cuda --image-size 800 1333 --step infer --batch-size 1 8 \
   --precision fp32 bf16 --iters 10 --warmup 3 --json "$OUT/bench_infer.json" 2>&1 | tail -n 30
 
 stamp "3/4 training rows: batch 8, fp32 (TF32) and bf16"
-timeout 150 $PY tools/benchmark.py --device cuda --image-size 800 1333 --step train --batch-size 8 \
+timeout 150 $PY -m detkit benchmark --device cuda --image-size 800 1333 --step train --batch-size 8 \
   --precision fp32 bf16 --iters 10 --warmup 3 --no-flops --json "$OUT/bench_train.json" 2>&1 | tail -n 20
 
 stamp "4/4 shapes R18 training (configs/shapes_r18.yaml) on the GPU, then COCO eval in fp32 and bf16"
-timeout 150 $PY tools/train.py configs/shapes_r18.yaml device=cuda output_dir="$OUT/shapes" data.num_workers=4 \
+timeout 150 $PY -m detkit train configs/shapes_r18.yaml device=cuda output_dir="$OUT/shapes" data.num_workers=4 \
   test.eval_period=0 2>&1 | tail -n 5
 for amp in off bf16; do
-  timeout 60 $PY tools/eval.py "$OUT/shapes/config.yaml" --weights "$OUT/shapes/model_final.pth" \
+  timeout 60 $PY -m detkit eval "$OUT/shapes/config.yaml" --weights "$OUT/shapes/model_final.pth" \
     output_dir="$OUT/shapes_eval_$amp" test.amp=$amp device=cuda 2>&1 | tail -n 3
 done
 $PY - "$OUT" <<'PYEOF'

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """FrozenBatchNorm2d's cost: Detectron2's formulas (detkit now) vs the earlier one-pass addcmul.
 
 Times an R50 trunk at H x W plus res5 on R RoI crops (14 x 14), all norms frozen, in one process,
@@ -8,15 +7,18 @@ A and B interleaved round by round so that a drift of the machine's speed hits b
 Prints min / median seconds of each and the median of the per-round ratios A/B, for inference
 (no grad) and for a training step (forward + backward of res3..res5 and the crops).
 
-    python tools/bench_frozen_bn.py --threads 1 --rounds 5
+    python -m benchmarks.frozen_bn --threads 1 --rounds 5
 """
 
 import argparse
 import statistics
+import sys
+from typing import Optional, Sequence
 
 import torch
 
 from detkit.benchmark.timing import time_interleaved
+from detkit.cli.common import run_cli
 from detkit.modeling.backbone import FrozenBatchNorm2d, ResNetTrunk, build_res5
 
 
@@ -26,14 +28,14 @@ def addcmul_forward(self, x):
     return torch.addcmul(shift.reshape(1, -1, 1, 1).to(x.dtype), x, scale.reshape(1, -1, 1, 1).to(x.dtype))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.frozen_bn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--depth", type=int, default=50)
     parser.add_argument("--image-size", type=int, nargs=2, default=[480, 640])
     parser.add_argument("--rois", type=int, default=100)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     trunk = ResNetTrunk(depth=args.depth, norm="FrozenBN", freeze_at=2)
@@ -74,7 +76,8 @@ def main() -> None:
             print(f"{step_name:9s} {name:10s} min {min(values):.3f} s  median {statistics.median(values):.3f} s")
         print(f"{step_name:9s} detectron2/addcmul per-round ratio: median {statistics.median(ratios):.3f} "
               f"(min {min(ratios):.3f}, max {max(ratios):.3f}, {args.rounds} rounds)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

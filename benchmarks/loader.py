@@ -1,11 +1,11 @@
-#!/usr/bin/env python
 """Data-loader throughput (images/s) for 0, 2 and 4 workers on the shapes data at COCO-like sizes.
 
-    python tools/bench_loader.py                          # 480x640 shapes, short side 640..800, max 1333
-    python tools/bench_loader.py --workers 0 1 2 --batches 60 --batch-size 2
-    python tools/bench_loader.py --config configs/frcnn_r101.yaml   # your own data instead of shapes
+    python -m benchmarks.loader                          # 480x640 shapes, short side 640..800, max 1333
+    python -m benchmarks.loader --workers 0 1 2 --batches 60 --batch-size 2
+    python -m benchmarks.loader --config configs/frcnn_r101.yaml   # your own data instead of shapes
 
-Prints a markdown table for BENCHMARKS.md. The timing itself is detkit.benchmark.loader.benchmark_loader.
+Prints a markdown table for BENCHMARKS.md. The timing itself is detkit.benchmark.loader.benchmark_loader
+(also `detkit benchmark --mode loader`).
 """
 
 import argparse
@@ -13,18 +13,13 @@ import datetime
 import os
 import platform
 import sys
-from typing import Sequence
-
-try:
-    import detkit  # noqa: F401
-except ImportError:  # run from a source checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from typing import Optional, Sequence
 
 from detkit.cli.common import run_cli, setup_logging
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.loader", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="use this config's training data and data settings instead of the shapes benchmark set")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4], help="worker counts to time (default: 0 2 4)")
     parser.add_argument("--batches", type=int, default=40, help="timed batches per setting (default: 40)")

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
-"""Video inference speed: frames/s of detkit-infer on a generated 640x480 clip, per torch thread count.
+"""Video inference speed: frames/s of `detkit infer` on a generated 640x480 clip, per torch thread count.
 
-    python tools/bench_video.py --weights output/model_final.pth [--threads 1 2] [--runs 3] [--frames 300]
+    python -m benchmarks.video --weights output/model_final.pth [--threads 1 2] [--runs 3] [--frames 300]
 
 Generates (once) datasets/shapes/bench_video/shapes_640x480_<frames>.mp4: moving circles, squares, triangles
 and stars (24..80 px, the shapes dataset's sizes) on a textured background, mp4v at 30 fps. Then, for
@@ -9,7 +8,7 @@ each thread count (torch.set_num_threads; OpenCV keeps its default), it runs
 
   decoder only   FrameReader: decode + BGR->RGB + the test-time resize, what the reader thread does
   model only     predict_preprocessed on batches of the clip's first frames, nothing else running
-  full           detkit-infer --input <clip> (decoder thread, model, drawing, writing the mp4v video)
+  full           detkit infer --input <clip> (decoder thread, model, drawing, writing the mp4v video)
 
 `--runs` times each and prints min / median frames/s and, from the runs' summary.json, where the time
 went: the model (predict_preprocessed), drawing + encoding, and how long the model side waited for the
@@ -27,16 +26,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-try:
-    import detkit  # noqa: F401
-except ImportError:  # run from a source checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from typing import Optional, Sequence
 
 import cv2
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from detkit.cli.common import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: the clip goes to its datasets/shapes/
 
 
 def make_clip(path: Path, num_frames: int, width: int = 640, height: int = 480, fps: float = 30.0) -> Path:
@@ -106,23 +103,23 @@ def model_only(clip: Path, weights: str, batch_size: int, batches: int = 4) -> l
 
 
 def full_run(clip: Path, weights: str, threads: int, batch_size: int) -> dict:
-    """One detkit-infer run in a fresh process with `threads` torch threads: its summary's video entry."""
+    """One `detkit infer` run in a fresh process with `threads` torch threads: its summary's video entry."""
     with tempfile.TemporaryDirectory(prefix="detkit-bench-video-") as tmp:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        subprocess.run([sys.executable, str(ROOT / "tools" / "infer.py"), "--weights", weights, "--input", str(clip),
+        subprocess.run([sys.executable, "-m", "detkit", "infer", "--weights", weights, "--input", str(clip),
                         "--output", f"{tmp}/out", "--device", "cpu", "--batch-size", str(batch_size)],
                        check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
         return json.loads(Path(f"{tmp}/out/summary.json").read_text())["videos"][0]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.video", description=__doc__.split("\n")[0])
     parser.add_argument("--weights", required=True)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--frames", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import torch
 
@@ -143,7 +140,8 @@ def main() -> None:
               f" waited for decoder {timing['waited_for_decoder_s']:.2f} s; decoder thread busy "
               f"{timing['decode_s']:.2f} s")
     print(f"load {os.getloadavg()[0]:.2f} at the end")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -1,9 +1,12 @@
-#!/usr/bin/env python
 """Peak memory and time of the training step's matching (IoU + Matcher), each case in a fresh process.
 
-    python tools/bench_matching.py                        # batch 8 x 100 and 300 GT, batch 16 x 300; 800x1333
-    python tools/bench_matching.py --cases 16x300 --stages rpn --modes chunked --max-elements 4194304
-    PYTHONPATH=/path/to/older/checkout python tools/bench_matching.py --modes unchunked   # "before"
+    python -m benchmarks.matching                        # batch 8 x 100 and 300 GT, batch 16 x 300; 800x1333
+    python -m benchmarks.matching --cases 16x300 --stages rpn --modes chunked --max-elements 4194304
+    cd /path/to/older/checkout && PYTHONPATH=$OLDPWD python -m benchmarks.matching --modes unchunked   # "before"
+
+The "before" line imports detkit from the older checkout (`python -m` puts the current directory
+first on the path) and this module from here when that checkout has no benchmarks/; each case's
+process inherits the same directory and path, so it measures the same detkit.
 
 Stages: `rpn` matches the anchors of one res4 map (stride 16, 15 anchors per location: 63,000 at
 800x1333 padded to 800x1344) with the RPN's rule (0.3 / 0.7 + each GT's best anchors); `roi`
@@ -32,13 +35,9 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
-try:
-    import detkit  # noqa: F401
-except ImportError:  # run from a source checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+import detkit
 from detkit.cli.common import run_cli
 from detkit.errors import DetkitError
 
@@ -146,6 +145,7 @@ def _available_bytes() -> int:
 
 
 def _commit() -> str:
+    """The commit (and -dirty) of this checkout (the detkit measured may come from another: see the header)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
@@ -163,8 +163,8 @@ def _parse_case(text: str) -> tuple[int, int]:
         raise DetkitError(f"--cases takes IMAGESxBOXES such as 8x300, got {text!r}") from None
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.matching", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["8x100", "8x300", "16x300"], help="IMAGESxGT_BOXES per image (default: 8x100 8x300 16x300)")
     parser.add_argument("--stages", nargs="+", default=["rpn", "roi"], choices=["rpn", "roi"])
     parser.add_argument("--modes", nargs="+", default=["unchunked", "chunked"], choices=["unchunked", "chunked"])
@@ -189,7 +189,11 @@ def main(argv: Sequence[str]) -> int:
 
         max_elements = MATCH_MAX_ELEMENTS
     limit = args.max_memory_gb * 1e9 if args.max_memory_gb is not None else 0.8 * _available_bytes()
-    env = dict(os.environ, **CHILD_ENV, PYTHONPATH=os.pathsep.join(p for p in [os.path.dirname(os.path.dirname(detkit.__file__)), os.environ.get("PYTHONPATH")] if p))
+    # Each case runs as `python -m benchmarks.matching --measure` in this directory with the detkit
+    # and the benchmarks package this process imported first on the path.
+    here = [os.path.dirname(os.path.dirname(os.path.abspath(detkit.__file__))),
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]  # the folder holding benchmarks/
+    env = dict(os.environ, **CHILD_ENV, PYTHONPATH=os.pathsep.join(p for p in [*here, os.environ.get("PYTHONPATH")] if p))
     height, width = args.size
     rows = []
     for text in args.cases:
@@ -206,7 +210,7 @@ def main(argv: Sequence[str]) -> int:
                 if need > limit:
                     rows.append({**case, "skipped": f"needs ~{need / 1e9:.1f} GB, limit {limit / 1e9:.1f} GB", "num_boxes": num_boxes})
                     continue
-                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", json.dumps(case)], capture_output=True, text=True, env=env)
+                out = subprocess.run([sys.executable, "-m", "benchmarks.matching", "--measure", json.dumps(case)], capture_output=True, text=True, env=env)
                 if out.returncode != 0:
                     raise DetkitError(f"measuring {case} failed:\n{out.stderr[-2000:]}")
                 row = json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,25 +1,24 @@
-#!/usr/bin/env python
 """int8 res5 against float32: ONNX Runtime time per image of two detkit ONNX files, interleaved.
 
-The int8 file is `--int8 FILE` (from tools/export.py --int8-res5), or written here next to the
+The int8 file is `--int8 FILE` (from detkit export --int8-res5), or written here next to the
 float32 file with detkit.export.quantize (`--calibration DIR`, the first --num-calibration images),
 which also quantizes the export benchmark's calibrated model that has no checkpoint. Then both files
 run the first --num-timing images of --timing, fp32 and int8 alternating per round (one warm-up
 round first; detkit.benchmark.timing.time_interleaved), with --threads intra-op threads; prints min / median ms per image and the per-round ratio.
-Evaluate accuracy with tools/eval.py --model FILE.
+Evaluate accuracy with detkit eval --model FILE.
 
-Shapes R18, configs/shapes_r18.yaml trained 800 iterations into output/shapes_amp (AP from tools/eval.py):
+Shapes R18, configs/shapes_r18.yaml trained 800 iterations into output/shapes_amp (AP from detkit eval):
 
-    python tools/export.py --weights output/shapes_amp/model_final.pth --format onnx --output output/int8/model.onnx
-    python tools/export.py --weights output/shapes_amp/model_final.pth --format onnx --output output/int8/model_int8.onnx \\
+    detkit export --weights output/shapes_amp/model_final.pth --format onnx --output output/int8/model.onnx
+    detkit export --weights output/shapes_amp/model_final.pth --format onnx --output output/int8/model_int8.onnx \\
         --int8-res5 --calibration datasets/shapes/train_a88f2c9112a6/images
-    python tools/bench_int8.py output/int8/model.onnx --int8 output/int8/model_int8.onnx --timing datasets/shapes/val_59772c7e3d27/images
+    python -m benchmarks.int8 output/int8/model.onnx --int8 output/int8/model_int8.onnx --timing datasets/shapes/val_59772c7e3d27/images
 
 The export benchmark's R101-C4 (random calibrated weights, so speed only), timed on images
 stretched to the benchmark's 480 x 640 network input:
 
-    python tools/benchmark.py --mode export --depth 101 --image-size 480 640 --threads 2 --export-dir r101/
-    python tools/bench_int8.py r101/model.onnx --calibration datasets/shapes/train_a88f2c9112a6/images --num-calibration 16 \\
+    detkit benchmark --mode export --depth 101 --image-size 480 640 --threads 2 --export-dir r101/
+    python -m benchmarks.int8 r101/model.onnx --calibration datasets/shapes/train_a88f2c9112a6/images --num-calibration 16 \\
         --timing datasets/shapes/val_59772c7e3d27/images --num-timing 3 --input-size 480 640 --threads 2
 """
 
@@ -29,17 +28,17 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 import cv2
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from detkit.benchmark.timing import time_interleaved  # noqa: E402
-from detkit.data import read_image  # noqa: E402
-from detkit.export.quantize import calibration_images, quantize_res5  # noqa: E402
-from detkit.export.runtime import ExportedPredictor  # noqa: E402
+from detkit.benchmark.timing import time_interleaved
+from detkit.cli.common import run_cli
+from detkit.data import read_image
+from detkit.export.quantize import calibration_images, quantize_res5
+from detkit.export.runtime import ExportedPredictor
 
 
 def timing_inputs(predictor: ExportedPredictor, folder: Path, count: int, input_size) -> list[tuple]:
@@ -56,9 +55,9 @@ def timing_inputs(predictor: ExportedPredictor, folder: Path, count: int, input_
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a float32 detkit ONNX file (tools/export.py --format onnx)")
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.int8", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a float32 detkit ONNX file (detkit export --format onnx)")
     parser.add_argument("--int8", type=Path, default=None, help="its int8 res5 file (default: quantize it here)")
     parser.add_argument("--calibration", type=Path, default=None, help="folder of calibration images (without --int8)")
     parser.add_argument("--num-calibration", type=int, default=300)
@@ -68,7 +67,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
     parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                         help="feed every image stretched to H x W as the network input (default: the file's resize)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     int8_path = args.int8
     if int8_path is None:
@@ -94,7 +93,8 @@ def main() -> None:
         print(f"{name}: {min(values):.2f} / {statistics.median(values):.2f} ms per image (min / median); "
               f"rounds {[round(v, 2) for v in values]}")
     print("int8 / fp32 per round:", [round(b / a, 3) for a, b in zip(times["fp32"], times["int8"])])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """The small-map GEMM path of detkit's Conv2d on the CPU demo's training step: with it vs without.
 
 Two copies of the demo's model (configs/shapes_r18.yaml: R18-C4, 2x2 RoIAlign, res5 on 1x1 maps),
@@ -9,17 +8,20 @@ speed hits both:
   B "onednn": nn.Conv2d's own forward (the library convolution) for every conv.
 Prints min / median seconds per step of each and the median of the per-round ratios B/A.
 
-    python tools/bench_gemm_conv.py --threads 2 --rounds 10
+    python -m benchmarks.gemm_conv --threads 2 --rounds 10
 """
 
 import argparse
 import copy
 import statistics
+import sys
 import time
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from detkit.cli.common import run_cli
 from detkit.config import load_config
 from detkit.data.loader import build_train_loader
 from detkit.engine.lr_schedule import build_optimizer
@@ -27,14 +29,14 @@ from detkit.modeling import build_model
 from detkit.modeling.backbone import Conv2d
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gemm_conv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/shapes_r18.yaml")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--batches", type=int, default=5, help="distinct batches, cycled through the rounds")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = load_config(args.config, args.overrides)
@@ -70,7 +72,8 @@ def main() -> None:
         print(f"{name:7s} s/step min {min(values):.3f}  median {statistics.median(values):.3f}")
     print(f"onednn/gemm per-round ratio: median {statistics.median(ratios):.2f} "
           f"(min {min(ratios):.2f}, max {max(ratios):.2f}, {args.rounds} rounds)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))
