@@ -144,8 +144,10 @@ class Trainer:
         self.is_main = self.dist.is_main
 
         if model is None:
-            from detkit.modeling import build_model
+            from detkit.modeling import build_model, check_initialisation
 
+            if load_weights:  # (a resumed run takes every tensor from its checkpoint)
+                check_initialisation(cfg)
             model = build_model(cfg, load_weights=load_weights)
         model.to(self.device)
         self.optimizer = build_optimizer(model, solver)
