@@ -155,7 +155,8 @@ def test_help_documents_every_flag(capsys):
         train_main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--resume", "--eval-only", "--weights", "torchrun", "key=value", "ims_per_batch", "base_lr"):
+    for flag in ("--resume", "--eval-only", "--weights", "torchrun", "key=value", "ims_per_batch", "base_lr", "--overwrite",
+                 "--accept-config-changes"):
         assert flag in text
 
 
@@ -299,3 +300,50 @@ def test_frozen_bn_without_pretrained_backbone_is_refused_but_bn_from_scratch_tr
                                                 "solver.max_iter=1", "data.min_size_train=[32]", "data.max_size_train=32"])
     summary = Trainer(cfg).train()
     assert summary["iterations"] == 1 and math.isfinite(summary["final_losses"]["total_loss"])
+
+
+# ---------------------------------------------------------------------------------------------
+# An output_dir that holds a run: --resume or --overwrite
+# ---------------------------------------------------------------------------------------------
+
+
+def _earlier_run(folder: Path) -> dict[str, bytes]:
+    """The files an earlier run left in `folder` (stand-ins: only their names and bytes matter here)."""
+    folder.mkdir(parents=True)
+    files = {"metrics.jsonl": b'{"iteration": 50, "total_loss": 0.5}\n', "model_0000050.pth": b"an earlier checkpoint",
+             "last_checkpoint": b"model_0000050.pth\n", "log.txt": b"the earlier log\n", "notes.md": b"the user's own file"}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return files
+
+
+def test_a_fresh_run_into_an_output_dir_holding_a_run_stops_and_changes_nothing(tmp_path, standin_imagenet_r18):
+    cfg = write_tiny_config(tmp_path, standin_imagenet_r18)
+    out = tmp_path / "out"
+    files = _earlier_run(out)
+    result = subprocess.run(TRAIN + [str(cfg), f"output_dir={out}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: output_dir {out} already holds a run (last_checkpoint, metrics.jsonl, model_0000050.pth): add --resume "
+        "to continue it, --overwrite to delete it and start over, or set output_dir=... to another folder"
+    ]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    both = subprocess.run(TRAIN + [str(cfg), f"output_dir={out}", "--resume", "--overwrite"], capture_output=True, text=True, timeout=300)
+    assert both.returncode == 2 and "give one of them" in both.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+
+
+@pytest.mark.slow
+def test_overwrite_removes_the_earlier_run_first(tmp_path, standin_imagenet_r18):
+    cfg = write_tiny_config(tmp_path, standin_imagenet_r18)
+    out = tmp_path / "out"
+    _earlier_run(out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(TRAIN + [str(cfg), f"output_dir={out}", "solver.max_iter=2", "--overwrite"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert not (out / "model_0000050.pth").exists() and (out / "notes.md").read_bytes() == b"the user's own file"
+    assert (out / "last_checkpoint").read_text() == "model_final.pth\n"
+    assert [r["iteration"] for r in rows(out) if "total_loss" in r] == [1, 2]  # no row of the earlier run
+    log = (out / "log.txt").read_text()
+    assert "the earlier log" not in log and "--overwrite: removed 4 files of the earlier run" in log
