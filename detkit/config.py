@@ -35,7 +35,7 @@ from detkit.errors import ConfigError
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    weights: str = ""  # ImageNet ResNet checkpoint: a local file, or a torchvision weights enum name
+    weights: str = ""  # ImageNet ResNet checkpoint: "imagenet", a local file, or a torchvision weights enum name
     weights_format: Literal["auto", "torchvision", "msra", "detectron2", "detkit"] = "auto"
     norm: Literal["FrozenBN", "BN", "SyncBN", "GN"] = "FrozenBN"
     freeze_at: int = 2

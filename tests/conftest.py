@@ -6,12 +6,18 @@ elsewhere, and the header says so; `make gpu-check` (benchmarks/gpu_check.sh) ru
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+
+# The tools the tests run as subprocesses (python tools/train.py ...) import the detkit of this
+# checkout, not another one an editable install in the environment may point to.
+_CHECKOUT = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join([_CHECKOUT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
 def pytest_report_header(config):
@@ -73,6 +79,26 @@ def read_all_frames(path: Path) -> list[np.ndarray]:
         frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
     capture.release()
     return frames
+
+
+def write_standin_imagenet_resnet(path: Path, depth: int = 18, seed: int = 0) -> Path:
+    """A file laid out as torchvision's ImageNet ResNet-`depth` (`resnet18-f37072fd.pth`): its own
+    random initialisation (seeded), so BatchNorm statistics are the identity. Training refuses frozen
+    BatchNorm with no backbone file (detkit.modeling.check_initialisation); tiny test runs pass this
+    one, which keeps the run offline and its numbers independent of the real ImageNet weights."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def standin_imagenet_r18(tmp_path_factory) -> Path:
+    """Path of `write_standin_imagenet_resnet`'s ResNet-18 file (one per test session)."""
+    return write_standin_imagenet_resnet(tmp_path_factory.mktemp("standin") / "resnet18-standin.pth")
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ seed: 0
 model:
   depth: 18
   num_classes: 3
-  backbone: {{freeze_at: 3}}
+  backbone: {{freeze_at: 3, weights: {weights}}}
   rpn: {{anchor_sizes: [16, 32, 64], pre_nms_topk_train: 200, post_nms_topk_train: 32, pre_nms_topk_test: 100,
         post_nms_topk_test: 16, batch_size_per_image: 32}}
   roi_heads: {{batch_size_per_image: 16, pooler_resolution: 4}}
@@ -60,11 +60,11 @@ def run_tool(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, standin_imagenet_r18):
     """(tmp dir, config path, checkpoint path) of a tiny model trained with tools/train.py."""
     tmp = tmp_path_factory.mktemp("eval_infer")
     cfg = tmp / "tiny.yaml"
-    cfg.write_text(TINY_CONFIG.format(base=ROOT / "configs" / "base.yaml", data=tmp / "shapes"))
+    cfg.write_text(TINY_CONFIG.format(base=ROOT / "configs" / "base.yaml", data=tmp / "shapes", weights=standin_imagenet_r18))
     run_tool(ROOT / "tools" / "train.py", cfg, f"output_dir={tmp / 'train'}")
     weights = tmp / "train" / "model_final.pth"
     assert weights.is_file()

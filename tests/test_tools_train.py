@@ -33,7 +33,7 @@ seed: 3
 model:
   depth: 18
   num_classes: 3
-  backbone: {{freeze_at: 4}}
+  backbone: {{freeze_at: 4, weights: {weights}}}
   rpn: {{pre_nms_topk_train: 200, post_nms_topk_train: 32, pre_nms_topk_test: 100, post_nms_topk_test: 16,
         batch_size_per_image: 32}}
   roi_heads: {{batch_size_per_image: 8, pooler_resolution: 4}}
@@ -53,9 +53,10 @@ test: {{ims_per_batch: 4}}
 LOSS_KEYS = ("total_loss", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "lr")
 
 
-def write_tiny_config(folder: Path) -> Path:
+def write_tiny_config(folder: Path, weights: Path) -> Path:
+    """The tiny config in `folder`; `weights`: the backbone file (the standin_imagenet_r18 fixture)."""
     path = folder / "tiny.yaml"
-    path.write_text(TINY_CONFIG.format(base=ROOT / "configs" / "base.yaml", data=folder / "shapes"))
+    path.write_text(TINY_CONFIG.format(base=ROOT / "configs" / "base.yaml", data=folder / "shapes", weights=weights))
     return path
 
 
@@ -68,9 +69,9 @@ def training_rows(run: Path) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, standin_imagenet_r18):
     tmp = tmp_path_factory.mktemp("train")
-    cfg = write_tiny_config(tmp)
+    cfg = write_tiny_config(tmp, standin_imagenet_r18)
     # One intra-op thread: on 2 cores shared with other processes, torch's two spinning OpenMP
     # threads make a step ~10x slower than one thread does.
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
@@ -154,12 +155,13 @@ def test_help_documents_every_flag(capsys):
         train_main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--resume", "--eval-only", "--weights", "torchrun", "key=value", "ims_per_batch", "base_lr"):
+    for flag in ("--resume", "--eval-only", "--weights", "torchrun", "key=value", "ims_per_batch", "base_lr", "--overwrite",
+                 "--accept-config-changes"):
         assert flag in text
 
 
-def test_errors_are_one_line_with_exit_code_2(tmp_path):
-    cfg = write_tiny_config(tmp_path)
+def test_errors_are_one_line_with_exit_code_2(tmp_path, standin_imagenet_r18):
+    cfg = write_tiny_config(tmp_path, standin_imagenet_r18)
     result = subprocess.run(
         TRAIN + [str(cfg), "solver.max_itr=5"], capture_output=True, text=True, timeout=120
     )
@@ -169,7 +171,7 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path):
     assert result.returncode == 2 and "--weights" in result.stderr
 
 
-def test_a_bad_test_annotation_file_stops_the_run_before_its_first_iteration(tmp_path, capsys):
+def test_a_bad_test_annotation_file_stops_the_run_before_its_first_iteration(tmp_path, capsys, standin_imagenet_r18):
     train_json = {
         "images": [{"id": i, "file_name": f"{i}.png", "height": 64, "width": 64} for i in (1, 2)],
         "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [8, 8, 30, 30], "area": 900, "iscrowd": 0}],
@@ -185,7 +187,7 @@ def test_a_bad_test_annotation_file_stops_the_run_before_its_first_iteration(tmp
     (tmp_path / "test.json").write_text(json.dumps(bad))
     cfg = tmp_path / "coco.yaml"
     cfg.write_text(
-        f"_base_: {ROOT / 'configs' / 'base.yaml'}\ndevice: cpu\nmodel: {{depth: 18, num_classes: 1}}\n"
+        f"_base_: {ROOT / 'configs' / 'base.yaml'}\ndevice: cpu\nmodel: {{depth: 18, num_classes: 1, backbone: {{weights: {standin_imagenet_r18}}}}}\n"
         f"data:\n  train: [{{type: coco, ann_file: {tmp_path / 'train.json'}, image_root: {tmp_path}}}]\n"
         f"  test: [{{type: coco, ann_file: {tmp_path / 'test.json'}, image_root: {tmp_path}}}]\n"
         "  num_workers: 0\nsolver: {ims_per_batch: 2, max_iter: 5}\n"
@@ -200,10 +202,10 @@ def test_a_bad_test_annotation_file_stops_the_run_before_its_first_iteration(tmp
 
 
 @pytest.mark.slow
-def test_bf16_training_and_evaluation_run_end_to_end_on_cpu_autocast(tmp_path):
+def test_bf16_training_and_evaluation_run_end_to_end_on_cpu_autocast(tmp_path, standin_imagenet_r18):
     """solver.amp=bf16 / test.amp=bf16 through the trainer and the evaluator (the GPU's default
     training path, with CPU autocast): finite losses and gradient norms, and a COCO evaluation."""
-    cfg = write_tiny_config(tmp_path)
+    cfg = write_tiny_config(tmp_path, standin_imagenet_r18)
     out = tmp_path / "bf16"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -218,3 +220,130 @@ def test_bf16_training_and_evaluation_run_end_to_end_on_cpu_autocast(tmp_path):
     assert sorted(logged) == [1, 2, 3, 4]
     assert all(math.isfinite(r[k]) for r in logged.values() for k in LOSS_KEYS)
     assert "bbox/AP" in summary["eval"] and math.isfinite(summary["eval"]["bbox/AP"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The main command's initial weights (configs/frcnn_r101.yaml: model.backbone.weights=imagenet)
+# ---------------------------------------------------------------------------------------------
+
+MAIN_CONFIG = ROOT / "configs" / "frcnn_r101.yaml"
+
+
+def tiny_data_overrides(tmp: Path) -> list[str]:
+    """The main config's COCO paths replaced by 4 generated 32 px shapes images, no test set."""
+    return [
+        "device=cpu", f"output_dir={tmp / 'out'}", "solver.ims_per_batch=2", "solver.max_iter=3", "data.num_workers=0",
+        f"data.train=[{{type: shapes, root: {tmp / 'shapes'}, num_images: 4, image_size: [32, 32], num_classes: 3}}]",
+        "data.test=[]", "model.num_classes=3",
+    ]
+
+
+def offline_env(monkeypatch, torch_home: Path) -> dict:
+    """No network for downloads (every https request goes to a closed local port) and an empty
+    torchvision cache at torch_home; returns the environment for a subprocess."""
+    for key in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(key, "http://127.0.0.1:9")
+    for key in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_main_config_offline_without_weights_stops_before_iteration_1_naming_the_file(tmp_path, monkeypatch):
+    env = offline_env(monkeypatch, tmp_path / "torch")
+    result = subprocess.run(TRAIN + [str(MAIN_CONFIG), *tiny_data_overrides(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet101-63fe2227.pth"
+    assert "ResNet101_Weights.IMAGENET1K_V1" in lines[0]
+    assert f"download https://download.pytorch.org/models/resnet101-63fe2227.pth to {cached}" in lines[0]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists() and "iter 1/" not in result.stdout
+
+
+def test_main_config_reads_the_imagenet_weights_of_its_depth_from_the_cache_offline(tmp_path, monkeypatch,
+                                                                                    standin_imagenet_r18):
+    import shutil
+
+    from detkit.config import load_config
+    from detkit.engine.trainer import Trainer, unwrap
+
+    offline_env(monkeypatch, tmp_path / "torch")
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"  # torchvision's file name
+    cached.parent.mkdir(parents=True)
+    shutil.copy(standin_imagenet_r18, cached)
+    cfg = load_config(MAIN_CONFIG, tiny_data_overrides(tmp_path) + ["model.depth=18"])
+    assert cfg.model.backbone.weights == "imagenet" and cfg.model.backbone.norm == "FrozenBN"
+    model = unwrap(Trainer(cfg).model)
+    imagenet = torch.load(cached, weights_only=True)
+    # Stem, res2..res4 in the trunk and res5 in the RoI head all come from the file.
+    assert torch.equal(model.backbone.conv1.weight, imagenet["conv1.weight"])
+    assert torch.equal(model.backbone.layer3[1].conv2.weight, imagenet["layer3.1.conv2.weight"])
+    assert torch.equal(model.roi_heads.res5[0].downsample[0].weight, imagenet["layer4.0.downsample.0.weight"])
+
+
+def test_frozen_bn_without_pretrained_backbone_is_refused_but_bn_from_scratch_trains(tmp_path):
+    from detkit.config import load_config
+    from detkit.engine.trainer import Trainer
+
+    args = [str(MAIN_CONFIG), *tiny_data_overrides(tmp_path), "model.depth=18", "model.backbone.weights="]
+    result = subprocess.run(TRAIN + args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "model.backbone.norm=FrozenBN with no pretrained weights" in err
+    assert "model.backbone.weights=imagenet" in err and "model.backbone.norm=BN" in err
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+    # From scratch on purpose (BatchNorm that learns, as configs/shapes_r18.yaml): accepted.
+    cfg = load_config(MAIN_CONFIG, args[1:] + ["model.backbone.norm=BN", "model.backbone.freeze_at=0",
+                                                "solver.max_iter=1", "data.min_size_train=[32]", "data.max_size_train=32"])
+    summary = Trainer(cfg).train()
+    assert summary["iterations"] == 1 and math.isfinite(summary["final_losses"]["total_loss"])
+
+
+# ---------------------------------------------------------------------------------------------
+# An output_dir that holds a run: --resume or --overwrite
+# ---------------------------------------------------------------------------------------------
+
+
+def _earlier_run(folder: Path) -> dict[str, bytes]:
+    """The files an earlier run left in `folder` (stand-ins: only their names and bytes matter here)."""
+    folder.mkdir(parents=True)
+    files = {"metrics.jsonl": b'{"iteration": 50, "total_loss": 0.5}\n', "model_0000050.pth": b"an earlier checkpoint",
+             "last_checkpoint": b"model_0000050.pth\n", "log.txt": b"the earlier log\n", "notes.md": b"the user's own file"}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return files
+
+
+def test_a_fresh_run_into_an_output_dir_holding_a_run_stops_and_changes_nothing(tmp_path, standin_imagenet_r18):
+    cfg = write_tiny_config(tmp_path, standin_imagenet_r18)
+    out = tmp_path / "out"
+    files = _earlier_run(out)
+    result = subprocess.run(TRAIN + [str(cfg), f"output_dir={out}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: output_dir {out} already holds a run (last_checkpoint, metrics.jsonl, model_0000050.pth): add --resume "
+        "to continue it, --overwrite to delete it and start over, or set output_dir=... to another folder"
+    ]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    both = subprocess.run(TRAIN + [str(cfg), f"output_dir={out}", "--resume", "--overwrite"], capture_output=True, text=True, timeout=300)
+    assert both.returncode == 2 and "give one of them" in both.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+
+
+@pytest.mark.slow
+def test_overwrite_removes_the_earlier_run_first(tmp_path, standin_imagenet_r18):
+    cfg = write_tiny_config(tmp_path, standin_imagenet_r18)
+    out = tmp_path / "out"
+    _earlier_run(out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(TRAIN + [str(cfg), f"output_dir={out}", "solver.max_iter=2", "--overwrite"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert not (out / "model_0000050.pth").exists() and (out / "notes.md").read_bytes() == b"the user's own file"
+    assert (out / "last_checkpoint").read_text() == "model_final.pth\n"
+    assert [r["iteration"] for r in rows(out) if "total_loss" in r] == [1, 2]  # no row of the earlier run
+    log = (out / "log.txt").read_text()
+    assert "the earlier log" not in log and "--overwrite: removed 4 files of the earlier run" in log

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--weights", required=True, help="detkit checkpoint (.pth); brings config and class names")
     parser.add_argument("--format", dest="fmt", choices=("onnx", "torchscript"), default="onnx", help="onnx (default)")
-    parser.add_argument("--output", required=True, help="file to write (.onnx, or .pt for TorchScript)")
+    parser.add_argument("--output", required=True, help="file to write (.onnx, or .pt for TorchScript); an existing file is kept unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output when it exists")
     parser.add_argument("--config", help="YAML config replacing the checkpoint's (e.g. another test size)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. model.roi_heads.score_thresh=0.3")
     parser.add_argument("--check", metavar="HxW,...", default="",
@@ -79,6 +80,8 @@ def main(argv: Sequence[str]) -> int:
         raise ConfigError(f"--output {output}: folder {output.parent} does not exist")
     if output.is_dir():
         raise ConfigError(f"--output {output} is a folder; give a file name such as {output / 'model.onnx'}")
+    if output.exists() and not args.overwrite:
+        raise ConfigError(f"--output {output} already exists: add --overwrite to replace it, or give another file name")
     if args.int8_res5:
         if args.fmt != "onnx":
             raise ConfigError("--int8-res5 needs --format onnx (the quantized file runs in ONNX Runtime)")

@@ -3,6 +3,7 @@
     detkit train configs/shapes_r18.yaml                                # one process (GPU if present)
     detkit train configs/frcnn_r101.yaml solver.ims_per_batch=8 solver.base_lr=0.01
     detkit train configs/frcnn_r101.yaml --resume                       # continue in output_dir
+    detkit train configs/frcnn_r101.yaml --overwrite                    # delete output_dir's run, start over
     torchrun --nproc_per_node 8 tools/train.py configs/frcnn_r101.yaml  # 8 GPUs, one node
     detkit train configs/shapes_r18.yaml --eval-only --weights output/model_final.pth
 
@@ -43,6 +44,12 @@ output (in output_dir):
   config.yaml  log.txt  metrics.jsonl  model_0005000.pth ...  model_final.pth  last_checkpoint
   summary.json; `detkit plot OUTPUT_DIR` draws metrics.jsonl as PNG curves.
 
+an output_dir that holds a run (checkpoints or metrics.jsonl):
+  a new run there stops unless --resume (continue it) or --overwrite (delete its files first) is
+  given; --resume stops when the config changes the run (model, data, solver, seed, process count)
+  and names each key with both values; --accept-config-changes continues with the new values.
+  docs/training-long-runs.md has the details.
+
 exit status: 0 done, 2 a configuration/data/checkpoint error or a non-finite loss (one line on
 stderr; --debug for the traceback), 130 interrupted.
 
@@ -69,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
         "iteration, RNG and data position (starts from scratch when there is none)",
     )
     parser.add_argument(
+        "--overwrite", action="store_true",
+        help="output_dir holds an earlier run: delete its checkpoints, metrics, logs and summary, then start over",
+    )
+    parser.add_argument(
+        "--accept-config-changes", action="store_true",
+        help="with --resume: continue although the config changes the run (model, data, solver, seed, processes)",
+    )
+    parser.add_argument(
         "--eval-only", action="store_true",
         help="no training: evaluate --weights on the config's test set (writes predictions.json and "
         "metrics.json to output_dir)",
@@ -86,8 +101,8 @@ def main(argv: Sequence[str]) -> int:
     if args.eval_only:
         if not args.weights:
             raise ConfigError("--eval-only needs --weights CHECKPOINT (e.g. --weights output/model_final.pth)")
-        if args.resume:
-            raise ConfigError("--eval-only and --resume do not go together")
+        if args.resume or args.overwrite:
+            raise ConfigError("--eval-only does not train: --resume and --overwrite do not go with it")
         from detkit.cli.eval import main as eval_main
 
         return eval_main([args.config, *args.overrides, "--weights", args.weights])
@@ -97,17 +112,38 @@ def main(argv: Sequence[str]) -> int:
             f"model.weights={args.weights}"
         )
 
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the run in output_dir and --overwrite deletes it: give one of them")
+    if args.accept_config_changes and not args.resume:
+        raise ConfigError("--accept-config-changes applies to --resume only")
     cfg = load_config(args.config, args.overrides)
-    return train(cfg, resume=args.resume)
+    return train(cfg, resume=args.resume, overwrite=args.overwrite, accept_config_changes=args.accept_config_changes)
 
 
-def train(cfg, resume: bool = False) -> int:
-    """Train `cfg` in this process (one rank of a torchrun group, or alone)."""
+def train(cfg, resume: bool = False, overwrite: bool = False, accept_config_changes: bool = False) -> int:
+    """Train `cfg` in this process (one rank of a torchrun group, or alone).
+
+    A fresh run (resume=False) into an output_dir that holds an earlier run's checkpoints or metrics
+    raises ConfigError unless overwrite=True, which deletes that run's files first (rank 0).
+    """
     from detkit.engine import distributed as dist
+    from detkit.engine.checkpoint import existing_run_files, remove_run_files
     from detkit.engine.trainer import Trainer
+    from detkit.errors import ConfigError
 
     info = dist.dist_info_from_env()
     output_dir = Path(cfg.output_dir)
+    # Every rank decides from the same files before any rank can write one (the first write
+    # follows the process group's rendezvous), so all ranks stop or all go on.
+    earlier = existing_run_files(output_dir) if not resume else []
+    if earlier and not overwrite:
+        names = ", ".join(p.name for p in earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+        raise ConfigError(
+            f"output_dir {output_dir} already holds a run ({names}): add --resume to continue it, --overwrite to "
+            "delete it and start over, or set output_dir=... to another folder"
+        )
+    if earlier and info.is_main:
+        removed = remove_run_files(output_dir)
     file_handler = None
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -118,10 +154,12 @@ def train(cfg, resume: bool = False) -> int:
     try:
         if info.is_main:
             logger.info("command: %s", command_line())
+            if earlier:
+                logger.info("--overwrite: removed %d files of the earlier run in %s", len(removed), output_dir)
         # A resumed run gets every tensor from the checkpoint: skip reading the initial weights files.
         has_checkpoint = resume and (output_dir / "last_checkpoint").is_file()
         trainer = Trainer(cfg, load_weights=not has_checkpoint)
-        trainer.resume_or_load(resume=resume)
+        trainer.resume_or_load(resume=resume, accept_config_changes=accept_config_changes)
         summary = trainer.train()
         if info.is_main:
             eval_part = summary["eval"]

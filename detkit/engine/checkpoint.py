@@ -17,6 +17,7 @@ its final name, so a crash (or SIGKILL) at any moment leaves either the old or t
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
@@ -85,6 +86,22 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def describe_write_error(exc: BaseException) -> str:
+    """Why a write failed, in words, from the OSError in `exc`'s chain (torch.save wraps the
+    OSError of a failed write in a RuntimeError): "the disk is full" for ENOSPC / EDQUOT."""
+    seen = exc
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__cause__ or seen.__context__
+    code = getattr(seen, "errno", None)
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return f"the disk is full ({os.strerror(code)})"
+    if code == errno.EFBIG:
+        return f"the file size limit was reached ({os.strerror(code)}; see `ulimit -f`)"
+    if code is not None:
+        return f"{os.strerror(code)} (errno {code})"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def save_checkpoint(state: dict, path: str | Path) -> Path:
@@ -161,6 +178,32 @@ def restore_rng_state(state: dict) -> None:
 # The output dir's checkpoints
 # --------------------------------------------------------------------------------------------
 
+# Files that say a training run happened in an output dir (a fresh run refuses to go over them),
+# and the other files a run writes there (removed with them by --overwrite).
+_RUN_MARKERS = (LAST_CHECKPOINT, FINAL_NAME, "metrics.jsonl")
+_RUN_FILES = ("config.yaml", "log.txt", "summary.json", "events.out.tfevents.*", _TMP_PREFIX + "*")
+
+
+def existing_run_files(output_dir: str | Path) -> list[Path]:
+    """The checkpoints and metrics of an earlier run in `output_dir` (sorted; empty when none)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [output_dir / name for name in _RUN_MARKERS if (output_dir / name).is_file()]
+    found += [p for p in output_dir.iterdir() if _PERIODIC.match(p.name)]
+    return sorted(found)
+
+
+def remove_run_files(output_dir: str | Path) -> list[Path]:
+    """Delete the files a training run writes in `output_dir` (nothing else); returns them."""
+    output_dir = Path(output_dir)
+    removed = existing_run_files(output_dir)
+    for pattern in _RUN_FILES:
+        removed += [p for p in output_dir.glob(pattern) if p.is_file()]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
 
 class Checkpointer:
     """Writes and finds the checkpoints of one output dir.
@@ -182,9 +225,20 @@ class Checkpointer:
         """Write `state` as output_dir/name, point `last_checkpoint` at it, prune old periodic files."""
         if not self.enabled:
             return None
-        path = save_checkpoint(state, self.output_dir / name)
-        # The pointer is renamed into place only after the checkpoint itself is complete.
-        atomic_write(self.output_dir / LAST_CHECKPOINT, lambda f: f.write(name + "\n"), mode="w")
+        target = self.output_dir / name
+        try:
+            path = save_checkpoint(state, target)
+            # The pointer is renamed into place only after the checkpoint itself is complete.
+            atomic_write(self.output_dir / LAST_CHECKPOINT, lambda f: f.write(name + "\n"), mode="w")
+        except (OSError, RuntimeError) as exc:
+            # atomic_write removed its temporary file: `target` and the pointer are as they were.
+            pointer = self.output_dir / LAST_CHECKPOINT
+            previous = pointer.read_text().strip() if pointer.is_file() else ""
+            kept = f"the previous checkpoint {self.output_dir / previous} is intact and last_checkpoint still names it" if previous else "no earlier checkpoint exists"
+            raise CheckpointError(
+                f"cannot write checkpoint {target}: {describe_write_error(exc)}; {kept}. Free space in "
+                f"{self.output_dir}, then continue with --resume"
+            ) from exc
         self._prune()
         logger.info("saved checkpoint %s", path)
         return path

@@ -96,6 +96,38 @@ def isolated_rng(cuda: bool = False):
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+# Keys a resumed run may change without changing what it trains: where it writes, how often it logs,
+# saves and evaluates, how it evaluates, how the loader is run, and the initial weights (a resumed
+# run takes every tensor from its checkpoint). Prefixes end with ".". Any other change needs
+# --accept-config-changes.
+RESUME_HARMLESS = (
+    "output_dir", "device", "cudnn_benchmark", "model.compile", "model.weights", "model.weights_format",
+    "model.backbone.weights", "model.backbone.weights_format", "solver.log_period", "solver.checkpoint_period",
+    "solver.max_to_keep", "test.", "data.test", "data.num_workers", "data.pin_memory", "data.persistent_workers",
+)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"solver.base_lr": 0.02, ...}: nested dicts become dotted keys; lists stay whole values."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, current value) of every key that differs, sorted by key.
+    Both are `config_to_dict` trees; tuples and lists compare equal (a checkpoint stores lists)."""
+    old, new = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(current)))
+    missing = "(not set)"  # a key one of the two configs does not have (another detkit version)
+    return [(k, old.get(k, missing), new.get(k, missing)) for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
+
+
+def is_harmless_on_resume(key: str) -> bool:
+    return any(key == h or (h.endswith(".") and key.startswith(h)) for h in RESUME_HARMLESS)
+
+
 def _dataset_info(cfg: Config, split: str):
     """(class_names, category_ids, ann_file or None) from the data package; empty when unknown."""
     from detkit.data import get_dataset_info
@@ -144,8 +176,10 @@ class Trainer:
         self.is_main = self.dist.is_main
 
         if model is None:
-            from detkit.modeling import build_model
+            from detkit.modeling import build_model, check_initialisation
 
+            if load_weights:  # (a resumed run takes every tensor from its checkpoint)
+                check_initialisation(cfg)
             model = build_model(cfg, load_weights=load_weights)
         model.to(self.device)
         self.optimizer = build_optimizer(model, solver)
@@ -194,9 +228,10 @@ class Trainer:
         if ann_file:
             load_ground_truth(ann_file)
 
-    def resume_or_load(self, resume: bool) -> int:
+    def resume_or_load(self, resume: bool, accept_config_changes: bool = False) -> int:
         """With resume=True and a `last_checkpoint` in output_dir, restore everything from it.
 
+        The checkpoint's config is compared with this one first (`check_resumed_config`).
         Returns the iteration training starts from (0 for a fresh run).
         """
         path = self.checkpointer.last_checkpoint() if resume and self.is_main else None
@@ -205,17 +240,22 @@ class Trainer:
             if resume:
                 logger.info("--resume: no checkpoint in %s, starting from iteration 0", self.output_dir)
             return 0
-        self.load_training_state(path)
+        self.load_training_state(path, accept_config_changes=accept_config_changes)
         return self.start_iter
 
-    def load_training_state(self, path: str | Path) -> None:
-        """Restore model, optimizer, scaler, iteration and (at the first step) RNG from a checkpoint."""
+    def load_training_state(self, path: str | Path, accept_config_changes: bool = False) -> None:
+        """Restore model, optimizer, scaler, iteration and (at the first step) RNG from a checkpoint.
+
+        The lr schedule has no state of its own to restore: it is a function of the iteration and of
+        the current config's solver keys (which `check_resumed_config` guards).
+        """
         if not Path(path).is_file():
             raise CheckpointError(f"{path} is not visible on rank {self.dist.rank}: resuming needs a shared output_dir")
         state = load_checkpoint(path, map_location="cpu")
         missing = [k for k in ("model", "optimizer", "iteration") if k not in state]
         if missing:
             raise CheckpointError(f"{path} is not a training checkpoint (no {', '.join(missing)}); use model.weights=... to start from it")
+        self.check_resumed_config(state, path, accept=accept_config_changes)
         try:
             unwrap(self.model).load_state_dict(state["model"])
         except RuntimeError as exc:
@@ -238,11 +278,43 @@ class Trainer:
                 "%s holds RNG states of %d processes, this run has %d: sampling will differ from an uninterrupted run",
                 path, len(rng), self.dist.world_size,
             )
-        data = state.get("data") or {}
-        if data.get("world_size", self.dist.world_size) != self.dist.world_size:
-            logger.warning("resuming with %d processes instead of %d: images per rank change", self.dist.world_size, data["world_size"])
         self.metrics.truncate_after(self.start_iter)
         logger.info("resumed from %s at iteration %d", path, self.start_iter)
+
+    def check_resumed_config(self, state: dict, path: str | Path, accept: bool = False) -> None:
+        """Compare the checkpoint's config and process count with this run's.
+
+        Changes of RESUME_HARMLESS keys are logged. Any other change (the model, the data, the
+        solver, the seed, the number of processes, which sets the images per process) would make the
+        resumed run differ from the one that was started: ConfigError naming each key with both
+        values, unless `accept` (--accept-config-changes), which logs them as a warning instead.
+        """
+        saved = state.get("config")
+        if not isinstance(saved, dict):
+            logger.warning("%s holds no config: the resumed run's config cannot be compared with it", path)
+            return
+        changes = config_changes(saved, config_to_dict(self.cfg))
+        saved_world = int((state.get("data") or {}).get("world_size", self.dist.world_size))
+        if saved_world != self.dist.world_size:
+            per_rank = f"images per process {self.cfg.solver.ims_per_batch // saved_world} -> {self.cfg.solver.ims_per_batch // self.dist.world_size}"
+            changes.append((f"processes (world size; {per_rank})", saved_world, self.dist.world_size))
+
+        def shown(items):
+            return ", ".join(f"{k} {v!r} -> {w!r}" for k, v, w in items)
+
+        harmless = [c for c in changes if is_harmless_on_resume(c[0])]
+        altering = [c for c in changes if not is_harmless_on_resume(c[0])]
+        if harmless:
+            logger.info("--resume: changed keys that do not alter the training: %s", shown(harmless))
+        if not altering:
+            return
+        if not accept:
+            raise ConfigError(
+                f"--resume: {path} was trained with other settings, and these change the run: {shown(altering)}. "
+                "Resume with the checkpoint's values (its config.yaml), or add --accept-config-changes to continue "
+                "with the new ones (the result then differs from an uninterrupted run)"
+            )
+        logger.warning("--resume --accept-config-changes: continuing with %s", shown(altering))
 
     def _load_optimizer(self, saved: dict, path: str | Path) -> None:
         # Keep the config's hyper-parameters (a resumed run may change weight decay, momentum or

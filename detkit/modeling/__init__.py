@@ -10,15 +10,40 @@ from detkit.modeling.backbone import ResNetTrunk, build_res5
 from detkit.modeling.detector import FasterRCNN
 from detkit.modeling.roi_heads import Res5ROIHeads
 from detkit.modeling.rpn import RPN
+from detkit.errors import ConfigError
 from detkit.modeling.weights import load_backbone_weights, load_detector_weights
+from detkit.modeling.weights.load import resolve_backbone_weights
 
-__all__ = ["FasterRCNN", "RPN", "Res5ROIHeads", "ResNetTrunk", "build_model", "build_res5"]
+__all__ = ["FasterRCNN", "RPN", "Res5ROIHeads", "ResNetTrunk", "build_model", "build_res5", "check_initialisation"]
+
+
+def check_initialisation(cfg) -> None:
+    """Refuse to train frozen BatchNorm over a backbone that no weights file initialises.
+
+    FrozenBN keeps each BatchNorm at its stored statistics; without pretrained weights those are the
+    identity (mean 0, var 1), so nothing normalises the activations of the random convolutions, and
+    through 33 bottlenecks of a ResNet-101 they grow until the loss is ~1e20 and the gradients inf
+    (in the third iteration of configs/frcnn_r101.yaml). Training from scratch on purpose uses BN,
+    SyncBN or GN (configs/shapes_r18.yaml), which this does not touch. Raises ConfigError.
+    """
+    m = getattr(cfg, "model", cfg)
+    b = m.backbone
+    if b.norm != "FrozenBN" or b.weights or m.weights:
+        return
+    raise ConfigError(
+        "model.backbone.norm=FrozenBN with no pretrained weights (model.backbone.weights and model.weights are "
+        "empty): frozen identity BatchNorm over random convolutions diverges within a few iterations. Set "
+        "model.backbone.weights=imagenet (torchvision's ImageNet ResNet, downloaded once into its cache) or a "
+        "local ImageNet file, or train from scratch with model.backbone.norm=BN (or GN) and "
+        "model.backbone.freeze_at=0, as configs/shapes_r18.yaml does"
+    )
 
 
 def build_model(cfg, device: Optional[torch.device | str] = None, load_weights: bool = True) -> FasterRCNN:
     """FasterRCNN from a `detkit.config.Config` (or its `model` section).
 
-    Loads `model.backbone.weights`, then `model.weights` (which wins where both have a tensor).
+    Loads `model.backbone.weights` ("imagenet": torchvision's ImageNet ResNet of `model.depth`), then
+    `model.weights` (which wins where both have a tensor).
     """
     m = getattr(cfg, "model", cfg)
     b = m.backbone
@@ -75,7 +100,7 @@ def build_model(cfg, device: Optional[torch.device | str] = None, load_weights: 
         size_divisibility=cfg.data.size_divisibility if hasattr(cfg, "data") else 32,
     )
     if load_weights and b.weights:
-        load_backbone_weights(model, b.weights, fmt=b.weights_format)
+        load_backbone_weights(model, resolve_backbone_weights(b.weights, m.depth), fmt=b.weights_format)
     if load_weights and m.weights:
         load_detector_weights(model, m.weights, fmt=m.weights_format)
     if device is not None:

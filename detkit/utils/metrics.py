@@ -59,7 +59,18 @@ class MetricsWriter:
         if not self.enabled or not self.path.is_file():
             return
         rows = self.path.read_text().splitlines()
-        kept = [line for line in rows if line.strip() and json.loads(line).get("iteration", 0) <= iteration]
+        kept = []
+        for number, line in enumerate(rows, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                # A row cut short by a crash, power loss or a full disk (usually the last one).
+                logger.warning("%s: dropping line %d, which is not complete JSON (a write cut short): %.80s", self.path, number, line)
+                continue
+            if row.get("iteration", 0) <= iteration:
+                kept.append(line)
         if len(kept) != len(rows):
             tmp = self.path.with_name("." + self.path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))

@@ -62,7 +62,8 @@ def test_crash_mid_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatc
         raise OSError("simulated crash: disk full")
 
     monkeypatch.setattr(ckpt.torch, "save", crashing_save)
-    with pytest.raises(OSError, match="simulated crash"):
+    # A failed write is one CheckpointError naming the file (tools print it as one line).
+    with pytest.raises(CheckpointError, match="cannot write checkpoint .*model_0000020.pth: OSError: simulated crash"):
         checkpointer.save("model_0000020.pth", _state(20, value=2.0))
     monkeypatch.undo()
 
@@ -131,3 +132,58 @@ def test_loading_refuses_pickled_code_and_names_truncated_files(tmp_path):
         load_checkpoint(tmp_path / "cut.pth")
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pth")
+
+
+# A process whose writes fail for real: the kernel refuses to grow any file past 64 KiB
+# (RLIMIT_FSIZE; SIGXFSZ ignored so that write() returns EFBIG, as it returns ENOSPC on a full disk).
+_FAILING_WRITE = """
+import resource, signal, sys
+import torch
+from detkit.engine.checkpoint import Checkpointer
+from detkit.errors import CheckpointError
+
+out = sys.argv[1]
+checkpointer = Checkpointer(out)
+checkpointer.save("model_0000010.pth", {"model": {"w": torch.full((1000,), 1.0)}, "iteration": 10})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+try:
+    checkpointer.save("model_0000020.pth", {"model": {"w": torch.full((100000,), 2.0)}, "iteration": 20})
+except CheckpointError as exc:
+    print(exc)
+"""
+
+
+def test_a_failing_write_keeps_the_previous_checkpoint_and_names_the_file(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _FAILING_WRITE, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    message = result.stdout.strip()
+    assert message.startswith(f"cannot write checkpoint {tmp_path / 'model_0000020.pth'}: the file size limit was reached")
+    assert f"the previous checkpoint {tmp_path / 'model_0000010.pth'} is intact" in message and "--resume" in message
+    # Nothing half-written anywhere, and the pointer still names the complete file.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000010.pth"]
+    state = load_checkpoint(Checkpointer(tmp_path).last_checkpoint())
+    assert state["iteration"] == 10 and torch.equal(state["model"]["w"], torch.full((1000,), 1.0))
+
+
+def test_write_errors_say_when_the_disk_is_full():
+    import errno
+    import os
+
+    def failed(code):
+        # torch.save reports a failed write as a RuntimeError raised while handling the OSError.
+        try:
+            try:
+                raise OSError(code, os.strerror(code))
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos 704 vs 598")
+        except RuntimeError as exc:
+            return exc
+
+    assert ckpt.describe_write_error(failed(errno.ENOSPC)) == "the disk is full (No space left on device)"
+    assert ckpt.describe_write_error(failed(errno.EDQUOT)).startswith("the disk is full (Disk quota exceeded")
+    assert ckpt.describe_write_error(failed(errno.EIO)) == "Input/output error (errno 5)"
+    assert ckpt.describe_write_error(RuntimeError("no OSError behind it")) == "RuntimeError: no OSError behind it"

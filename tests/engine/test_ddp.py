@@ -20,7 +20,7 @@ device: cpu
 model:
   depth: 18
   num_classes: 3
-  backbone: {{freeze_at: 4}}
+  backbone: {{freeze_at: 4, weights: {weights}}}
   rpn: {{pre_nms_topk_train: 200, post_nms_topk_train: 32, batch_size_per_image: 32}}
   roi_heads: {{batch_size_per_image: 8, pooler_resolution: 4}}
 data:
@@ -58,9 +58,9 @@ def _worker(rank: int, cfg_path: str, out: str, port: int) -> None:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_keep_identical_weights(tmp_path):
+def test_two_gloo_processes_keep_identical_weights(tmp_path, standin_imagenet_r18):
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY_CONFIG.format(base=ROOT / "configs" / "base.yaml", data=tmp_path / "shapes"))
+    cfg.write_text(TINY_CONFIG.format(base=ROOT / "configs" / "base.yaml", data=tmp_path / "shapes", weights=standin_imagenet_r18))
     mp.spawn(_worker, args=(str(cfg), str(tmp_path), _free_port()), nprocs=WORLD_SIZE, join=True)
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]

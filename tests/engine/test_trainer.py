@@ -254,3 +254,64 @@ def test_tensorboard_events_are_written_when_tensorboard_is_importable(tmp_path,
     assert calls[0] == ("init", str(tmp_path)) and calls[-1] == ("close",)
     logged = rows(tmp_path / "metrics.jsonl")
     assert ("total_loss", logged[1]["total_loss"], 2) in calls and ("lr", logged[0]["lr"], 1) in calls
+
+
+# ---------------------------------------------------------------------------------------------
+# --resume: the config comparison, and a metrics.jsonl cut short
+# ---------------------------------------------------------------------------------------------
+
+
+def _finished_tiny_run(tmp_path):
+    Trainer(tiny_cfg(tmp_path), model=_seeded(TinyDetector), train_loader_fn=tiny_loader()).train()
+    assert (tmp_path / "last_checkpoint").read_text().strip() == "model_final.pth"
+
+
+def test_resume_refuses_keys_that_change_the_run_naming_both_values(tmp_path, caplog):
+    _finished_tiny_run(tmp_path)
+    changed = Trainer(tiny_cfg(tmp_path, "seed=4", "solver.base_lr=0.2", "solver.log_period=2"), model=TinyDetector(),
+                      train_loader_fn=tiny_loader())
+    with pytest.raises(ConfigError) as err:
+        changed.resume_or_load(resume=True)
+    message = str(err.value)
+    assert "model_final.pth was trained with other settings" in message
+    assert "seed 0 -> 4" in message and "solver.base_lr 0.1 -> 0.2" in message and "--accept-config-changes" in message
+    assert "log_period" not in message  # harmless: logged, not refused
+    assert changed.iteration == 0  # nothing was restored
+
+    caplog.set_level("INFO", logger="detkit")
+    accepted = Trainer(tiny_cfg(tmp_path, "seed=4", "solver.base_lr=0.2", "solver.log_period=2"), model=TinyDetector(),
+                       train_loader_fn=tiny_loader())
+    assert accepted.resume_or_load(resume=True, accept_config_changes=True) == 6
+    assert "--accept-config-changes: continuing with seed 0 -> 4, solver.base_lr 0.1 -> 0.2" in caplog.text
+    assert "do not alter the training: solver.log_period 1 -> 2" in caplog.text
+
+
+def test_resume_with_only_harmless_changes_continues(tmp_path, caplog):
+    _finished_tiny_run(tmp_path)
+    caplog.set_level("INFO", logger="detkit")
+    cfg = tiny_cfg(tmp_path, "solver.checkpoint_period=2", "test.eval_period=7", "data.num_workers=0")
+    trainer = Trainer(cfg, model=TinyDetector(), train_loader_fn=tiny_loader())
+    assert trainer.resume_or_load(resume=True) == 6
+    assert "solver.checkpoint_period 3 -> 2" in caplog.text and "test.eval_period 0 -> 7" in caplog.text
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_the_run_resumes(tmp_path, caplog):
+    """A run killed while appending the row of iteration 5 (after its checkpoint at 3): the file ends
+    in half a JSON object. --resume drops it, redoes 4..6 and every line reads back."""
+    reference = tmp_path / "reference"
+    Trainer(tiny_cfg(reference), model=_seeded(TinyDetector), train_loader_fn=tiny_loader()).train()
+    run = tmp_path / "run"
+    Trainer(tiny_cfg(run, "solver.max_iter=4"), model=_seeded(TinyDetector), train_loader_fn=tiny_loader()).train()
+    (run / "model_final.pth").unlink()
+    (run / "last_checkpoint").write_text("model_0000003.pth\n")
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"iteration": 5, "total_loss": 0.12')  # no closing brace, no newline
+    caplog.set_level("INFO", logger="detkit")
+    # (max_iter 4 -> 6 continues the schedule: accepted on purpose here.)
+    trainer = Trainer(tiny_cfg(run), model=_seeded(TinyDetector), train_loader_fn=tiny_loader())
+    assert trainer.resume_or_load(resume=True, accept_config_changes=True) == 3
+    assert "dropping line 5, which is not complete JSON" in caplog.text
+    trainer.train()
+    resumed, uninterrupted = rows(run / "metrics.jsonl"), rows(reference / "metrics.jsonl")
+    assert [r["iteration"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r["total_loss"] for r in resumed] == [r["total_loss"] for r in uninterrupted]

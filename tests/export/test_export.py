@@ -393,3 +393,16 @@ def test_trace_export_parity_reads_the_stages_out_of_the_onnx_file(exported, tmp
     assert same["max_box_diff_px"] == 0.0 and same["matched_iou_0.99"] == len(ref["scores"])
     row = trace.compare(ref, got, exact)
     assert row["detections"][0] == row["detections"][1] and row["matched_iou_0.99"] == len(ref["scores"])
+
+
+def test_an_existing_output_is_kept_unless_overwrite(tmp_path):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"an earlier export")
+    missing = tmp_path / "no_such_checkpoint.pth"
+    proc = run_tool(ROOT / "tools" / "export.py", "--weights", missing, "--output", out, check=False)
+    assert proc.returncode == 2
+    assert error_lines(proc) == [f"error: --output {out} already exists: add --overwrite to replace it, or give another file name"]
+    assert out.read_bytes() == b"an earlier export"
+    # With --overwrite the output is no obstacle: the next check (the checkpoint) is what stops it.
+    proc = run_tool(ROOT / "tools" / "export.py", "--weights", missing, "--output", out, "--overwrite", check=False)
+    assert proc.returncode == 2 and "already exists" not in proc.stderr and "no_such_checkpoint.pth" in proc.stderr

@@ -193,10 +193,40 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, fmt: str = "auto"
     return load_converted(model, read_weights(path, fmt), backbone_only=backbone_only)
 
 
+# `model.backbone.weights: imagenet` means torchvision's ImageNet ResNet of `model.depth`.
+IMAGENET_ALIAS = "imagenet"
+TORCHVISION_IMAGENET = {depth: f"ResNet{depth}_Weights.IMAGENET1K_V1" for depth in (18, 34, 50, 101, 152)}
+# Where the well-known ImageNet files come from, for the message when one is missing locally.
+MSRA_URL = "https://dl.fbaipublicfiles.com/detectron2/ImageNetPretrained/MSRA/{name}"
+KNOWN_DOWNLOADS = {
+    "R-50.pkl": MSRA_URL.format(name="R-50.pkl"),
+    "R-101.pkl": MSRA_URL.format(name="R-101.pkl"),
+    "resnet18-f37072fd.pth": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "resnet34-b627a593.pth": "https://download.pytorch.org/models/resnet34-b627a593.pth",
+    "resnet50-0676ba61.pth": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "resnet101-63fe2227.pth": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+    "resnet152-394f9c45.pth": "https://download.pytorch.org/models/resnet152-394f9c45.pth",
+}
+
+
+def resolve_backbone_weights(name: str, depth: int) -> str:
+    """`model.backbone.weights` as load_backbone_weights takes it: "imagenet" becomes the torchvision
+    enum name of `depth` (e.g. "ResNet101_Weights.IMAGENET1K_V1"); anything else is returned as is."""
+    if name.strip().lower() != IMAGENET_ALIAS:
+        return name
+    if depth not in TORCHVISION_IMAGENET:
+        raise CheckpointError(
+            f"model.backbone.weights=imagenet: torchvision has no ImageNet ResNet-{depth}; use model.depth "
+            f"{', '.join(map(str, TORCHVISION_IMAGENET))} or a local weights file"
+        )
+    return TORCHVISION_IMAGENET[depth]
+
+
 def load_backbone_weights(model: nn.Module, path: str, fmt: str = "auto") -> LoadReport:
     """ImageNet ResNet weights into the stem, res2..res4 and res5: a local file in torchvision, MSRA,
     Detectron2 or detkit layout, or a torchvision enum name such as "ResNet101_Weights.IMAGENET1K_V1"
-    (downloaded by torchvision when the machine is online)."""
+    (read from torchvision's cache, $TORCH_HOME/hub/checkpoints, and downloaded into it when missing
+    and the machine is online)."""
     if not Path(path).exists() and path.startswith("ResNet") and "_Weights." in path:
         raw = torchvision_to_detkit(_torchvision_enum_state_dict(path))
         report = load_state_dict_into(model, raw, path, only_prefixes=BACKBONE_PREFIXES)
@@ -206,6 +236,13 @@ def load_backbone_weights(model: nn.Module, path: str, fmt: str = "auto") -> Loa
         warn_on_conventions(model, "torchvision", raw, {}, path)
         logger.info(report.summary())
         return report
+    if not Path(path).exists():
+        url = KNOWN_DOWNLOADS.get(Path(path).name)
+        where = f"download {url} to {path}" if url else f"put the ImageNet weights file at {path}"
+        raise CheckpointError(
+            f"model.backbone.weights={path}: no such file; {where}, or set model.backbone.weights=imagenet "
+            "(torchvision's ImageNet ResNet, downloaded once into its cache)"
+        )
     return load_weights(model, path, fmt=fmt, backbone_only=True)
 
 
@@ -224,6 +261,7 @@ def torchvision_to_detkit(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]
 
 
 def _torchvision_enum_state_dict(name: str) -> Mapping[str, Tensor]:
+    import torch.hub
     import torchvision.models as tvm
 
     enum_name, _, member = name.partition(".")
@@ -231,10 +269,16 @@ def _torchvision_enum_state_dict(name: str) -> Mapping[str, Tensor]:
         weights = getattr(getattr(tvm, enum_name), member)
     except AttributeError:
         raise CheckpointError(f"model.backbone.weights={name!r} is neither a file nor a torchvision weights enum") from None
+    # torchvision reads this file when it is there and downloads it there otherwise.
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not cached.is_file():
+        logger.info("downloading %s (%s) into %s", name, weights.url, cached)
     try:
         return weights.get_state_dict(progress=False)
-    except Exception as exc:
+    except Exception as exc:  # urllib, socket, SSL and hash errors all mean: no usable file here
+        reason = str(exc).splitlines()[0] if str(exc) else ""
         raise CheckpointError(
-            f"could not download {name} ({type(exc).__name__}: {exc}). Download it elsewhere and set "
-            "model.backbone.weights to the local .pth file."
+            f"cannot download the ImageNet weights {name} ({type(exc).__name__}: {reason}): download "
+            f"{weights.url} to {cached} (torchvision's cache, read without network afterwards), or set "
+            f"model.backbone.weights to a local copy of it"
         ) from None
