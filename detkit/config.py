@@ -157,6 +157,9 @@ class SolverConfig:
     checkpoint_period: int = 5000
     max_to_keep: int = 3
     log_period: int = 20
+    # Signals that make training save a checkpoint of the current iteration and exit (status 75);
+    # SIGUSR1 is SLURM's usual warning signal (sbatch --signal=USR1@90). [] turns this off.
+    preempt_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 The module runs three trainings once (a fixture) and the tests read their outputs:
   A: 20 iterations uninterrupted;
   B: the same command, SIGKILLed right after its checkpoint at iteration 10 is on disk;
-  C: B's output dir continued with --resume.
+  C: B's output dir continued with --resume;
+  D: the same command sent SIGTERM mid-run (between checkpoints), then continued with --resume.
 """
 
 import json
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from detkit.cli.train import main as train_main
-from detkit.engine.checkpoint import load_checkpoint
+from detkit.engine.checkpoint import checkpoint_name, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(ROOT / "tools" / "train.py")]
@@ -109,6 +110,57 @@ def test_resumed_run_repeats_the_uninterrupted_losses_exactly(runs):
     wc = load_checkpoint(runs["BC"] / "model_final.pth")["model"]
     assert all(torch.equal(wa[k], wc[k]) for k in wa)
     assert "resumed from" in (runs["BC"] / "log.txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def preempted(runs):
+    """D: run A's command sent SIGTERM after its iteration-5 row (between checkpoints), then --resume."""
+    cfg, d = runs["cfg"], runs["A"].parent / "D"
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    b = subprocess.Popen(TRAIN + [str(cfg), f"output_dir={d}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not ((d / "metrics.jsonl").is_file() and 5 in training_rows_so_far(d)):
+        assert b.poll() is None, b.stderr.read()
+        assert time.monotonic() < deadline, "run D never logged iteration 5"
+        time.sleep(0.01)
+    sent = time.monotonic()
+    b.send_signal(signal.SIGTERM)
+    status, stderr = b.wait(timeout=120), b.stderr.read()
+    stopped_s = time.monotonic() - sent
+    c = subprocess.run(TRAIN + [str(cfg), f"output_dir={d}", "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert c.returncode == 0, c.stderr
+    return {"D": d, "status": status, "stderr": stderr, "stopped_s": stopped_s}
+
+
+def training_rows_so_far(run: Path) -> set[int]:
+    """Iterations logged so far; a row being appended right now is not counted."""
+    done = set()
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        try:
+            done.add(json.loads(line)["iteration"])
+        except ValueError:
+            pass
+    return done
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_iteration_exits_75_and_resume_repeats_the_uninterrupted_run(runs, preempted):
+    d = preempted["D"]
+    assert preempted["status"] == 75, preempted["stderr"]
+    line = [l for l in (d / "log.txt").read_text().splitlines() if "preempted at iteration" in l]
+    assert len(line) == 1
+    stopped_at = int(line[0].split("preempted at iteration ")[1].split(",")[0])
+    assert 5 < stopped_at < 10 and f"checkpoint {d / checkpoint_name(stopped_at)} (SIGTERM)" in line[0]
+    assert preempted["stopped_s"] < 30  # one step and one save, not the rest of the run
+    assert load_checkpoint(d / checkpoint_name(stopped_at))["iteration"] == stopped_at
+    assert f"resumed from {d / checkpoint_name(stopped_at)} at iteration {stopped_at}" in (d / "log.txt").read_text()
+    a, dd = training_rows(runs["A"]), training_rows(d)
+    assert sorted(dd) == list(range(1, 21))
+    for it in range(1, 21):
+        assert {k: dd[it][k] for k in LOSS_KEYS} == {k: a[it][k] for k in LOSS_KEYS}, f"iteration {it}"
+    wa = load_checkpoint(runs["A"] / "model_final.pth")["model"]
+    wd = load_checkpoint(d / "model_final.pth")["model"]
+    assert all(torch.equal(wa[k], wd[k]) for k in wa)
 
 
 @pytest.mark.slow

@@ -51,7 +51,8 @@ an output_dir that holds a run (checkpoints or metrics.jsonl):
   docs/training-long-runs.md has the details.
 
 exit status: 0 done, 2 a configuration/data/checkpoint error or a non-finite loss (one line on
-stderr; --debug for the traceback), 130 interrupted.
+stderr; --debug for the traceback), 75 preempted: a signal of solver.preempt_signals (SIGTERM,
+SIGUSR1) came, the iteration it came in was saved, --resume continues; 130 interrupted (Ctrl-C).
 
 examples:
   detkit train configs/shapes_r18.yaml                                # the CPU demo model, ~7 min on 2 cores
@@ -128,6 +129,7 @@ def train(cfg, resume: bool = False, overwrite: bool = False, accept_config_chan
     """
     from detkit.engine import distributed as dist
     from detkit.engine.checkpoint import existing_run_files, remove_run_files
+    from detkit.engine.preemption import PREEMPTED_EXIT_STATUS, TrainingPreempted
     from detkit.engine.trainer import Trainer
     from detkit.errors import ConfigError
 
@@ -160,7 +162,12 @@ def train(cfg, resume: bool = False, overwrite: bool = False, accept_config_chan
         has_checkpoint = resume and (output_dir / "last_checkpoint").is_file()
         trainer = Trainer(cfg, load_weights=not has_checkpoint)
         trainer.resume_or_load(resume=resume, accept_config_changes=accept_config_changes)
-        summary = trainer.train()
+        try:
+            summary = trainer.train()
+        except TrainingPreempted as stop:
+            if info.is_main:
+                print(f"{stop}; continue with --resume", file=sys.stderr)
+            return PREEMPTED_EXIT_STATUS
         if info.is_main:
             eval_part = summary["eval"]
             shown = {k: eval_part[k] for k in ("bbox/AP", "bbox/AP50") if k in eval_part} or {

@@ -47,6 +47,7 @@ from detkit.engine.checkpoint import (
 )
 from detkit.engine.distributed import unwrap
 from detkit.engine.lr_schedule import build_lr_scheduler, build_optimizer
+from detkit.engine.preemption import PreemptionWatcher, TrainingPreempted, parse_signals
 from detkit.errors import CheckpointError, ConfigError, NonFiniteLossError
 from detkit.utils.env import AmpChoice, configure_backends, resolve_device, seed_all, select_amp
 from detkit.utils.logging import WindowedValue, format_progress, peak_memory_mb
@@ -103,7 +104,7 @@ def isolated_rng(cuda: bool = False):
 RESUME_HARMLESS = (
     "output_dir", "device", "cudnn_benchmark", "model.compile", "model.weights", "model.weights_format",
     "model.backbone.weights", "model.backbone.weights_format", "solver.log_period", "solver.checkpoint_period",
-    "solver.max_to_keep", "test.", "data.test", "data.num_workers", "data.pin_memory", "data.persistent_workers",
+    "solver.max_to_keep", "solver.preempt_signals", "test.", "data.test", "data.num_workers", "data.pin_memory", "data.persistent_workers",
 )
 
 
@@ -207,6 +208,16 @@ class Trainer:
         self._check_test_data()
         self.last_losses: dict[str, float] = {}
         self.eval_results: dict[str, Any] = {}
+        parse_signals(solver.preempt_signals)  # a bad name stops the run now, not at train()
+        # Preemption: `preemption` is the signal watcher while train() runs (None: no check);
+        # `preempt_agreed` is set by run_step when any rank has seen a signal. On several
+        # processes the flag rides in the step's loss all-reduce as one more element, taken from
+        # this preallocated device tensor (filled once when a signal comes: no host->device copy
+        # and no extra sync per iteration).
+        self.preemption: Optional[PreemptionWatcher] = None
+        self.preempt_agreed = False
+        self._preempt_flag = torch.zeros(1, device=self.device) if self.dist.distributed else None
+        self._preempt_flag_filled = False
 
     # ---------------------------------------------------------------- set-up ------------------
 
@@ -382,6 +393,17 @@ class Trainer:
             solver.ims_per_batch // self.dist.world_size, self.start_iter + 1, solver.max_iter,
         )
         self.model.train()
+        # The handlers go in before the loader's workers start, so that workers inherit them: a
+        # signal sent to the whole process group (SLURM, a terminal) leaves them alive until the
+        # main process has saved and shuts them down.
+        with PreemptionWatcher(solver.preempt_signals) as self.preemption:
+            try:
+                return self._train_loop()
+            finally:
+                self.preemption = None
+
+    def _train_loop(self) -> dict:
+        cfg, solver = self.cfg, self.cfg.solver
         batches = iter(self.build_train_loader(self.start_iter))
         if self._rng_to_restore is not None:
             restore_rng_state(self._rng_to_restore)
@@ -410,14 +432,22 @@ class Trainer:
                 self.last_losses = {k: v / loss_count for k, v in loss_sums.items()}
                 self._log(self.last_losses, lr, iter_times, data_times)
                 loss_sums, loss_count = {}, 0
+            saved: Optional[str] = None  # the name of this iteration's checkpoint, if one was written
             if last:
-                self.save_checkpoint(FINAL_NAME)
+                saved = FINAL_NAME
             elif solver.checkpoint_period > 0 and it % solver.checkpoint_period == 0:
-                self.save_checkpoint(checkpoint_name(it))
+                saved = checkpoint_name(it)
+            if saved is not None:
+                self.save_checkpoint(saved)
             if self.cfg.test.eval_period > 0 and it % self.cfg.test.eval_period == 0 and not last:
                 self.evaluate()
+                # A signal during the evaluation (minutes on a large test set) is honoured now
+                # rather than after one more step: one small collective per evaluation.
+                self.preempt_agreed = self.preempt_agreed or self._any_rank_preempted()
             for hook in self.hooks:
                 hook(self)
+            if self.preempt_agreed:  # every rank gets here at the same iteration
+                self._stop_preempted(saved)
 
         wall = time.perf_counter() - train_start
         if self.cfg.data.test:
@@ -449,7 +479,17 @@ class Trainer:
         # The one host-device sync of the step: every rank must agree on whether to step, and the
         # log needs the values. After backward, so the GPU queue is full while we wait.
         values = torch.stack([total.detach()] + [loss_dict[k].detach().float() for k in names] + [grad_norm.float()])
-        values = dist.all_reduce_mean(values).tolist()
+        if self._preempt_flag is not None and self.preemption is not None:
+            # Several processes: the preemption flag is one more element of this all-reduce.
+            if self.preemption.requested and not self._preempt_flag_filled:
+                self._preempt_flag.fill_(1.0)  # once per run, queued like any kernel
+                self._preempt_flag_filled = True
+            values = dist.all_reduce_mean(torch.cat([values, self._preempt_flag])).tolist()
+            self.preempt_agreed = values.pop() > 0
+        else:
+            values = dist.all_reduce_mean(values).tolist()
+            # One process (or a group without the check): the local flag, no collective.
+            self.preempt_agreed = self.preemption is not None and self.preemption.requested and not self.dist.distributed
         losses = dict(zip(["total_loss"] + names, values[:-1]))
         if not all(math.isfinite(v) for v in values[:-1]):
             self._stop_non_finite(losses)
@@ -463,6 +503,33 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         return losses
+
+    def _any_rank_preempted(self) -> bool:
+        """Whether any rank has seen a preemption signal (a collective on several processes)."""
+        local = self.preemption is not None and self.preemption.requested
+        if self._preempt_flag is None:
+            return local
+        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
+        return dist.all_reduce_mean(flag).item() > 0
+
+    def _stop_preempted(self, saved: Optional[str]) -> None:
+        """Save this iteration (unless `saved`, the checkpoint name written at this iteration), log one
+        line and raise TrainingPreempted.
+
+        Every rank calls this at the same iteration (the flag was agreed in a collective). The
+        barrier keeps every rank alive until rank 0's atomic write is on disk: a launcher that
+        tears the group down when the first process exits cannot cut it short.
+        """
+        if saved is None:
+            saved = checkpoint_name(self.iteration)
+            self.save_checkpoint(saved)
+        dist.barrier()
+        saved = str(self.output_dir / saved)
+        name = self.preemption.signal_name if self.preemption is not None and self.preemption.requested else "another rank's signal"
+        if self.is_main:
+            logger.info("preempted at iteration %d, checkpoint %s (%s); continue with --resume", self.iteration, saved, name)
+        self.metrics.close()
+        raise TrainingPreempted(self.iteration, saved, name)
 
     def current_lr(self) -> float:
         """The lr of the next step (base_lr times the schedule; bias groups may scale it)."""
