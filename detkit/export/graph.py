@@ -128,6 +128,7 @@ class SingleImageDetector(nn.Module):
         boxes = self.rpn_decode(top_deltas, top_anchors).view(1, top_logits.shape[1], 4)  # (K, 4) -> (1, K, 4)
         boxes, keep = rpn_candidates(boxes, top_logits, image_size[None, :], self.min_box_size)  # (1, K, 4), (1, K)
         kept = torch.nonzero(keep[0]).squeeze(1)
+        # Plain nms, the same algorithm at every size (module docstring).
         survivors = kept[nms_top_k(boxes[0][kept], top_logits[0][kept], None, self.rpn_nms_thresh, self.post_nms_topk, False)]
         return boxes[0][survivors]
 
