@@ -35,11 +35,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from detkit.benchmark.calibration import compare_detections
 from detkit.cli.common import run_cli
 from detkit.errors import ExportError
 from detkit.export.benchmark import ExportBenchOptions, benchmark_images, calibrated_model
 from detkit.export.graph import SingleImageDetector
+from detkit.structures.compare import diff_detections
 
 
 def eager_stages(detector: SingleImageDetector, image: torch.Tensor) -> dict:
@@ -143,15 +143,14 @@ def compare(ref: dict, got: dict, exact: np.ndarray) -> dict:
                 "proposals_max_diff_before_it_px": float(np.abs(ref["proposals"][:first] - got["proposals"][:first]).max(initial=0.0))})
     if first == len(ref["proposals"]) == len(got["proposals"]):
         row["cls_logits_max_abs_diff"] = float(np.abs(ref["cls_logits"] - got["cls_logits"]).max())
-    matched = compare_detections([{k: torch.from_numpy(ref[k]) for k in ("boxes", "scores", "labels")}],
-                                 [{k: torch.from_numpy(got[k]) for k in ("boxes", "scores", "labels")}])
-    same_order = len(ref["labels"]) == len(got["labels"]) and np.array_equal(ref["labels"], got["labels"])
-    row.update({"detections": [len(ref["scores"]), len(got["scores"])], "same_labels_in_order": bool(same_order),
-                "matched_iou_0.99": matched["matched"], "matched_max_box_diff_px": matched["max_box_diff"],
-                "matched_max_score_diff": matched["max_score_diff"]})
+    diff = diff_detections(ref, got)
+    same_order = diff["same"]
+    row.update({"detections": [diff["reference"], diff["candidate"]], "same_labels_in_order": same_order,
+                "matched_iou_0.99": diff["matched"], "matched_max_box_diff_px": diff["matched_max_box_diff_px"],
+                "matched_max_score_diff": diff["matched_max_score_diff"]})
     if same_order:
-        row["max_box_diff_px"] = float(np.abs(ref["boxes"] - got["boxes"]).max(initial=0.0))
-        row["max_score_diff"] = float(np.abs(ref["scores"] - got["scores"]).max(initial=0.0))
+        row["max_box_diff_px"] = diff["max_box_diff_px"]
+        row["max_score_diff"] = diff["max_score_diff"]
     else:
         n = min(len(ref["labels"]), len(got["labels"]))
         row["ranks_with_other_label_or_box"] = int(

@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 
 from detkit.cli.common import run_cli
+from detkit.utils.files import atomic_output
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: the clip goes to its datasets/shapes/
 
@@ -46,24 +47,23 @@ def make_clip(path: Path, num_frames: int, width: int = 640, height: int = 480, 
     shapes = [(kind, rng.uniform(24, 80), rng.uniform(0, width), rng.uniform(0, height), rng.uniform(-4, 4),
                rng.uniform(-3, 3), tuple(int(c) for c in rng.integers(0, 256, 3))) for kind in range(4) for _ in range(2)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    writer = cv2.VideoWriter(str(temp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-    for k in range(num_frames):
-        frame = background.copy()
-        for kind, size, x0, y0, vx, vy, color in shapes:
-            x, y = (x0 + vx * k) % width, (y0 + vy * k) % height
-            r = size / 2
-            if kind == 0:
-                cv2.circle(frame, (int(x), int(y)), int(r), color, -1)
-            else:
-                n = {1: 4, 2: 3, 3: 10}[kind]
-                angles = np.arange(n) * 2 * np.pi / n + (np.pi / 4 if kind == 1 else -np.pi / 2)
-                radii = np.where(np.arange(n) % 2 == 1, 0.45 * r, r) if kind == 3 else np.full(n, r)
-                points = np.stack([x + radii * np.cos(angles), y + radii * np.sin(angles)], 1).astype(np.int32)
-                cv2.fillPoly(frame, [points], color)
-        writer.write(frame)
-    writer.release()
-    os.replace(temp, path)
+    with atomic_output(path) as temp:  # a half-written clip never takes the final name
+        writer = cv2.VideoWriter(str(temp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+        for k in range(num_frames):
+            frame = background.copy()
+            for kind, size, x0, y0, vx, vy, color in shapes:
+                x, y = (x0 + vx * k) % width, (y0 + vy * k) % height
+                r = size / 2
+                if kind == 0:
+                    cv2.circle(frame, (int(x), int(y)), int(r), color, -1)
+                else:
+                    n = {1: 4, 2: 3, 3: 10}[kind]
+                    angles = np.arange(n) * 2 * np.pi / n + (np.pi / 4 if kind == 1 else -np.pi / 2)
+                    radii = np.where(np.arange(n) % 2 == 1, 0.45 * r, r) if kind == 3 else np.full(n, r)
+                    points = np.stack([x + radii * np.cos(angles), y + radii * np.sin(angles)], 1).astype(np.int32)
+                    cv2.fillPoly(frame, [points], color)
+            writer.write(frame)
+        writer.release()
     return path
 
 

@@ -64,7 +64,7 @@ def test_analyze_writes_the_report_with_the_numbers_of_its_parts(tiny):
     assert [r["name"] for r in numbers["per_class"]] == ["dog", "cat"]
     assert numbers["dataset"]["boxes"] == 4 and numbers["dataset"]["class_counts"] == {"cat": 2, "dog": 2}
     assert numbers["anchor_coverage"]["table"][0]["boxes"] == 4
-    assert not list(out.glob(".*.tmp"))
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
 def test_dataset_report_with_gt_alone(tiny):

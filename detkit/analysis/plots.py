@@ -3,7 +3,7 @@
     plot_metrics("output/run/metrics.jsonl")          # losses.png, lr.png, eval.png beside it
     plot_analyze_curves(analysis.curves, "report/pr_overall.png")
 
-Every function writes one PNG atomically (a temporary file, then os.replace) and returns its path.
+Every function writes one PNG atomically (detkit.utils.files.atomic_output) and returns its path.
 Figures are built on `matplotlib.figure.Figure` directly, so nothing here touches the global pyplot
 backend of a program that imports detkit.
 """
@@ -11,7 +11,6 @@ backend of a program that imports detkit.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -19,6 +18,7 @@ import numpy as np
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
+from detkit.utils.files import atomic_output
 from detkit.utils.metrics import read_metrics
 
 # matplotlib's default cycle, named so the same loss keeps its colour in every figure.
@@ -34,10 +34,8 @@ def save_figure(fig: Figure, path: str | Path, *, tight_bbox: bool = False) -> P
     a second rendering, so figures laid out with tight_layout() leave it off.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight" if tight_bbox else None)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp_path:
+        fig.savefig(tmp_path, format="png", dpi=DPI, bbox_inches="tight" if tight_bbox else None)
     return path
 
 

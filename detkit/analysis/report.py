@@ -12,11 +12,12 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from detkit.utils.files import write_text_atomic
 
 _STYLE = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1200px;
@@ -71,15 +72,6 @@ class HtmlReport:
         page = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(self.title)}</title>"
                 f"<style>{_STYLE}</style></head><body>\n" + "\n".join(self.parts) + "\n</body></html>\n")
         return write_text_atomic(path, page)
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
 def to_json_safe(value: Any) -> Any:

@@ -6,7 +6,9 @@ like a trained one where it matters for speed, and the check that both models ag
     compare_detections(detkit_detections, torchvision_detections)   # {"matched", "match_fraction", ...}
 
 No trained weights are available offline, and with random weights an R101 trunk with identity
-FrozenBN blows activations up and the RPN scores are flat, so `calibrate_` sets:
+FrozenBN blows activations up and the RPN scores are flat: the timed model would then do other work
+than a trained one (NMS keeping few proposals, almost no box passing the score threshold), and
+what a speed benchmark measures must be the work of a trained model. So `calibrate_` sets:
 - every FrozenBN to the mean/variance of its input on the benchmark images (unit activations);
 - the RPN head so objectness logits have std ~1 and box deltas ~0.1 (spread-out scores, boxes near
   their anchors: NMS keeps the full post-NMS top-k);
@@ -27,7 +29,9 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops import box_iou, roi_align
+from torchvision.ops import roi_align
+
+from detkit.structures.compare import diff_detections
 
 
 @dataclass
@@ -153,36 +157,22 @@ def calibrate_(
 def compare_detections(a: Sequence[dict], b: Sequence[dict], iou_thresh: float = 0.99) -> dict:
     """How far two models' detections on the same images agree.
 
-    a, b: per image {"boxes": (D, 4), "scores": (D,), "labels": (D,)}. A detection of `a` is matched
-    to the unmatched detection of `b` with the same label and the highest IoU (>= iou_thresh).
+    a, b: per image {"boxes": (D, 4), "scores": (D,), "labels": (D,)}. Each image is compared by
+    detkit.structures.compare.diff_detections: a detection of `a` is matched to the unmatched
+    detection of `b` with the same label and the highest IoU (>= iou_thresh).
     Returns {"num_a", "num_b", "matched", "match_fraction" (matched / max(num_a, num_b), 1.0 when
-    both are empty), "max_box_diff" (px), "max_score_diff"} over matched pairs.
+    both are empty), "max_box_diff" (px), "max_score_diff"} over matched pairs of all images.
     """
-    num_a = num_b = matched = 0
-    max_box = max_score = 0.0
-    for da, db in zip(a, b):
-        ba, bb = da["boxes"].detach().float().cpu(), db["boxes"].detach().float().cpu()
-        num_a += ba.shape[0]
-        num_b += bb.shape[0]
-        if ba.shape[0] == 0 or bb.shape[0] == 0:
-            continue
-        iou = box_iou(ba, bb)  # (Da, Db)
-        iou[da["labels"].cpu()[:, None] != db["labels"].cpu()[None, :]] = -1.0
-        taken = torch.zeros(bb.shape[0], dtype=torch.bool)
-        for i in range(ba.shape[0]):
-            row = iou[i].masked_fill(taken, -1.0)
-            j = int(row.argmax())
-            if row[j] >= iou_thresh:
-                taken[j] = True
-                matched += 1
-                max_box = max(max_box, float((ba[i] - bb[j]).abs().max()))
-                max_score = max(max_score, float((da["scores"][i].float() - db["scores"][j].float()).abs()))
+    per_image = [diff_detections(da, db, iou_thresh) for da, db in zip(a, b)]
+    num_a = sum(d["reference"] for d in per_image)
+    num_b = sum(d["candidate"] for d in per_image)
+    matched = sum(d["matched"] for d in per_image)
     total = max(num_a, num_b)
     return {
         "num_a": num_a,
         "num_b": num_b,
         "matched": matched,
         "match_fraction": matched / total if total else 1.0,
-        "max_box_diff": max_box,
-        "max_score_diff": max_score,
+        "max_box_diff": max((d["matched_max_box_diff_px"] for d in per_image), default=0.0),
+        "max_score_diff": max((d["matched_max_score_diff"] for d in per_image), default=0.0),
     }

@@ -443,9 +443,9 @@ def _run_videos(inputs: InputSet, out: Path, predictor, options, summary: dict) 
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    temp = path.with_name(f".{path.name}.partial")
-    temp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temp, path)
+    from detkit.utils.files import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def format_summary(summary: dict, out: Path) -> str:

@@ -1,4 +1,4 @@
-"""Datasets, images, transforms and batched loading.
+"""Datasets, images, transforms and batched loading: image files and COCO json in, batches out.
 
     from detkit.data import build_train_loader, build_test_loader, get_dataset_info, read_image
     info = get_dataset_info(cfg, "train")            # class_names, category_ids, ann_file

@@ -372,6 +372,9 @@ def ensure_shapes_dataset(params: ShapesParams, root: str | os.PathLike = "datas
         return str(ann_file), str(image_root)
     final.parent.mkdir(parents=True, exist_ok=True)
     logger.info("generating %d shapes images (%s split, %dx%d) into %s", params.num_images, params.split, *params.image_size, final)
+    # A folder, not a file, so not detkit.utils.files.atomic_output: os.rename cannot replace a
+    # non-empty folder, and a failed rename onto a folder that another process completed first
+    # is success here, not an error.
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         generate_shapes(params, tmp, workers=workers)

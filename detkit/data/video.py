@@ -41,6 +41,7 @@ import cv2
 import numpy as np
 
 from detkit.errors import ConfigError, VideoReadError
+from detkit.utils.files import AtomicOutput
 
 logger = logging.getLogger(__name__)
 
@@ -437,13 +438,15 @@ class VideoFileWriter:
     def __init__(self, path: Path, *, fps: float, size_wh: tuple[int, int], codec: str):
         self.path = Path(path)
         self.size_wh = (int(size_wh[0]), int(size_wh[1]))
-        self.temp_path = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A fixed name (not a random one) so that a user can watch the video grow; the container is
+        # chosen by the extension, so it stays last.
+        self._output = AtomicOutput(self.path, temp_name=f".{self.path.stem}.partial{self.path.suffix}")
+        self.temp_path = self._output.temp_path
         with _QuietOpenCV():
             self._writer = cv2.VideoWriter(str(self.temp_path), cv2.VideoWriter_fourcc(*check_codec_name(codec)),
                                            float(fps), self.size_wh)
         if not self._writer.isOpened():
-            self.temp_path.unlink(missing_ok=True)
+            self._output.discard()
             raise ConfigError(f"--codec {codec}: this OpenCV build cannot write it into {self.path.suffix} "
                               f"(the default here is {default_codec()})")
         self.frames_written = 0
@@ -461,7 +464,7 @@ class VideoFileWriter:
             return
         self._writer.release()
         self._writer = None
-        os.replace(self.temp_path, self.path)
+        self._output.commit()
 
 
 @dataclass
@@ -474,8 +477,8 @@ class JsonLinesWriter:
 
     def __post_init__(self):
         self.path = Path(self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.temp_path = self.path.with_name(f".{self.path.name}.partial")
+        self._output = AtomicOutput(self.path, temp_name=f".{self.path.name}.partial")  # a fixed name: see VideoFileWriter
+        self.temp_path = self._output.temp_path
         self._file = open(self.temp_path, "w", encoding="utf-8")
 
     def write(self, line: str) -> None:
@@ -490,4 +493,4 @@ class JsonLinesWriter:
             return
         self._file.close()
         self._file = None
-        os.replace(self.temp_path, self.path)
+        self._output.commit()

@@ -12,7 +12,8 @@ A checkpoint is one `torch.save`d dict of plain containers, numbers, strings and
 Files in the output dir: model_{iteration:07d}.pth (periodic, the newest `max_to_keep` kept),
 model_final.pth (always kept) and `last_checkpoint`, a one-line text file naming the newest file.
 Every file is written to a temporary file in the same directory, flushed, fsynced and renamed over
-its final name, so a crash (or SIGKILL) at any moment leaves either the old or the new complete file.
+its final name (detkit.utils.files.atomic_write), so a crash (or SIGKILL) at any moment leaves either
+the old or the new complete file.
 """
 
 from __future__ import annotations
@@ -23,69 +24,25 @@ import os
 import pickle
 import random
 import re
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from detkit.errors import CheckpointError
+from detkit.utils.files import TEMP_PREFIX, atomic_write
 
 logger = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last_checkpoint"
 FINAL_NAME = "model_final.pth"
 _PERIODIC = re.compile(r"^model_(\d{7,})\.pth$")
-_TMP_PREFIX = ".tmp-"
 
 
 def checkpoint_name(iteration: int) -> str:
     return f"model_{iteration:07d}.pth"
-
-
-# --------------------------------------------------------------------------------------------
-# Atomic file writes
-# --------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX: the directory entry must be synced too)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not supported on this platform/filesystem: the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    """Call `write(file)` on a temporary file next to `path`, fsync it and rename it to `path`.
-
-    On any exception the temporary file is removed and `path` keeps its previous content.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX + path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 def describe_write_error(exc: BaseException) -> str:
@@ -181,7 +138,7 @@ def restore_rng_state(state: dict) -> None:
 # Files that say a training run happened in an output dir (a fresh run refuses to go over them),
 # and the other files a run writes there (removed with them by --overwrite).
 _RUN_MARKERS = (LAST_CHECKPOINT, FINAL_NAME, "metrics.jsonl")
-_RUN_FILES = ("config.yaml", "log.txt", "summary.json", "events.out.tfevents.*", _TMP_PREFIX + "*")
+_RUN_FILES = ("config.yaml", "log.txt", "summary.json", "events.out.tfevents.*", TEMP_PREFIX + "*")
 
 
 def existing_run_files(output_dir: str | Path) -> list[Path]:
@@ -279,6 +236,6 @@ class Checkpointer:
 
     def _remove_stale_temporaries(self) -> None:
         """Temporary files of a process killed mid-save (never the real checkpoints)."""
-        for path in self.output_dir.glob(_TMP_PREFIX + "*"):
+        for path in self.output_dir.glob(TEMP_PREFIX + "*"):
             logger.info("removing %s, left by an interrupted save", path)
             path.unlink(missing_ok=True)

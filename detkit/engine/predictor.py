@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ import torch
 from detkit.config import Config, config_from_dict, load_config, parse_override, replace
 from detkit.errors import CheckpointError, ConfigError
 from detkit.structures.image_batch import ImageBatch
+
+if TYPE_CHECKING:  # cv2 is imported only when a video is read
+    from detkit.data.video import Frame, FrameReader
 
 logger = logging.getLogger(__name__)
 
@@ -275,10 +279,116 @@ class Predictor:
         Raises VideoReadError when the source cannot be opened (a stream: within timeout_s); a
         file that ends early just ends the iteration (see detkit.data.video).
         """
-        from detkit.engine.video import iter_video_detections
-
         return iter_video_detections(self, source, every=every, batch_size=batch_size, start_s=start_s, end_s=end_s,
                                      max_frames=max_frames, timeout_s=timeout_s)
+
+
+# --------------------------------------------------------------------------------------------
+# Frames of a video, camera or stream, in batches (Predictor.predict_video, tools/infer.py's videos)
+# --------------------------------------------------------------------------------------------
+#
+#     for frame, dets in FrameDetector(predictor, batch_size=8).run(reader):   # every frame, in order
+#         ...   # dets: the frame's own detections when frame.process, else the last processed frame's
+#
+# Here and not in detkit.engine.video (which re-exports it) because Predictor.predict_video needs
+# it: the video code depends on the predictor, never the other way round. The predictor is used
+# only through `preprocessor` (run by the reader thread), `predict_preprocessed` and
+# `class_names`, so any object with that interface (an exported-model backend) works too.
+#
+# Batching with --every N: a batch runs as soon as it holds `batch_size` processed frames; the
+# frames between two of them wait for it (they show the earlier one's detections), so at most about
+# (batch_size - 1) * N + 1 frames are held, capped at `max_pending` (a batch then runs early).
+
+
+def empty_detections() -> Detections:
+    """No detection: what a frame shows before the first processed one."""
+    return Detections(boxes=np.zeros((0, 4), np.float32), scores=np.zeros((0,), np.float32),
+                      labels=np.zeros((0,), np.int64), class_names=[])
+
+
+class FrameDetector:
+    """Runs `predictor` over the processed frames of a `FrameReader` in batches of `batch_size`.
+
+    After `run`: frames_processed, model_seconds (in predict_preprocessed), waited_seconds (the
+    time spent waiting for the reader: near 0 when the model is the bottleneck).
+    """
+
+    def __init__(self, predictor, *, batch_size: int = 8, max_pending: int = 256):
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size}: must be at least 1")
+        self.predictor = predictor
+        self.batch_size = batch_size
+        self.max_pending = max(max_pending, batch_size)
+        self.frames_processed = 0
+        self.model_seconds = 0.0
+        self.waited_seconds = 0.0
+
+    def run(self, frames: Iterable[Frame]) -> Iterator[tuple[Frame, Detections]]:
+        """Yield (frame, detections) for every frame of `frames`, in order."""
+        last = empty_detections()
+        pending: list[Frame] = []  # starts with a processed frame whenever it is not empty
+        num_processed = 0  # in pending
+        iterator = iter(frames)
+        while True:
+            tic = time.perf_counter()
+            frame = next(iterator, None)
+            self.waited_seconds += time.perf_counter() - tic
+            if frame is None:
+                break
+            if not frame.process and not pending:
+                yield frame, last  # after a batch: shows that batch's last detections
+                continue
+            pending.append(frame)
+            num_processed += frame.process
+            if num_processed == self.batch_size or len(pending) >= self.max_pending:
+                last = yield from self._flush(pending, last)
+                pending, num_processed = [], 0
+        if pending:
+            yield from self._flush(pending, last)
+
+    def _flush(self, pending: list[Frame], last: Detections):
+        """Detect on the processed frames of `pending`, yield them all in order; return the last dets."""
+        processed = [f for f in pending if f.process]
+        tic = time.perf_counter()
+        results = self.predictor.predict_preprocessed([f.tensor for f in processed],
+                                                      [f.image.shape[:2] for f in processed])
+        self.model_seconds += time.perf_counter() - tic
+        self.frames_processed += len(processed)
+        by_index = {f.index: dets for f, dets in zip(processed, results)}
+        for frame in pending:
+            last = by_index.get(frame.index, last)
+            yield frame, last
+        return last
+
+
+def iter_video_detections(predictor, source: Union[str, int, Path], *, every: int = 1,
+                          batch_size: Optional[int] = None, start_s: float = 0.0, end_s: Optional[float] = None,
+                          max_frames: Optional[int] = None, timeout_s: float = 10.0
+                          ) -> Iterator[tuple[int, float, Detections]]:
+    """(frame index, timestamp in ms, Detections) of every `every`-th frame of a video file, a
+    camera index or a stream URL; see `Predictor.predict_video`."""
+    from detkit.data.video import FrameReader, VideoSource, open_video, parse_source
+
+    spec = str(source)
+    video = parse_source(spec)
+    if video is None:  # a video file with an unusual extension: let OpenCV try it
+        video = VideoSource(spec=spec, kind="file", name=Path(spec).stem)
+    capture, info = open_video(video, timeout_s=timeout_s)  # here, so a bad source fails at the call
+    try:
+        reader = FrameReader(capture, info, video, every=every, start_s=start_s, end_s=end_s,
+                             max_frames=max_frames, retrieve_all=False, preprocess=predictor.preprocessor)
+    except ConfigError:
+        capture.release()
+        raise
+    detector = FrameDetector(predictor, batch_size=batch_size or predictor.batch_size)
+    return _processed_only(reader, detector)
+
+
+def _processed_only(reader: FrameReader, detector: FrameDetector) -> Iterator[tuple[int, float, Detections]]:
+    with reader:
+        for frame, dets in detector.run(reader):
+            if frame.process:
+                yield frame.index, frame.timestamp_ms, dets
 
 
 def _config_dict(cfg: Config) -> dict:

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -55,23 +55,20 @@ def _eager_detections(model, image: torch.Tensor) -> dict:
 
 
 def _compare(ref: dict, got: dict) -> dict:
-    """Detections of one image: exact comparison in order, and (when that fails) IoU >= 0.99 and
-    IoU >= 0.5 same-label matchings (detkit.benchmark.calibration.compare_detections) that tolerate
+    """Detections of one image (detkit.structures.compare.diff_detections): exact comparison in
+    order, and (when that fails) IoU >= 0.99 and IoU >= 0.5 same-label matchings that tolerate
     reordering."""
-    from detkit.benchmark.calibration import compare_detections
+    from detkit.structures.compare import diff_detections
 
-    same = len(ref["scores"]) == len(got["scores"]) and np.array_equal(ref["labels"], got["labels"])
-    row = {"eager": int(len(ref["scores"])), "exported": int(len(got["scores"])), "same_count_and_labels": bool(same)}
-    if same:
-        row["max_box_diff_px"] = float(np.abs(ref["boxes"] - got["boxes"]).max(initial=0.0))
-        row["max_score_diff"] = float(np.abs(ref["scores"] - got["scores"]).max(initial=0.0))
+    diff = diff_detections(ref, got)
+    row = {"eager": diff["reference"], "exported": diff["candidate"], "same_count_and_labels": diff["same"]}
+    if diff["same"]:
+        row["max_box_diff_px"] = diff["max_box_diff_px"]
+        row["max_score_diff"] = diff["max_score_diff"]
     else:
-        a = [{k: torch.from_numpy(v) for k, v in ref.items()}]
-        b = [{k: torch.from_numpy(v) for k, v in got.items()}]
-        matched = compare_detections(a, b)
-        row.update({"matched_iou_0.99": matched["matched"], "matched_max_box_diff_px": matched["max_box_diff"],
-                    "matched_max_score_diff": matched["max_score_diff"],
-                    "matched_iou_0.5": compare_detections(a, b, iou_thresh=0.5)["matched"]})
+        row.update({"matched_iou_0.99": diff["matched"], "matched_max_box_diff_px": diff["matched_max_box_diff_px"],
+                    "matched_max_score_diff": diff["matched_max_score_diff"],
+                    "matched_iou_0.5": diff_detections(ref, got, iou_thresh=0.5)["matched"]})
     return row
 
 

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from detkit.errors import ExportError
+from detkit.utils.files import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -122,18 +122,12 @@ def export_model(predictor, output: Union[str, Path], fmt: str) -> Path:
     detector = build_single_image_detector(predictor)
     image, original_size = example_input(predictor)
     metadata = export_metadata(predictor)
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=output.suffix, dir=output.parent)
-    os.close(fd)
     start = time.perf_counter()
-    try:
+    with atomic_output(output) as tmp_path:
         if fmt == "onnx":
-            _export_onnx(detector, image, original_size, metadata, tmp_name)
+            _export_onnx(detector, image, original_size, metadata, str(tmp_path))
         else:
-            _export_torchscript(detector, image, original_size, metadata, tmp_name)
-        os.replace(tmp_name, output)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+            _export_torchscript(detector, image, original_size, metadata, str(tmp_path))
     logger.info("exported %s (%s, %.1f MB) in %.1f s", output, fmt, output.stat().st_size / 2**20,
                 time.perf_counter() - start)
     return output

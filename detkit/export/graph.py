@@ -11,10 +11,11 @@ C (RoI, class) candidates above the score threshold; D detections (<= detections
       -> score > thresh -> class-wise NMS -> top-D -> rescale to (h0, w0) -> clip -> drop empty
       -> boxes (D, 4) xyxy float32, scores (D,) float32, labels (D,) int64 in [0, K), best first
 
-Every step is the eager model's own code on one image (the modules and functions of detkit.modeling
-and detkit.structures), in the same order and with the same operations, so fp32 outputs match the
-eager `FasterRCNN` run on a batch of that one image. Two choices differ from the batched eager
-code only where that code itself chooses at run time:
+Every step is the eager model's own code on one image: its modules, and for the post-processing
+the very functions of detkit.modeling.postprocess that `RPN.predict_proposals` and
+`Res5ROIHeads.inference` call (with N = 1), in the same order, so fp32 outputs match the eager
+`FasterRCNN` run on a batch of that one image. Two choices differ from the batched eager code only
+where that code itself chooses at run time (`nms_top_k(..., use_batched_nms=False)` here):
 - NMS within the RPN is plain `nms` (eager calls batched_nms with one group: a zero offset up to
   1000 boxes on the CPU; above that nms followed by an unstable re-sort, which can reorder ties);
 - class-wise NMS shifts each class into its own tile (torchvision's "coordinate trick", which
@@ -30,12 +31,12 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops import nms
 
 from detkit.modeling.anchors import AnchorGenerator
 from detkit.modeling.detector import FasterRCNN
+from detkit.modeling.postprocess import box_head_candidates, nms_top_k, rescale_detections, rpn_candidates, rpn_top_k
 from detkit.modeling.roi_heads import Res5ROIHeads
-from detkit.structures.boxes import BoxCoder, clip_boxes, nonempty_mask
+from detkit.structures.boxes import BoxCoder
 
 # The parts of SingleImageDetector that hold no data-dependent control flow: `tools/export.py
 # --format torchscript` traces each of them (exact at every size, tested) and scripts the rest.
@@ -123,17 +124,13 @@ class SingleImageDetector(nn.Module):
     def proposals(self, features: Tensor, image_size: Tensor) -> Tensor:
         """features (1, C4, H, W); image_size (2,) -> proposals (P, 4) xyxy, best first (RPN.predict_proposals)."""
         logits, deltas = self.rpn_head(features)  # (1, M), (1, M, 4)
-        anchors = self.anchors(features)  # (M, 4)
-        pre_k = min(self.pre_nms_topk, logits.shape[1])
-        top_logits, top_idx = logits[0].float().topk(pre_k)  # (K,)
-        boxes = self.rpn_decode(deltas[0][top_idx], anchors[top_idx])  # (K, 4)
-        # Non-finite boxes are dropped before clipping (clipping would turn +inf into the border).
-        finite = torch.isfinite(boxes).all(dim=-1) & torch.isfinite(top_logits)
-        boxes = clip_boxes(boxes, image_size[None, :])
-        keep = nonempty_mask(boxes, self.min_box_size) & finite
-        kept = torch.nonzero(keep).squeeze(1)
-        survivors = kept[nms(boxes[kept], top_logits[kept], self.rpn_nms_thresh)][: self.post_nms_topk]
-        return boxes[survivors]
+        top_logits, top_deltas, top_anchors = rpn_top_k(self.anchors(features), logits, deltas, self.pre_nms_topk)
+        boxes = self.rpn_decode(top_deltas, top_anchors).view(1, top_logits.shape[1], 4)  # (K, 4) -> (1, K, 4)
+        boxes, keep = rpn_candidates(boxes, top_logits, image_size[None, :], self.min_box_size)  # (1, K, 4), (1, K)
+        kept = torch.nonzero(keep[0]).squeeze(1)
+        # Plain nms, the same algorithm at every size (module docstring).
+        survivors = kept[nms_top_k(boxes[0][kept], top_logits[0][kept], None, self.rpn_nms_thresh, self.post_nms_topk, False)]
+        return boxes[0][survivors]
 
     def detections(
         self, features: Tensor, proposals: Tensor, image_size: Tensor, original_size: Tensor
@@ -143,31 +140,14 @@ class SingleImageDetector(nn.Module):
         Returns boxes (D, 4) in original pixels, scores (D,), labels (D,) int64, best first.
         """
         cls_logits, box_deltas = self.box_head(features, proposals)  # (P, K + 1), (P, 4K) or (P, 4)
-        probs = F.softmax(cls_logits.float(), dim=-1)  # (P, K + 1), background last
         boxes = self.box_decode(box_deltas, proposals)  # (P, 4K) or (P, 4)
-        # RoIs with a non-finite box or score are dropped, tested before clipping (as the eager model).
-        finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(probs).all(dim=1)  # (P,)
-        scores = probs[:, : self.num_classes]  # (P, K)
-        # (P, 4K) -> (P, K, 4) or (P, 1, 4)
-        boxes = boxes.view(boxes.shape[0], box_deltas.shape[1] // 4, 4)
-        boxes = clip_boxes(boxes, image_size[None, None, :])
-
-        candidates = torch.nonzero((scores > self.score_thresh) & finite[:, None])  # (C, 2) (roi, class), row-major
-        roi_idx, class_idx = candidates[:, 0], candidates[:, 1]
-        box_class = class_idx if box_deltas.shape[1] > 4 else torch.zeros_like(class_idx)
-        det_boxes = boxes[roi_idx, box_class]  # (C, 4)
-        det_scores = scores[roi_idx, class_idx]
-        # Class-wise NMS with each class shifted into its own tile (module docstring). Boxes are
-        # clipped (>= 0), so the appended 0 changes the max only when there is no candidate.
-        tile = torch.cat((det_boxes.flatten(), det_boxes.new_zeros(1))).max() + 1.0
-        keep = nms(det_boxes + (class_idx.to(det_boxes.dtype) * tile)[:, None], det_scores, self.nms_thresh)
-        keep = keep[: self.detections_per_image]
-        det_boxes, det_scores, det_labels = det_boxes[keep], det_scores[keep], class_idx[keep]
-
-        scale = original_size.to(det_boxes.dtype) / image_size.to(det_boxes.dtype)  # (2,) (sy, sx)
-        det_boxes = det_boxes * scale.flip(0).repeat(2)[None, :]  # (sx, sy, sx, sy)
-        det_boxes = clip_boxes(det_boxes, original_size[None, :])
-        nonempty = nonempty_mask(det_boxes)
+        det_boxes, det_scores, det_labels, _ = box_head_candidates(
+            cls_logits, boxes, image_size[None, :], self.score_thresh
+        )  # (C, 4), (C,), (C,)
+        # Class-wise NMS with each class shifted into its own tile (module docstring).
+        keep = nms_top_k(det_boxes, det_scores, det_labels, self.nms_thresh, self.detections_per_image, False)
+        det_boxes, det_scores, det_labels = det_boxes[keep], det_scores[keep], det_labels[keep]
+        det_boxes, nonempty = rescale_detections(det_boxes, image_size[None, :], original_size[None, :])
         return det_boxes[nonempty], det_scores[nonempty], det_labels[nonempty]
 
 

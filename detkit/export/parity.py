@@ -8,28 +8,22 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
-
 from detkit.export.exporter import smooth_random_image
-
-
-def compare_detections(reference, candidate) -> dict:
-    """Two `Detections` of one image: counts, labels equal, max |box| and |score| differences."""
-    same = len(reference) == len(candidate) and np.array_equal(reference.labels, candidate.labels)
-    box_diff = float(np.abs(reference.boxes - candidate.boxes).max(initial=0.0)) if same else None
-    score_diff = float(np.abs(reference.scores - candidate.scores).max(initial=0.0)) if same else None
-    return {"reference": len(reference), "candidate": len(candidate), "same": bool(same),
-            "max_box_diff_px": box_diff, "max_score_diff": score_diff}
+from detkit.structures.compare import diff_detections
 
 
 def compare_backends(reference, candidate, sizes: Sequence[tuple[int, int]], seed: int = 0) -> dict:
-    """reference, candidate: predictors (Predictor / ExportedPredictor); sizes: original (h, w)s."""
+    """reference, candidate: predictors (Predictor / ExportedPredictor); sizes: original (h, w)s.
+
+    Returns {"rows": one detkit.structures.compare.diff_detections dict per size, with "size",
+    "same_detections": every row "same", "max_box_diff_px", "max_score_diff": over those rows}.
+    """
     rows = []
     for index, (h, w) in enumerate(sizes):
         image = smooth_random_image(h, w, seed=seed + index)
         ref = reference.predict([image])[0]
         cand = candidate.predict([image])[0]
-        rows.append({"size": [h, w], **compare_detections(ref, cand)})
+        rows.append({"size": [h, w], **diff_detections(ref, cand)})
     same = all(row["same"] for row in rows)
     return {
         "rows": rows,
@@ -47,6 +41,7 @@ def format_parity(report: dict) -> str:
             lines.append(f"{h}x{w}: {row['reference']} detections, same labels, max |box| diff "
                          f"{row['max_box_diff_px']:.2e} px, max |score| diff {row['max_score_diff']:.2e}")
         else:
-            lines.append(f"{h}x{w}: DIFFERENT: {row['reference']} detections (PyTorch) vs {row['candidate']} (exported)")
+            lines.append(f"{h}x{w}: DIFFERENT: {row['reference']} detections (PyTorch) vs {row['candidate']} (exported), "
+                         f"{row['matched']} matched (IoU >= 0.99, same label)")
     lines.append("parity: " + ("same detections" if report["same_detections"] else "DETECTIONS DIFFER"))
     return "\n".join(lines)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Union
@@ -28,6 +26,7 @@ from typing import Union
 import numpy as np
 
 from detkit.errors import ConfigError, ExportError
+from detkit.utils.files import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -126,10 +125,9 @@ def quantize_res5(model_path: Union[str, Path], output: Union[str, Path], calibr
     if not nodes:
         raise ExportError(f"{model_path}: no res5 Conv / MatMul node found (was it written by tools/export.py?)")
 
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=output.parent)
-    os.close(fd)
     start = time.perf_counter()
-    try:
+    with atomic_output(output) as tmp_path:
+        tmp_name = str(tmp_path)
         quiet = _DropMessages("pre-processing before quantization")  # ORT's advice for image classifiers
         logging.getLogger().addFilter(quiet)
         try:
@@ -148,10 +146,6 @@ def quantize_res5(model_path: Union[str, Path], output: Union[str, Path], calibr
             "method": "MinMax"}))
         quantized.producer_name = "detkit"
         onnx.save(quantized, tmp_name)
-        os.replace(tmp_name, output)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
     logger.info("quantized %d res5 nodes of %s on %d images in %.1f s -> %s", len(nodes), model_path, len(paths),
                 time.perf_counter() - start, output)
     return output

@@ -19,12 +19,13 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops import batched_nms, roi_align
+from torchvision.ops import roi_align
 
 from detkit.modeling.matcher import Matcher, match_boxes
+from detkit.modeling.postprocess import box_head_candidates, nms_top_k, rescale_detections
 from detkit.modeling.rpn import smooth_l1
 from detkit.modeling.sampler import sample_balanced
-from detkit.structures.boxes import BoxCoder, clip_boxes, nonempty_mask
+from detkit.structures.boxes import BoxCoder
 
 
 class BoxPredictor(nn.Module):
@@ -201,23 +202,14 @@ class Res5ROIHeads(nn.Module):
         cls_logits (R, K + 1), box_deltas (R, 4K) or (R, 4), rois (R, 4), roi_image_idx (R,);
         image_sizes (N, 2) the frame of the rois; original_sizes (N, 2) the output frame.
         Returns N dicts: boxes (D_i, 4) xyxy, scores (D_i,), labels (D_i,) int64 in [0, K),
-        sorted by score.
+        sorted by score. The steps are the functions of detkit.modeling.postprocess, which the
+        exported graph calls too.
         """
-        k = self.num_classes
         num_images = image_sizes.shape[0]
-        probs = F.softmax(cls_logits.float(), dim=-1)  # (R, K + 1), background last
         boxes = self.box_coder.decode(box_deltas, rois)  # (R, 4K) or (R, 4)
-        # RoIs with a non-finite box or score are dropped, tested before clipping as in Detectron2.
-        finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(probs).all(dim=1)  # (R,)
-        scores = probs[:, :k]  # (R, K + 1) -> (R, K)
-        # (R, 4K) -> (R, K, 4) or (R, 1, 4); the class count is explicit so that R = 0 (no proposal
-        # in any image) still reshapes.
-        boxes = boxes.view(boxes.shape[0], box_deltas.shape[1] // 4, 4)
-        boxes = clip_boxes(boxes, image_sizes[roi_image_idx][:, None, :])
-
-        roi_idx, class_idx = torch.nonzero((scores > self.score_thresh) & finite[:, None], as_tuple=True)
-        det_boxes = boxes[roi_idx, class_idx if boxes.shape[1] > 1 else torch.zeros_like(class_idx)]
-        det_scores = scores[roi_idx, class_idx]
+        det_boxes, det_scores, det_labels, roi_idx = box_head_candidates(
+            cls_logits, boxes, image_sizes[roi_image_idx], self.score_thresh
+        )  # (C, 4), (C,), (C,), (C,)
         det_image = roi_image_idx[roi_idx]
 
         # Class-wise NMS and top-k per image with Detectron2's very call (batched_nms with the class
@@ -227,17 +219,15 @@ class Res5ROIHeads(nn.Module):
         # so this is one call per image; the counts per image need one host-device sync.
         by_image = torch.sort(det_image, stable=True).indices  # image-major, RoI-major within an image
         keep = [
-            candidates[batched_nms(det_boxes[candidates], det_scores[candidates], class_idx[candidates], self.nms_thresh)[: self.detections_per_image]]
+            candidates[nms_top_k(det_boxes[candidates], det_scores[candidates], det_labels[candidates],
+                                 self.nms_thresh, self.detections_per_image, True)]
             for candidates in by_image.split(torch.bincount(det_image, minlength=num_images).tolist())
         ]
         keep = torch.cat(keep) if keep else by_image
-        det_boxes, det_scores, det_labels, det_image = det_boxes[keep], det_scores[keep], class_idx[keep], det_image[keep]
+        det_boxes, det_scores, det_labels, det_image = det_boxes[keep], det_scores[keep], det_labels[keep], det_image[keep]
 
         # Rescale from the resized input to the original image, clip, drop boxes left empty.
-        scale = (original_sizes.to(det_boxes.dtype) / image_sizes.to(det_boxes.dtype))[det_image]  # (D, 2) (sy, sx)
-        det_boxes = det_boxes * scale[:, [1, 0, 1, 0]]
-        det_boxes = clip_boxes(det_boxes, original_sizes[det_image])
-        nonempty = nonempty_mask(det_boxes)
+        det_boxes, nonempty = rescale_detections(det_boxes, image_sizes[det_image], original_sizes[det_image])
         det_boxes, det_scores, det_labels, det_image = det_boxes[nonempty], det_scores[nonempty], det_labels[nonempty], det_image[nonempty]
 
         # Split per image at the API boundary (stable sort keeps each image's score order).

@@ -17,12 +17,12 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops import batched_nms
 
 from detkit.modeling.anchors import AnchorGenerator
 from detkit.modeling.matcher import Matcher, match_boxes
+from detkit.modeling.postprocess import nms_top_k, rpn_candidates, rpn_top_k
 from detkit.modeling.sampler import sample_balanced
-from detkit.structures.boxes import BoxCoder, clip_boxes, nonempty_mask
+from detkit.structures.boxes import BoxCoder
 
 
 class RPNHead(nn.Module):
@@ -159,25 +159,16 @@ class RPN(nn.Module):
     def predict_proposals(self, anchors: Tensor, logits: Tensor, deltas: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor]:
         """anchors (M, 4); logits (N, M); deltas (N, M, 4); image_sizes (N, 2).
 
-        Per image: top-k logits -> decode -> clip -> drop empty or non-finite -> NMS -> top-k.
+        Per image: top-k logits -> decode -> clip -> drop empty or non-finite -> NMS -> top-k, with
+        the functions of detkit.modeling.postprocess (which the exported graph calls too).
         Returns proposals (N, P, 4) with P = post-NMS top-k, and valid (N, P) bool.
         """
-        n, m = logits.shape
-        device = logits.device
+        n = logits.shape[0]
         mode = 0 if self.training else 1
-        pre_k = min(self.pre_nms_topk[mode], m)
         post_k = self.post_nms_topk[mode]
-
-        top_logits, top_idx = logits.float().topk(pre_k, dim=1)  # (N, K)
-        image_idx = torch.arange(n, device=device)[:, None].expand(-1, pre_k)  # (N, K)
-        top_deltas = deltas[image_idx, top_idx]  # (N, K, 4)
-        top_anchors = anchors[top_idx]  # (N, K, 4)
-        # (N, K, 4) -> (N*K, 4) for the coder and back.
-        boxes = self.box_coder.decode(top_deltas.reshape(-1, 4), top_anchors.reshape(-1, 4)).view(n, pre_k, 4)
-        # Non-finite boxes are dropped before clipping (clipping would turn +inf into the border).
-        finite = torch.isfinite(boxes).all(dim=-1) & torch.isfinite(top_logits)
-        boxes = clip_boxes(boxes, image_sizes[:, None, :])
-        keep = nonempty_mask(boxes, self.min_box_size) & finite  # (N, K)
+        top_logits, top_deltas, top_anchors = rpn_top_k(anchors, logits, deltas, self.pre_nms_topk[mode])  # (N, T), (N*T, 4) x 2
+        boxes = self.box_coder.decode(top_deltas, top_anchors).view(n, top_logits.shape[1], 4)  # (N*T, 4) -> (N, T, 4)
+        boxes, keep = rpn_candidates(boxes, top_logits, image_sizes, self.min_box_size)  # (N, T, 4), (N, T)
 
         # NMS per image with Detectron2's very call (batched_nms, one group id). One call over all
         # images, the image index as the group, keeps nearly the same boxes but not Detectron2's:
@@ -189,9 +180,9 @@ class RPN(nn.Module):
         flat_logits = top_logits.reshape(-1)
         kept_per_image = torch.nonzero(keep.reshape(-1)).squeeze(1).split(keep.sum(dim=1).tolist())
         proposals = boxes.new_zeros((n, post_k, 4))
-        valid = torch.zeros((n, post_k), dtype=torch.bool, device=device)
+        valid = torch.zeros((n, post_k), dtype=torch.bool, device=logits.device)
         for i, kept in enumerate(kept_per_image):
-            survivors = kept[batched_nms(flat_boxes[kept], flat_logits[kept], torch.zeros_like(kept), self.nms_thresh)[:post_k]]
+            survivors = kept[nms_top_k(flat_boxes[kept], flat_logits[kept], None, self.nms_thresh, post_k, True)]
             proposals[i, : survivors.numel()] = flat_boxes[survivors]
             valid[i, : survivors.numel()] = True
         return proposals, valid

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Mapping
+
+from detkit.utils.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +73,7 @@ class MetricsWriter:
             if row.get("iteration", 0) <= iteration:
                 kept.append(line)
         if len(kept) != len(rows):
-            tmp = self.path.with_name("." + self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)  # never a half-rewritten metrics file
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))  # never a half-rewritten metrics file
             logger.info("metrics.jsonl: dropped %d rows after iteration %d (redone by this run)", len(rows) - len(kept), iteration)
 
     def write(self, iteration: int, values: Mapping[str, float]) -> None:

@@ -48,4 +48,4 @@ def test_plot_metrics_writes_three_pngs(tmp_path):
     assert [p.name for p in written] == ["losses.png", "lr.png", "eval.png"]
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list((tmp_path / "out").glob(".*.tmp"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["eval.png", "losses.png", "lr.png"]  # no temp file left
