@@ -22,7 +22,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -143,7 +143,7 @@ class SolverConfig:
     nesterov: bool = False
     weight_decay: float = 1e-4
     weight_decay_norm: float = 0.0
-    weight_decay_bias: Optional[float] = None  # None: same as weight_decay
+    weight_decay_bias: float | None = None  # None: same as weight_decay
     bias_lr_factor: float = 1.0
     lr_scheduler: Literal["multistep", "cosine"] = "multistep"
     max_iter: int = 270000
@@ -264,7 +264,7 @@ def _apply_override(data: dict, parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: Optional[str | Path] = None, overrides: typing.Sequence[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Load a YAML config (with inheritance) and dotted overrides into a validated `Config`.
 
     path None gives the defaults of the dataclasses (which equal configs/base.yaml).
@@ -467,7 +467,7 @@ def config_to_dict(cfg: Any) -> dict:
     return plain(cfg)
 
 
-def dump_config(cfg: Config, path: Optional[str | Path] = None) -> str:
+def dump_config(cfg: Config, path: str | Path | None = None) -> str:
     """YAML text of the resolved config; also written to `path` when given."""
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     if path is not None:

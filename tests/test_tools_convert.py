@@ -32,7 +32,7 @@ def tiny_cfg(num_classes: int = 3, **changes):
     })
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def original() -> nn.Module:
     """A ResNet-18 detector with random norm statistics and heads (read-only in the tests)."""
     torch.manual_seed(0)

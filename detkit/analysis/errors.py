@@ -41,8 +41,8 @@ import contextlib
 import copy
 import io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils

@@ -24,11 +24,11 @@ def run_accuracy_comparison(cfg, output_dir: str) -> dict:
     """
     from pathlib import Path
 
+    from detkit.benchmark.tv_reference import TorchvisionDetector, build_torchvision_reference
     from detkit.config import replace
     from detkit.engine.trainer import Trainer
     from detkit.modeling import build_model
     from detkit.utils.env import seed_all
-    from detkit.benchmark.tv_reference import TorchvisionDetector, build_torchvision_reference
 
     seed_all(cfg.seed)
     detkit_model = build_model(cfg)  # loads model.weights / backbone weights if the config names them

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -128,7 +128,7 @@ def time_detkit_evaluator(gt_file: str, predictions: list[dict], backend: str) -
 
 
 def run_eval_benchmark(num_images: int = 5000, dets_per_image: int = 100, repeats: int = 1,
-                       backends: Sequence[str] = ("pycocotools", "faster_coco_eval"), workdir: Optional[str] = None,
+                       backends: Sequence[str] = ("pycocotools", "faster_coco_eval"), workdir: str | None = None,
                        seed: int = 0) -> dict:
     """Time COCO box evaluation of a generated set (see `make_synthetic_coco`): pycocotools'
     COCOeval directly, then detkit's COCOEvaluator with each backend, `repeats` times each,

@@ -14,9 +14,9 @@ import gc
 import logging
 import statistics
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -63,13 +63,13 @@ class SpeedOptions:
     overrides: tuple[str, ...] = ()
     models: tuple[str, ...] = ("detkit", "torchvision")
     flops: bool = True
-    res5_timing: Optional[bool] = None  # None: on for CUDA, off for the CPU (tens of seconds there)
+    res5_timing: bool | None = None  # None: on for CUDA, off for the CPU (tens of seconds there)
     memory: bool = True
-    profile_dir: Optional[str] = None  # write a torch.profiler table + trace of one step per row here
+    profile_dir: str | None = None  # write a torch.profiler table + trace of one step per row here
     seed: int = 0
 
 
-def _mean_or_none(values: Sequence[int]) -> Optional[float]:
+def _mean_or_none(values: Sequence[int]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
@@ -102,10 +102,10 @@ def time_res5(res5: nn.Module, num_rois: int, in_channels: int, resolution: int,
 def run_speed_benchmark(options: SpeedOptions) -> dict:
     """Time detkit and torchvision (module docstring). Returns the JSON-ready result:
     {"settings", "environment", "rows", "ratios", "agreement", "flops"}."""
+    from detkit.benchmark.tv_reference import build_torchvision_reference
     from detkit.config import load_config
     from detkit.modeling import build_model
     from detkit.utils.env import configure_backends, resolve_device, seed_all
-    from detkit.benchmark.tv_reference import build_torchvision_reference
 
     device = resolve_device(options.device)
     # Fixed input sizes: cuDNN's autotuning pays off here; fp32 rows use TF32 tensor cores.

@@ -13,8 +13,8 @@ import gc
 import logging
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from detkit.benchmark.calibration import BenchmarkInputs
 logger = logging.getLogger(__name__)
 
 
-AMP_DTYPES: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class _Counter:
@@ -42,7 +42,7 @@ class _Counter:
     def reset(self) -> None:
         self.values = {}
 
-    def mean(self, key: str) -> Optional[float]:
+    def mean(self, key: str) -> float | None:
         values = self.values.get(key)
         return float(np.mean(values)) if values else None
 
@@ -185,7 +185,7 @@ def make_step(runner, prepared: tuple, mode: str, precision: str, device: torch.
     return train_step
 
 
-def state_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
     """Bytes of the model's parameters and buffers, plus gradients and optimizer state if any."""
     total = sum(t.numel() * t.element_size() for t in model.parameters())
     total += sum(t.numel() * t.element_size() for t in model.buffers())
@@ -249,7 +249,7 @@ def time_interleaved(
             step()
             synchronize(device)
     times = {name: [] for name in steps}
-    peaks: dict[str, Optional[int]] = {name: None for name in steps}
+    peaks: dict[str, int | None] = {name: None for name in steps}
     gc.collect()
     for _ in range(repeats):
         for name, step in steps.items():
@@ -293,7 +293,7 @@ GPU_PEAK_TFLOPS = {
 }
 
 
-def gpu_peak_tflops(device_name: str, precision: str) -> Optional[float]:
+def gpu_peak_tflops(device_name: str, precision: str) -> float | None:
     for key, peaks in GPU_PEAK_TFLOPS.items():
         if key in device_name:
             return peaks[precision]

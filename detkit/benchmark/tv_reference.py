@@ -38,7 +38,6 @@ smooth-L1 beta 1/9 (detkit: L1) - the same arithmetic cost.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -62,7 +61,7 @@ class _Backbone(nn.Sequential):
     out_channels: int
 
 
-def _no_resize(image: Tensor, target: Optional[dict] = None) -> tuple[Tensor, Optional[dict]]:
+def _no_resize(image: Tensor, target: dict | None = None) -> tuple[Tensor, dict | None]:
     return image, target
 
 
@@ -97,7 +96,7 @@ def _mirror_norms(detkit_module: nn.Module, tv_module: nn.Module) -> None:
         setattr(tv_modules[parent] if parent else tv_module, child, new)
 
 
-def build_torchvision_reference(model: FasterRCNN, image_size_hw: Optional[tuple[int, int]] = None) -> TorchvisionFasterRCNN:
+def build_torchvision_reference(model: FasterRCNN, image_size_hw: tuple[int, int] | None = None) -> TorchvisionFasterRCNN:
     """torchvision FasterRCNN with the architecture and hyper-parameters of `model`, and its weights.
 
     image_size_hw: (h, w) of the inputs it will get, already resized: checked that torchvision's
@@ -258,7 +257,7 @@ class TorchvisionDetector(nn.Module):
         super().__init__()
         self.net = reference
 
-    def forward(self, images, targets: Optional[list[dict]] = None):
+    def forward(self, images, targets: list[dict] | None = None):
         device = next(self.net.parameters()).device
         images = images.to(device, non_blocking=True)
         sizes = images.image_sizes.tolist()

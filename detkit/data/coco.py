@@ -29,9 +29,9 @@ import json
 import logging
 import os
 from collections import OrderedDict, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -131,7 +131,7 @@ class DetectionRecords:
             labels=self.labels[lo:hi].copy(),
         )
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "DetectionRecords":
+    def subset(self, indices: Sequence[int] | np.ndarray) -> DetectionRecords:
         """The records at `indices`, in that order."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         counts = self.box_counts[idx]
@@ -149,7 +149,7 @@ class DetectionRecords:
         )
 
     @staticmethod
-    def concat(parts: Sequence["DetectionRecords"]) -> "DetectionRecords":
+    def concat(parts: Sequence[DetectionRecords]) -> DetectionRecords:
         """One record set holding all images of `parts`, in order."""
         if len(parts) == 1:
             return parts[0]
@@ -473,7 +473,7 @@ def load_coco_json(ann_file: str | os.PathLike, image_root: str | os.PathLike, *
 
 # A training run asks for the same file a few times (dataset info, train loader, evaluation);
 # COCO train2017 takes tens of seconds to parse, so the last few loads are kept.
-_CACHE: "OrderedDict[tuple, CocoDataset]" = OrderedDict()
+_CACHE: OrderedDict[tuple, CocoDataset] = OrderedDict()
 _CACHE_SIZE = 4
 
 
@@ -482,7 +482,7 @@ def load_coco_json_cached(ann_file: str | os.PathLike, image_root: str | os.Path
     ann_path = Path(ann_file)
     try:
         st = ann_path.stat()
-        key: Optional[tuple] = (str(ann_path.resolve()), st.st_mtime_ns, st.st_size, str(Path(image_root).resolve()), name, check_image_files)
+        key: tuple | None = (str(ann_path.resolve()), st.st_mtime_ns, st.st_size, str(Path(image_root).resolve()), name, check_image_files)
     except OSError:
         key = None
     if key is not None and key in _CACHE:

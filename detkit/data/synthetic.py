@@ -33,7 +33,6 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import cv2
 import numpy as np
@@ -67,7 +66,7 @@ class ShapesParams:
     max_object_size: int = 0  # 0: half the image's short side
     seed: int = 0
 
-    def validated(self) -> "ShapesParams":
+    def validated(self) -> ShapesParams:
         h, w = self.image_size
         problems = []
         if not 1 <= self.num_classes <= len(SHAPE_NAMES):
@@ -147,7 +146,7 @@ def _arrow() -> np.ndarray:
     return np.array([[-1.0, -0.2], [0.15, -0.2], [0.15, -0.6], [1.0, 0.0], [0.15, 0.6], [0.15, 0.2], [-1.0, 0.2]])
 
 
-_POLYGONS: dict[str, tuple[np.ndarray, Optional[np.ndarray]]] = {
+_POLYGONS: dict[str, tuple[np.ndarray, np.ndarray | None]] = {
     "circle": (_regular(64), None),
     "square": (_regular(4, phase_deg=45), None),
     "triangle": (_regular(3), None),
@@ -290,7 +289,7 @@ def _file_name(index: int) -> str:
     return f"{index + 1:06d}.jpg"
 
 
-def generate_shapes(params: ShapesParams, out_dir: str | os.PathLike, workers: Optional[int] = None) -> Path:
+def generate_shapes(params: ShapesParams, out_dir: str | os.PathLike, workers: int | None = None) -> Path:
     """Write the split described by `params` into out_dir/{annotations.json, images/}.
 
     workers: processes drawing images (None: up to 8 when num_images >= 400, else 1). The files
@@ -363,7 +362,7 @@ def shapes_dir(params: ShapesParams, root: str | os.PathLike) -> Path:
     return Path(root) / f"{params.split}_{params.cache_key()}"
 
 
-def ensure_shapes_dataset(params: ShapesParams, root: str | os.PathLike = "datasets/shapes", workers: Optional[int] = None) -> tuple[str, str]:
+def ensure_shapes_dataset(params: ShapesParams, root: str | os.PathLike = "datasets/shapes", workers: int | None = None) -> tuple[str, str]:
     """Generate the split on first use, reuse it afterwards. Returns (ann_file, image_root)."""
     params = params.validated()
     final = shapes_dir(params, root)

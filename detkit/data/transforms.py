@@ -19,8 +19,9 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -180,9 +181,9 @@ class DetectionTransform:
     def __call__(
         self,
         image: np.ndarray,
-        boxes: Optional[np.ndarray] = None,
-        labels: Optional[np.ndarray] = None,
-        seed: Optional[int] = None,
+        boxes: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        seed: int | None = None,
     ) -> TransformOutput:
         """image (H, W, 3) uint8; boxes (G, 4) xyxy pixels; labels (G,). seed: draws of this call."""
         boxes = np.zeros((0, 4), np.float32) if boxes is None else np.asarray(boxes, dtype=np.float32).reshape(-1, 4)

@@ -37,9 +37,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -134,7 +135,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
-def _bbox_problem(bbox: Any) -> Optional[str]:
+def _bbox_problem(bbox: Any) -> str | None:
     """Why `bbox` is not a usable [x, y, w, h], or None when it is."""
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         return f"bbox must be a list of 4 numbers [x, y, w, h], got {bbox!r}"
@@ -467,7 +468,7 @@ def inference_on_dataset(
     loader: Iterable,
     category_ids: Sequence[int],
     device: torch.device | str,
-    amp_dtype: Optional[torch.dtype] = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> list[dict]:
     """Run the model over a test loader and return COCO results.
 
@@ -513,7 +514,7 @@ def inference_on_dataset(
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         world_size = torch.distributed.get_world_size()
         if world_size > 1:
-            gathered: list[Optional[dict]] = [None] * world_size
+            gathered: list[dict | None] = [None] * world_size
             torch.distributed.all_gather_object(gathered, per_image)
             if torch.distributed.get_rank() != 0:
                 return []

@@ -24,7 +24,7 @@ import bisect
 import logging
 import math
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn

@@ -27,8 +27,9 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,9 +123,9 @@ class Trainer:
         self,
         cfg: Config,
         *,
-        model: Optional[nn.Module] = None,
-        train_loader_fn: Optional[Callable[[int], Iterable]] = None,
-        hooks: Sequence[Callable[["Trainer"], None]] = (),
+        model: nn.Module | None = None,
+        train_loader_fn: Callable[[int], Iterable] | None = None,
+        hooks: Sequence[Callable[[Trainer], None]] = (),
         load_weights: bool = True,
     ):
         self.cfg = cfg
@@ -168,7 +169,7 @@ class Trainer:
         self.metrics = MetricsWriter(self.output_dir, enabled=self.is_main)
         self.iteration = 0  # completed iterations
         self.start_iter = 0
-        self._rng_to_restore: Optional[dict] = None
+        self._rng_to_restore: dict | None = None
         self.class_names, self.category_ids = self._class_info()
         self._check_test_data()
         self.last_losses: dict[str, float] = {}
@@ -281,7 +282,7 @@ class Trainer:
             },
         }
 
-    def save_checkpoint(self, name: str) -> Optional[Path]:
+    def save_checkpoint(self, name: str) -> Path | None:
         state = self.checkpoint_state()
         return self.checkpointer.save(name, state) if self.is_main else None
 
@@ -396,7 +397,7 @@ class Trainer:
         """The lr of the next step (base_lr times the schedule; bias groups may scale it)."""
         return self.cfg.solver.base_lr * self.scheduler.factor(self.iteration)
 
-    def _stop_non_finite(self, losses: dict[str, float], grad_norm: Optional[float] = None) -> None:
+    def _stop_non_finite(self, losses: dict[str, float], grad_norm: float | None = None) -> None:
         """Save the last good state (parameters were not updated by this step) and raise.
 
         The state is saved only if every weight is finite; otherwise the message names the newest
@@ -496,8 +497,8 @@ def evaluate_model(cfg: Config, model: nn.Module, device: torch.device, rank: in
 
     Returns {"bbox/AP": ..., "bbox/AP-<class>": ..., "per_class": {...}} (0..100) on rank 0, {} elsewhere.
     """
-    from detkit.engine.evaluator import COCOEvaluator, inference_on_dataset
     from detkit.data import build_test_loader
+    from detkit.engine.evaluator import COCOEvaluator, inference_on_dataset
 
     _, category_ids, ann_file = _dataset_info(cfg, "test")
     loader = build_test_loader(cfg, rank=rank, world_size=world_size)

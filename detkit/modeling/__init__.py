@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from detkit.modeling.backbone import ResNetTrunk, build_res5
@@ -15,7 +13,7 @@ from detkit.modeling.weights import load_backbone_weights, load_detector_weights
 __all__ = ["FasterRCNN", "RPN", "Res5ROIHeads", "ResNetTrunk", "build_model", "build_res5"]
 
 
-def build_model(cfg, device: Optional[torch.device | str] = None, load_weights: bool = True) -> FasterRCNN:
+def build_model(cfg, device: torch.device | str | None = None, load_weights: bool = True) -> FasterRCNN:
     """FasterRCNN from a `detkit.config.Config` (or its `model` section).
 
     Loads `model.backbone.weights`, then `model.weights` (which wins where both have a tensor).

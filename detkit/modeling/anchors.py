@@ -13,7 +13,7 @@ location consecutive, which is the order of the RPN head's outputs after
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn

@@ -14,7 +14,7 @@ Output: training -> {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg"}
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -51,7 +51,7 @@ class FasterRCNN(nn.Module):
     def num_classes(self) -> int:
         return self.roi_heads.num_classes
 
-    def forward(self, images: Union[ImageBatch, Sequence[Tensor]], targets: Optional[Sequence[dict]] = None):
+    def forward(self, images: ImageBatch | Sequence[Tensor], targets: Sequence[dict] | None = None):
         if not isinstance(images, ImageBatch):
             images = ImageBatch.from_tensors(list(images), self.size_divisibility)
         device = self.pixel_mean.device

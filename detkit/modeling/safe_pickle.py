@@ -14,12 +14,13 @@ and need no `find_class`, so they load as usual.
 
 from __future__ import annotations
 
-import collections
 import codecs
+import collections
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import numpy as np
 

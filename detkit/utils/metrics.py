@@ -16,8 +16,8 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ size scale with the image so small and large images both stay readable.
 from __future__ import annotations
 
 import colorsys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -38,10 +38,10 @@ def draw_detections(
     image: np.ndarray,
     boxes: np.ndarray,
     labels: np.ndarray,
-    scores: Optional[np.ndarray],
+    scores: np.ndarray | None,
     class_names: Sequence[str],
-    line_width: Optional[int] = None,
-    font_scale: Optional[float] = None,
+    line_width: int | None = None,
+    font_scale: float | None = None,
 ) -> np.ndarray:
     """Draw detections on a copy of `image`.
 

@@ -12,8 +12,15 @@ import numpy as np
 import pytest
 
 from detkit.data.video import (
-    FrameReader, JsonLinesWriter, VideoFileWriter, VideoSource, can_write, codec_extension, default_codec,
-    open_video, parse_source,
+    FrameReader,
+    JsonLinesWriter,
+    VideoFileWriter,
+    VideoSource,
+    can_write,
+    codec_extension,
+    default_codec,
+    open_video,
+    parse_source,
 )
 from detkit.errors import ConfigError, VideoReadError
 

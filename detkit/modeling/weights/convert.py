@@ -7,7 +7,8 @@ format-neutral key, fold or unfold MSRA's BN on the way.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Union
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
@@ -30,7 +31,7 @@ SCHEMES: dict[str, NamingScheme] = {
 }
 
 
-def detect_format(names: Union[Mapping[str, Any], list[str]], source: str = "the checkpoint") -> str:
+def detect_format(names: Mapping[str, Any] | list[str], source: str = "the checkpoint") -> str:
     """The format (FORMATS) whose own names the checkpoint uses most; CheckpointError if none."""
     names = list(names)
     counts = {fmt: sum(1 for n in names if scheme.signature.search(n)) for fmt, scheme in SCHEMES.items()}
@@ -102,7 +103,7 @@ def convert_state_dict(
 
 
 def export_state_dict(
-    model_or_state_dict: Union[nn.Module, Mapping[str, Tensor]], fmt: str, *, fold_bn: bool = True
+    model_or_state_dict: nn.Module | Mapping[str, Tensor], fmt: str, *, fold_bn: bool = True
 ) -> dict[str, Tensor]:
     """A detkit model's tensors named as `fmt` names them (see `convert_state_dict`).
 

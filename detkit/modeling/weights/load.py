@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -61,7 +62,7 @@ def load_state_dict_into(
     state_dict: Mapping[str, Tensor],
     source: str,
     only_prefixes: tuple[str, ...] = (),
-    source_names: Optional[Mapping[str, str]] = None,
+    source_names: Mapping[str, str] | None = None,
 ) -> LoadReport:
     """Copy matching tensors into the model; report the rest (never raises on a mismatch).
 
@@ -106,7 +107,7 @@ class ConvertedWeights:
     extras: dict[str, Any]  # the file's other top-level entries ("__author__", "iteration", ...)
 
     @property
-    def num_classes(self) -> Optional[int]:
+    def num_classes(self) -> int | None:
         """K of the box predictor in the file (cls_score has K + 1 rows), None without one."""
         cls_score = self.state_dict.get("roi_heads.box_predictor.cls_score.weight")
         return None if cls_score is None else int(cls_score.shape[0]) - 1
@@ -126,7 +127,7 @@ def read_weights(path: str | os.PathLike, fmt: str = "auto") -> ConvertedWeights
     if fmt != "auto" and fmt not in FORMATS:
         raise CheckpointError(f"unknown weights format {fmt!r} for {source}: use auto or one of {', '.join(FORMATS)}")
     try:
-        detected: Optional[str] = detect_format(raw, source)
+        detected: str | None = detect_format(raw, source)
     except CheckpointError:
         if fmt == "auto":
             raise

@@ -8,7 +8,7 @@ the 1x1 conv (Detectron2's defaults for them).
 from __future__ import annotations
 
 import re
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -43,7 +43,7 @@ class MsraNames:
     _stem = re.compile(rf"^(?:conv1_(w)|res_conv1_({_suffixes}))$")
     _block = re.compile(rf"^res([2-5])_(\d+)_branch(2a|2b|2c|1)_({_suffixes})$")
 
-    def parse(self, name: str) -> Optional[NeutralKey]:
+    def parse(self, name: str) -> NeutralKey | None:
         m = self._stem.match(name)
         if m:
             if m.group(1):
@@ -56,7 +56,7 @@ class MsraNames:
             return NeutralKey("block", int(stage), int(block), self._BRANCH_TO_LAYER[branch], self._SUFFIX_TO_PARAM[suffix])
         return None
 
-    def name(self, key: NeutralKey) -> Optional[str]:
+    def name(self, key: NeutralKey) -> str | None:
         suffix = self._PARAM_TO_SUFFIX.get(key.param)
         if key.unit == "head" or suffix is None:
             return None
