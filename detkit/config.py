@@ -439,12 +439,11 @@ def _validate(obj: Any, prefix: str, where: str) -> None:
             raise bad("min_size_train", "needs at least one size")
         if not 0.0 <= obj.flip_prob <= 1.0:
             raise bad("flip_prob", "must be in [0, 1]")
-    elif isinstance(obj, DatasetConfig):
-        if obj.type == "coco" and (not obj.ann_file or not obj.image_root):
-            raise ConfigError(
-                f"{where}: {prefix}: a dataset of type coco needs ann_file and image_root "
-                f"(got ann_file={obj.ann_file!r}, image_root={obj.image_root!r})"
-            )
+    elif isinstance(obj, DatasetConfig) and obj.type == "coco" and (not obj.ann_file or not obj.image_root):
+        raise ConfigError(
+            f"{where}: {prefix}: a dataset of type coco needs ann_file and image_root "
+            f"(got ann_file={obj.ann_file!r}, image_root={obj.image_root!r})"
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def run_accuracy_comparison(cfg, output_dir: str) -> dict:
     models = {"detkit": detkit_model, "torchvision": TorchvisionDetector(reference)}
     summaries = {}
     for name, model in models.items():
-        run_cfg = replace(cfg, **{"output_dir": str(Path(output_dir) / name)})
+        run_cfg = replace(cfg, output_dir=str(Path(output_dir) / name))
         logger.info("training %s for %d iterations into %s", name, cfg.solver.max_iter, run_cfg.output_dir)
         summaries[name] = Trainer(run_cfg, model=model).train()
         models[name] = None  # free the first model's memory before the second run

@@ -87,9 +87,11 @@ def time_res5(res5: nn.Module, num_rois: int, in_channels: int, resolution: int,
     for i in range(repeats + 2):
         synchronize(device)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-            with torch.no_grad() if not train else nullcontext():
-                out = res5(x).mean(dim=(2, 3))
+        with (
+            torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext(),
+            torch.no_grad() if not train else nullcontext(),
+        ):
+            out = res5(x).mean(dim=(2, 3))
         if train:
             out.float().sum().backward()
         synchronize(device)
@@ -260,7 +262,7 @@ def _add_flop_rates(result: dict, runners: dict, device: torch.device, res5_timi
         row["fraction_of_peak"] = achieved / peak if peak else None
         if res5_timing and row["rois_per_image"]:
             runner = runners["detkit"]
-            num_rois = int(round(row["rois_per_image"] * row["batch_size"]))
+            num_rois = round(row["rois_per_image"] * row["batch_size"])
             seconds = time_res5(runner.res5(), num_rois, runner.model.backbone.out_channels,
                                 cfg.model.roi_heads.pooler_resolution, row["precision"], row["mode"] == "train",
                                 device, options.channels_last)

@@ -249,7 +249,7 @@ def time_interleaved(
             step()
             synchronize(device)
     times = {name: [] for name in steps}
-    peaks: dict[str, int | None] = {name: None for name in steps}
+    peaks: dict[str, int | None] = dict.fromkeys(steps)
     gc.collect()
     for _ in range(repeats):
         for name, step in steps.items():

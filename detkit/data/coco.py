@@ -437,7 +437,7 @@ def load_coco_json(ann_file: str | os.PathLike, image_root: str | os.PathLike, *
     kept = np.flatnonzero(keep)
     order = kept[np.argsort(ann_image_idx[kept], kind="stable")]
     counts = np.bincount(ann_image_idx[order], minlength=len(image_ids)) if len(image_ids) else np.zeros(0, np.int64)
-    report.num_boxes = int(len(order))
+    report.num_boxes = len(order)
     report.num_images_without_boxes = int((counts == 0).sum())
     records = DetectionRecords(
         image_ids,

@@ -225,7 +225,7 @@ def _draw_image(params: ShapesParams, index: int) -> tuple[bytes, list[dict]]:
             continue  # no free place for this object: the image gets fewer
         # draw in the patch around the box only; fillPoly takes fixed-point coordinates (shift 4 = 1/16 px)
         x0, y0 = max(int(box[0]) - 1, 0), max(int(box[1]) - 1, 0)
-        x1, y1 = min(int(math.ceil(box[2])) + 1, w), min(int(math.ceil(box[3])) + 1, h)
+        x1, y1 = min(math.ceil(box[2]) + 1, w), min(math.ceil(box[3]) + 1, h)
         offset = np.array([cx - x0, cy - y0]) - 0.5  # pixel centres sit at integer + 0.5
         mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
         cv2.fillPoly(mask, [np.round((shape + offset) * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)

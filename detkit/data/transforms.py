@@ -27,9 +27,9 @@ import cv2
 import numpy as np
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network call on import
-import albumentations as A  # noqa: E402
+import albumentations as A
 
-from detkit.errors import ConfigError  # noqa: E402
+from detkit.errors import ConfigError
 
 
 def resized_hw(height: int, width: int, short_size: int, max_size: int) -> tuple[int, int]:
@@ -148,7 +148,7 @@ def build_augmentation(spec: dict, where: str = "data.augment") -> A.BasicTransf
             raise ConfigError(f"{where}: {name} has no argument(s) {', '.join(map(repr, unknown))}; its arguments are: {valid}")
     try:
         return cls(**kwargs)
-    except Exception as exc:  # pydantic ValidationError, TypeError for unknown arguments, ...
+    except Exception as exc:  # noqa: BLE001 - pydantic ValidationError, TypeError for unknown arguments, ...
         message = " ".join(str(exc).split())
         raise ConfigError(f"{where}: cannot build {name}({', '.join(f'{k}={v!r}' for k, v in spec.items() if k != 'name')}): {message}") from None
 

@@ -69,7 +69,7 @@ _MAX_EXAMPLES = 5
 def _backend_importable(name: str) -> bool:
     try:
         importlib.import_module("pycocotools.cocoeval" if name == "pycocotools" else "faster_coco_eval")
-    except Exception:  # a missing package or a broken binary wheel: either way not usable
+    except Exception:  # noqa: BLE001 - a missing package or a broken binary wheel: either way not usable
         return False
     return True
 

@@ -71,7 +71,7 @@ def build_param_groups(
         weight_decay_bias = weight_decay
     groups: dict[tuple[float, float], dict] = {}
     seen: set[int] = set()
-    for module_name, module in model.named_modules():
+    for module in model.modules():
         norm = _is_norm(module)
         for param_name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:

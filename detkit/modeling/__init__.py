@@ -10,7 +10,7 @@ from detkit.modeling.roi_heads import Res5ROIHeads
 from detkit.modeling.rpn import RPN
 from detkit.modeling.weights import load_backbone_weights, load_detector_weights
 
-__all__ = ["FasterRCNN", "RPN", "Res5ROIHeads", "ResNetTrunk", "build_model", "build_res5"]
+__all__ = ["RPN", "FasterRCNN", "Res5ROIHeads", "ResNetTrunk", "build_model", "build_res5"]
 
 
 def build_model(cfg, device: torch.device | str | None = None, load_weights: bool = True) -> FasterRCNN:

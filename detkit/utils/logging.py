@@ -41,7 +41,7 @@ def format_eta(seconds: float) -> str:
     """Seconds -> "H:MM:SS" (with days when long), e.g. 93784 -> "1 day, 2:03:04"."""
     if seconds != seconds or seconds < 0:  # nan before the first timing
         return "?"
-    return str(datetime.timedelta(seconds=int(round(seconds))))
+    return str(datetime.timedelta(seconds=round(seconds)))
 
 
 def peak_memory_mb(device: torch.device) -> float:

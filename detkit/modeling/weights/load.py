@@ -234,7 +234,7 @@ def _torchvision_enum_state_dict(name: str) -> Mapping[str, Tensor]:
         raise CheckpointError(f"model.backbone.weights={name!r} is neither a file nor a torchvision weights enum") from None
     try:
         return weights.get_state_dict(progress=False)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - URLError, OSError, hash mismatch...: all reported as one CheckpointError
         raise CheckpointError(
             f"could not download {name} ({type(exc).__name__}: {exc}). Download it elsewhere and set "
             "model.backbone.weights to the local .pth file."

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -26,16 +27,16 @@ class MsraNames:
 
     signature = re.compile(r"^(conv1_w|res_conv1_bn_|res[2-5]_\d+_branch)")
     ignored = re.compile(r"_momentum$|^fc1000_|^pred_[wb]$")  # solver state and the ImageNet classifier
-    _BRANCH_TO_LAYER = {"2a": "conv1", "2b": "conv2", "2c": "conv3", "1": "shortcut"}
-    _LAYER_TO_BRANCH = {v: k for k, v in _BRANCH_TO_LAYER.items()}
-    _SUFFIX_TO_PARAM = {
+    _BRANCH_TO_LAYER: ClassVar[dict[str, str]] = {"2a": "conv1", "2b": "conv2", "2c": "conv3", "1": "shortcut"}
+    _LAYER_TO_BRANCH: ClassVar[dict[str, str]] = {v: k for k, v in _BRANCH_TO_LAYER.items()}
+    _SUFFIX_TO_PARAM: ClassVar[dict[str, str]] = {
         "w": "weight",
         "bn_s": "norm.weight", "bn_b": "norm.bias", "bn_rm": "norm.running_mean", "bn_riv": "norm.running_var",
         "bn_gamma": "norm.weight", "bn_beta": "norm.bias",
         "bn_running_mean": "norm.running_mean", "bn_running_var": "norm.running_var",
         "gn_s": "norm.weight", "gn_b": "norm.bias",
     }
-    _PARAM_TO_SUFFIX = {
+    _PARAM_TO_SUFFIX: ClassVar[dict[str, str]] = {
         "weight": "w", "norm.weight": "bn_s", "norm.bias": "bn_b",
         "norm.running_mean": "bn_rm", "norm.running_var": "bn_riv",
     }
