@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -170,7 +171,7 @@ def test_with_config_the_output_is_a_checkpoint_the_predictor_takes(tmp_path):
 
 def test_with_config_weights_that_do_not_fit_are_an_error(tmp_path):
     cfg_path = shapes_config(tmp_path)
-    with pytest.raises(ConfigError, match="--num-classes 5 differs from model.num_classes=3"):
+    with pytest.raises(ConfigError, match=re.escape("--num-classes 5 differs from model.num_classes=3")):
         main(["--from", "detectron2", str(detectron2_pkl(tmp_path)), str(tmp_path / "o.pth"), "--config", str(cfg_path),
               "--num-classes", "5"])
     with pytest.raises(CheckpointError, match="does not fit the model"):

@@ -293,7 +293,7 @@ class ResNetTrunk(nn.Module):
         kind, blocks = RESNET_SPECS[depth]
         block_cls = BasicBlock if kind == "basic" else Bottleneck
         norm_layer = make_norm(norm)
-        kwargs = {"norm": norm_layer, "shortcut": shortcut, "stride_in_1x1": stride_in_1x1}
+        kwargs = dict(norm=norm_layer, shortcut=shortcut, stride_in_1x1=stride_in_1x1)
 
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         conv_init_(self.conv1)
