@@ -34,6 +34,8 @@ def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> Tens
 class AnchorGenerator(nn.Module):
     """Anchors for one feature map of a given stride."""
 
+    cell_anchors: Tensor  # (A, 4) buffer, registered in __init__
+
     def __init__(self, *, sizes: Sequence[float], aspect_ratios: Sequence[float], stride: int, offset: float = 0.0):
         super().__init__()
         self.stride = stride

@@ -56,6 +56,12 @@ class FrozenBatchNorm2d(nn.Module):
     sees them; names match nn.BatchNorm2d so torchvision checkpoints load into it.
     """
 
+    # (C,) buffers, registered in __init__
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-5):
         super().__init__()
         self.num_features = num_features
@@ -84,7 +90,7 @@ class FrozenBatchNorm2d(nn.Module):
             if module.affine:
                 frozen.weight.copy_(module.weight.detach())
                 frozen.bias.copy_(module.bias.detach())
-            if module.running_mean is not None:
+            if module.running_mean is not None and module.running_var is not None:  # both, or neither
                 frozen.running_mean.copy_(module.running_mean)
                 frozen.running_var.copy_(module.running_var)
             return frozen
@@ -113,8 +119,8 @@ GEMM_CONV_MAX_POSITIONS = 16
 
 
 def small_map_conv2d(
-    input: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int], padding: tuple[int, int],
-    dilation: tuple[int, int],
+    input: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...], padding: tuple[int, ...],
+    dilation: tuple[int, ...],
 ) -> Tensor:
     """F.conv2d (groups 1, zero padding) that computes tiny maps on the CPU as an im2col GEMM.
 

@@ -27,6 +27,9 @@ from detkit.structures.image_batch import ImageBatch
 
 
 class FasterRCNN(nn.Module):
+    pixel_mean: Tensor  # (1, 3, 1, 1) buffer, registered in __init__
+    pixel_std: Tensor  # (1, 3, 1, 1) buffer
+
     def __init__(
         self,
         *,

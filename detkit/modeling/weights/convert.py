@@ -77,7 +77,8 @@ def convert_state_dict(
     parse, ignored_pattern = SCHEMES[src].parse, SCHEMES[src].ignored
     keyed: dict[NeutralKey, Tensor] = {}
     key_sources: dict[NeutralKey, str] = {}
-    unused, ignored = [], []
+    unused: list[str] = []
+    ignored: list[str] = []
     for name, value in state_dict.items():
         key = parse(name)
         if key is None or key.param.endswith("num_batches_tracked"):  # a BN counter: no weight

@@ -132,7 +132,8 @@ def read_weights(path: str | os.PathLike, fmt: str = "auto") -> ConvertedWeights
         if fmt == "auto":
             raise
         detected = None
-    fmt = detected if fmt == "auto" else fmt
+    if fmt == "auto" and detected is not None:  # (with "auto", a failed detection raised above)
+        fmt = detected
     if fmt == "detkit":
         conversion = Conversion(dict(raw), {k: k for k in raw}, [], [])
     else:

@@ -66,7 +66,7 @@ class MsraNames:
         return f"res{key.stage}_{key.block}_branch{self._LAYER_TO_BRANCH[key.layer]}_{suffix}"
 
 
-def norm_units(keyed: Mapping[NeutralKey, Tensor]) -> set[tuple]:
+def norm_units(keyed: Mapping[NeutralKey, Tensor]) -> set[tuple[str, int, int, str]]:
     return {(k.unit, k.stage, k.block, k.layer) for k in keyed if k.param.startswith("norm.")}
 
 
