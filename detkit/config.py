@@ -347,7 +347,7 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
     def fail() -> ConfigError:
         return ConfigError(f"{where}: {key} must be {_type_name(tp)}, got {value!r}")
 
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key, where)
     origin = typing.get_origin(tp)
     if origin is Literal:

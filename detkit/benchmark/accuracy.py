@@ -9,6 +9,7 @@ import gc
 import logging
 
 import torch
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def run_accuracy_comparison(cfg, output_dir: str) -> dict:
     if cfg.model.compile:
         reference.backbone.compile()
         reference.roi_heads.box_head.compile()
-    models = {"detkit": detkit_model, "torchvision": TorchvisionDetector(reference)}
+    models: dict[str, nn.Module | None] = {"detkit": detkit_model, "torchvision": TorchvisionDetector(reference)}
     summaries = {}
     for name, model in models.items():
         run_cfg = replace(cfg, output_dir=str(Path(output_dir) / name))

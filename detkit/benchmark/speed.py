@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,7 +129,7 @@ def run_speed_benchmark(options: SpeedOptions) -> dict:
     start = time.perf_counter()
     calibrate_(model, make_inputs(2, height, width, options.num_classes, seed=options.seed + 1).images.to(device))
     logger.info("calibrated the random model on 2 images in %.1f s", time.perf_counter() - start)
-    runners = {}
+    runners: dict[str, DetkitRunner | TorchvisionRunner] = {}
     if "detkit" in options.models:
         runners["detkit"] = DetkitRunner(model)
     if "torchvision" in options.models:
@@ -149,7 +150,7 @@ def run_speed_benchmark(options: SpeedOptions) -> dict:
             for precision in options.precisions:
                 steps = {name: make_step(r, prepared[name], mode, precision, device) for name, r in runners.items()}
                 # First round: count proposals/RoIs and keep the detections, then warm up and time.
-                outputs = {}
+                outputs: dict[str, Any] = {}  # infer: per-image detection dicts; train: the summed loss
                 for name, runner in runners.items():
                     runner.counter.reset()
                     runner.counter.active = True
@@ -211,7 +212,7 @@ def run_speed_benchmark(options: SpeedOptions) -> dict:
     return result
 
 
-def _flops_of(runner: DetkitRunner, prepared: tuple, mode: str, batch_size: int, device: torch.device) -> dict:
+def _flops_of(runner: DetkitRunner | TorchvisionRunner, prepared: tuple, mode: str, batch_size: int, device: torch.device) -> dict:
     """FLOPs per image of one fp32 step of detkit, total and res5, with the RoIs it ran."""
     step = make_step(runner, prepared, mode, "fp32", device)
     runner.counter.reset()

@@ -38,6 +38,7 @@ smooth-L1 beta 1/9 (detkit: L1) - the same arithmetic cost.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -67,7 +68,8 @@ def _no_resize(image: Tensor, target: dict | None = None) -> tuple[Tensor, dict 
 
 def resnet_depth(model: FasterRCNN) -> int:
     """The ResNet depth of a detkit model, from its block counts."""
-    counts = tuple(len(getattr(model.backbone, f"layer{i}")) for i in (1, 2, 3)) + (len(model.roi_heads.res5),)
+    res5 = cast(nn.Sequential, model.roi_heads.res5)  # build_res5 makes a Sequential of blocks
+    counts = tuple(len(getattr(model.backbone, f"layer{i}")) for i in (1, 2, 3)) + (len(res5),)
     is_basic = not hasattr(model.backbone.layer1[0], "conv3")
     for depth, (kind, blocks) in RESNET_SPECS.items():
         if blocks == counts and (kind == "basic") == is_basic:
@@ -264,6 +266,8 @@ class TorchvisionDetector(nn.Module):
         pixels = images.tensor.float() / 255.0  # (N, 3, Hp, Wp)
         per_image = [pixels[i, :, :h, :w] for i, (h, w) in enumerate(sizes)]
         if self.training:
+            if targets is None:
+                raise ValueError("training needs one target dict per image")
             return self.net(per_image, to_torchvision_targets(targets))
         detections = from_torchvision_detections(self.net(per_image))
         for det, (h, w), (oh, ow) in zip(detections, sizes, images.original_sizes.tolist()):

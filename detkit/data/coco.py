@@ -32,6 +32,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -76,13 +77,13 @@ class DetectionRecords:
 
     def __init__(
         self,
-        image_ids: Sequence[int],
-        heights: Sequence[int],
-        widths: Sequence[int],
+        image_ids: Sequence[int] | np.ndarray,
+        heights: Sequence[int] | np.ndarray,
+        widths: Sequence[int] | np.ndarray,
         file_names: Sequence[str],
         boxes: np.ndarray,
         labels: np.ndarray,
-        box_counts: Sequence[int],
+        box_counts: Sequence[int] | np.ndarray,
     ):
         self.image_ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
         self.heights = np.asarray(heights, dtype=np.int64).reshape(-1)
@@ -104,7 +105,7 @@ class DetectionRecords:
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def file_name(self, i: int) -> str:
+    def file_name(self, i: int | np.integer) -> str:
         return bytes(self._name_blob[self._name_offsets[i] : self._name_offsets[i + 1]]).decode("utf-8")
 
     @property
@@ -289,8 +290,11 @@ def check_coco(data: dict) -> CocoIndex:
         errors.append("no categories: the 'categories' list is empty")
 
     # --- images
-    index_of: dict[int, int] = {}
-    image_ids, heights, widths, file_names = [], [], [], []
+    index_of: dict[Any, int] = {}  # image id -> row; looked up with the annotations' raw JSON values
+    image_ids: list[int] = []
+    heights: list[int] = []
+    widths: list[int] = []
+    file_names: list[str] = []
     dup_ids, bad_images = [], []
     for img in data["images"]:
         iid = img.get("id") if isinstance(img, dict) else None
@@ -367,7 +371,7 @@ def _missing_files(image_root: Path, file_names: Sequence[str]) -> list[str]:
     for name in file_names:
         path = os.path.join(image_root, name)
         by_dir[os.path.dirname(path)].append(name)
-    missing = []
+    missing: list[str] = []
     for folder, names in by_dir.items():
         try:
             present = set(os.listdir(folder))

@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import cv2
 import numpy as np
@@ -69,7 +69,7 @@ ALL_BAD_LIMIT = 8
 class SampleKey(NamedTuple):
     """What the training sampler hands the dataset for one sample."""
 
-    index: int  # into the split's records
+    index: int  # type: ignore[assignment]  # into the split's records (typeshed: the name of tuple.index)
     position: int  # in the global sample stream shared by all ranks (0, 1, 2, ...)
     aug_seed: int  # seeds this sample's augmentation draws
 
@@ -208,7 +208,7 @@ class BadImage(NamedTuple):
 
     file_name: str
     reason: str
-    index: int
+    index: int  # type: ignore[assignment]  # typeshed: the name of tuple.index
 
 
 class DetectionDataset(Dataset):
@@ -220,7 +220,7 @@ class DetectionDataset(Dataset):
     an unreadable image gives a BadImage instead.
     """
 
-    def __init__(self, records: DetectionRecords, transform: DetectionTransform, *, input_format: str = "RGB"):
+    def __init__(self, records: DetectionRecords, transform: DetectionTransform, *, input_format: Literal["RGB", "BGR"] = "RGB"):
         self.records = records
         self.transform = transform
         self.input_format = input_format

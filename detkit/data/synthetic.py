@@ -259,7 +259,7 @@ def _hides_too_much(new_box: np.ndarray, old_box: np.ndarray, max_hidden: float 
 
 def _contrasting_color(rng: np.random.Generator, background: np.ndarray, min_distance: float = 90.0) -> np.ndarray:
     """A random (3,) colour at least min_distance (L1 over channels) from the background mean."""
-    best, best_d = None, -1.0
+    best, best_d = background, -1.0  # replaced by the first draw: every distance is >= 0
     for _ in range(20):
         color = rng.uniform(0, 255, 3)
         d = float(np.abs(color - background).sum())
@@ -317,7 +317,8 @@ def generate_shapes(params: ShapesParams, out_dir: str | os.PathLike, workers: i
         results = [r for chunk in chunks for r in _write_images(params, chunk, str(image_dir))]
 
     h, w = params.image_size
-    images, annotations = [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
     for i, objects in sorted(results, key=lambda r: r[0]):
         images.append({"id": i + 1, "file_name": _file_name(i), "height": h, "width": w})
         for obj in objects:

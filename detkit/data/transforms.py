@@ -68,8 +68,8 @@ def resize_image(image: np.ndarray, height: int, width: int, method: str = "cv2"
         from PIL import Image
 
         if image.ndim == 3 and image.shape[2] == 1:
-            return np.asarray(Image.fromarray(image[:, :, 0], mode="L").resize((width, height), Image.BILINEAR))[:, :, None]
-        return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+            return np.asarray(Image.fromarray(image[:, :, 0], mode="L").resize((width, height), Image.Resampling.BILINEAR))[:, :, None]
+        return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
     raise ConfigError(f"data.resize_method={method!r}: use one of {', '.join(RESIZE_METHODS)}")
 
 
@@ -129,7 +129,7 @@ def build_augmentation(spec: dict, where: str = "data.augment") -> A.BasicTransf
         raise ConfigError(f"{where} = {spec!r}: each entry must be a mapping with a 'name', e.g. {{name: ColorJitter, p: 0.5}}")
     kwargs = dict(spec)
     name = kwargs.pop("name")
-    cls = getattr(A, name, None)
+    cls: type[Any] | None = getattr(A, name, None)
     if not (isinstance(cls, type) and issubclass(cls, (A.BasicTransform, A.BaseCompose))):
         known = [n for n in dir(A) if isinstance(getattr(A, n), type) and issubclass(getattr(A, n), (A.BasicTransform, A.BaseCompose))]
         close = difflib.get_close_matches(name, known, n=3)

@@ -40,7 +40,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -342,7 +342,7 @@ class COCOEvaluator:
             coco_eval.summarize()
         stats = np.asarray(coco_eval.stats[: len(STAT_NAMES)], dtype=np.float64)
         precision = np.asarray(coco_eval.eval["precision"], dtype=np.float64)
-        metrics = {name: _percent(stats[i]) for i, name in enumerate(METRIC_KEYS)}
+        metrics: dict[str, Any] = {name: _percent(stats[i]) for i, name in enumerate(METRIC_KEYS)}
         metrics["per_class"] = self._per_class_ap(precision, list(coco_eval.params.catIds))
         logger.info(
             "Evaluated %d predictions on %d images with %s in %.2f s: AP %.3f, AP50 %.3f",
@@ -519,7 +519,7 @@ def inference_on_dataset(
             if torch.distributed.get_rank() != 0:
                 return []
             per_image = {}
-            for shard in gathered:
+            for shard in cast(list[dict], gathered):  # all_gather_object filled every slot
                 for image_id, results in shard.items():
                     per_image.setdefault(image_id, results)
             logger.info("Gathered the results of %d images from %d ranks", len(per_image), world_size)

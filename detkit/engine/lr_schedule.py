@@ -27,7 +27,7 @@ import re
 from collections.abc import Iterable, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from detkit.errors import ConfigError
 
@@ -192,7 +192,7 @@ class WarmupLRScheduler(torch.optim.lr_scheduler.LRScheduler):
             warmup_method=self.warmup_method,
         )
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | Tensor]:
         f = self.factor(self.last_epoch)
         return [base_lr * f for base_lr in self.base_lrs]
 

@@ -63,7 +63,7 @@ SUMMARY_FILE = "summary.json"
 # --------------------------------------------------------------------------------------------
 
 
-def total_norm(grads: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+def total_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """L2 norm of all gradients together, as a 0-d tensor (no host sync); 0 when there are none."""
     if not grads:
         return torch.zeros((), device=device)
@@ -377,8 +377,8 @@ class Trainer:
 
         # The one host-device sync of the step: every rank must agree on whether to step, and the
         # log needs the values. After backward, so the GPU queue is full while we wait.
-        values = torch.stack([total.detach()] + [loss_dict[k].detach().float() for k in names] + [grad_norm.float()])
-        values = dist.all_reduce_mean(values).tolist()
+        stacked = torch.stack([total.detach()] + [loss_dict[k].detach().float() for k in names] + [grad_norm.float()])
+        values = dist.all_reduce_mean(stacked).tolist()
         losses = dict(zip(["total_loss"] + names, values[:-1]))
         if not all(math.isfinite(v) for v in values[:-1]):
             self._stop_non_finite(losses)
@@ -462,7 +462,7 @@ class Trainer:
 
     def _summary(self, wall_seconds: float) -> dict:
         done = self.iteration - self.start_iter
-        summary = {
+        summary: dict[str, Any] = {
             "iterations": self.iteration,
             "max_iter": self.cfg.solver.max_iter,
             "resumed_from": self.start_iter,

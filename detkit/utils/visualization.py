@@ -37,8 +37,8 @@ def _text_color(background: tuple[int, int, int]) -> tuple[int, int, int]:
 def draw_detections(
     image: np.ndarray,
     boxes: np.ndarray,
-    labels: np.ndarray,
-    scores: np.ndarray | None,
+    labels: np.ndarray | Sequence[int],
+    scores: np.ndarray | Sequence[float] | None,
     class_names: Sequence[str],
     line_width: int | None = None,
     font_scale: float | None = None,
