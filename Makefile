@@ -20,10 +20,10 @@ test: venv
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# ruff (lint + format check) over the code and the tests, mypy over the library; the same hooks as .pre-commit-config.yaml.
+# ruff (lint + format check) over the code, the tests and the scripts, mypy over the library; the same checks as .pre-commit-config.yaml.
 lint: venv
-	$(BIN)/python -m ruff check detkit tests tools
-	$(BIN)/python -m ruff format --check detkit tests tools
+	$(BIN)/python -m ruff check detkit tests tools datasets
+	$(BIN)/python -m ruff format --check detkit tests tools datasets
 	$(BIN)/python -m mypy detkit
 
 demo: venv
