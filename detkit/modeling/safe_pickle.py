@@ -49,7 +49,8 @@ def _allowed_table() -> dict[tuple[str, str], Callable[..., Any]]:
     for package in ("numpy.core", "numpy._core"):
         table[(f"{package}.multiarray", "_reconstruct")] = _multiarray._reconstruct  # ndarray, protocols 0-4
         table[(f"{package}.multiarray", "scalar")] = _multiarray.scalar  # numpy scalars (np.float32(1.0))
-        table[(f"{package}.numeric", "_frombuffer")] = _numeric._frombuffer  # type: ignore[attr-defined]  # ndarray, protocol 5; private, not in numpy's stubs
+        # ndarray, protocol 5 (a private function: numpy's stubs leave it out)
+        table[(f"{package}.numeric", "_frombuffer")] = _numeric._frombuffer  # type: ignore[attr-defined]
     return table
 
 
