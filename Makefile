@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test test-fast demo gpu-check docs clean
+.PHONY: venv test test-fast lint demo gpu-check docs clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,12 @@ test: venv
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# ruff (lint + format check) over the code, the tests and the scripts, mypy over the library; the same checks as .pre-commit-config.yaml.
+lint: venv
+	$(BIN)/python -m ruff check detkit tests tools benchmarks datasets
+	$(BIN)/python -m ruff format --check detkit tests tools benchmarks datasets
+	$(BIN)/python -m mypy detkit
 
 demo: venv
 	$(BIN)/python tools/demo.py

@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 try:
     import detkit  # noqa: F401
@@ -66,7 +66,7 @@ def main(argv: Sequence[str]) -> int:
         raise ConfigError(f"{args.config} has no dataset of type shapes under data.train or data.test")
     for key, ds in entries:
         params_from_config(ds)  # validate before the slow part
-        ann_file, image_root = dataset_files(ds)
+        ann_file, _image_root = dataset_files(ds)
         print(f"{key} {ds.name or ds.split}: {ds.num_images} images, {ann_file}")
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0

@@ -22,7 +22,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -143,7 +143,7 @@ class SolverConfig:
     nesterov: bool = False
     weight_decay: float = 1e-4
     weight_decay_norm: float = 0.0
-    weight_decay_bias: Optional[float] = None  # None: same as weight_decay
+    weight_decay_bias: float | None = None  # None: same as weight_decay
     bias_lr_factor: float = 1.0
     lr_scheduler: Literal["multistep", "cosine"] = "multistep"
     max_iter: int = 270000
@@ -267,7 +267,7 @@ def _apply_override(data: dict, parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: Optional[str | Path] = None, overrides: typing.Sequence[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Load a YAML config (with inheritance) and dotted overrides into a validated `Config`.
 
     path None gives the defaults of the dataclasses (which equal configs/base.yaml).
@@ -350,7 +350,7 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
     def fail() -> ConfigError:
         return ConfigError(f"{where}: {key} must be {_type_name(tp)}, got {value!r}")
 
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key, where)
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -442,12 +442,11 @@ def _validate(obj: Any, prefix: str, where: str) -> None:
             raise bad("min_size_train", "needs at least one size")
         if not 0.0 <= obj.flip_prob <= 1.0:
             raise bad("flip_prob", "must be in [0, 1]")
-    elif isinstance(obj, DatasetConfig):
-        if obj.type == "coco" and (not obj.ann_file or not obj.image_root):
-            raise ConfigError(
-                f"{where}: {prefix}: a dataset of type coco needs ann_file and image_root "
-                f"(got ann_file={obj.ann_file!r}, image_root={obj.image_root!r})"
-            )
+    elif isinstance(obj, DatasetConfig) and obj.type == "coco" and (not obj.ann_file or not obj.image_root):
+        raise ConfigError(
+            f"{where}: {prefix}: a dataset of type coco needs ann_file and image_root "
+            f"(got ann_file={obj.ann_file!r}, image_root={obj.image_root!r})"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,7 +469,7 @@ def config_to_dict(cfg: Any) -> dict:
     return plain(cfg)
 
 
-def dump_config(cfg: Config, path: Optional[str | Path] = None) -> str:
+def dump_config(cfg: Config, path: str | Path | None = None) -> str:
     """YAML text of the resolved config; also written to `path` when given."""
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     if path is not None:

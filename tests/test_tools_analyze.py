@@ -79,7 +79,7 @@ def test_run_folder_mode_reads_config_and_predictions(tiny):
     run = tiny / "run"
     run.mkdir()
     (run / "config.yaml").write_text(
-        "data:\n  test:\n    - {type: coco, name: tiny, ann_file: %s, image_root: %s}\n" % (tiny / "gt.json", tiny / "images")
+        f"data:\n  test:\n    - {{type: coco, name: tiny, ann_file: {tiny / 'gt.json'}, image_root: {tiny / 'images'}}}\n"
     )
     assert run_cli(main, [str(run)]) == 2  # no predictions.json yet
     (run / "predictions.json").write_text((tiny / "predictions.json").read_text())

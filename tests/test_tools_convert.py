@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ def tiny_cfg(num_classes: int = 3, **changes):
     })
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def original() -> nn.Module:
     """A ResNet-18 detector with random norm statistics and heads (read-only in the tests)."""
     torch.manual_seed(0)
@@ -171,7 +172,7 @@ def test_with_config_the_output_is_a_checkpoint_the_predictor_takes(tmp_path):
 
 def test_with_config_weights_that_do_not_fit_are_an_error(tmp_path):
     cfg_path = shapes_config(tmp_path)
-    with pytest.raises(ConfigError, match="--num-classes 5 differs from model.num_classes=3"):
+    with pytest.raises(ConfigError, match=re.escape("--num-classes 5 differs from model.num_classes=3")):
         main(["--from", "detectron2", str(detectron2_pkl(tmp_path)), str(tmp_path / "o.pth"), "--config", str(cfg_path),
               "--num-classes", "5"])
     with pytest.raises(CheckpointError, match="does not fit the model"):

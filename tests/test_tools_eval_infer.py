@@ -249,14 +249,14 @@ def test_output_folder_rules(tmp_path):
     assert [deep.relative(p).as_posix() for p in deep.images] == ["sub/y.PNG", "x.jpg"]
     globbed = collect_inputs(str(photos / "*.jpg"))
     assert globbed.root == photos and [p.name for p in globbed.images] == ["x.jpg"]
-    with pytest.raises(DataError, match="no image files .* add --recursive"):
+    with pytest.raises(DataError, match=r"no image files .* add --recursive"):
         collect_inputs(str(tmp_path))  # only a sub-folder there
     with pytest.raises(DataError, match="no such file or folder"):
         collect_inputs(str(tmp_path / "nope"))
 
     with pytest.raises(ConfigError, match="is the input folder"):
         prepare_output_dir(photos, flat, recursive=False, overwrite=True)
-    with pytest.raises(ConfigError, match="inside the input folder .* --recursive"):
+    with pytest.raises(ConfigError, match=r"inside the input folder .* --recursive"):
         prepare_output_dir(photos / "out", deep, recursive=True, overwrite=False)
     prepare_output_dir(photos / "out", flat, recursive=False, overwrite=False)  # fine without --recursive
 
@@ -265,6 +265,6 @@ def test_output_folder_rules(tmp_path):
     (out / "mine.txt").write_text("a user's file")
     with pytest.raises(ConfigError, match="not empty \\(1 entries\\)"):
         prepare_output_dir(out, flat, recursive=False, overwrite=False)
-    with pytest.raises(ConfigError, match="holds 1 files that detkit-infer did not write \\(mine.txt\\)"):
+    with pytest.raises(ConfigError, match=r"holds 1 files that detkit-infer did not write \(mine\.txt\)"):
         prepare_output_dir(out, flat, recursive=False, overwrite=True)
     assert (out / "mine.txt").exists()  # --overwrite never deletes what detkit did not write

@@ -254,12 +254,11 @@ def test_a_ctrl_c_while_a_frame_is_recorded_waits_for_the_frame():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job may ignore SIGINT
     try:
         written = []
-        with pytest.raises(KeyboardInterrupt):
-            with deferred_interrupt():
-                written.append("json line")
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.05)  # the handler runs between bytecodes: give it the chance
-                written.append("video frame")
+        with pytest.raises(KeyboardInterrupt), deferred_interrupt():
+            written.append("json line")
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs between bytecodes: give it the chance
+            written.append("video frame")
         assert written == ["json line", "video frame"]
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
         with deferred_interrupt():  # no Ctrl-C: no exception

@@ -19,8 +19,8 @@ best over the A shapes there is the best of the whole grid.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -41,8 +41,8 @@ import contextlib
 import copy
 import io
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -78,7 +78,7 @@ def _cocoeval_class():
     return _IgnoringCOCOeval
 
 
-def _run_cocoeval(gt: dict, predictions: Sequence[dict], iou_thresholds: Sequence[float],
+def _run_cocoeval(gt: dict, predictions: Sequence[dict], iou_thresholds: Sequence[float] | np.ndarray,
                   max_dets: Sequence[int] = (MAX_DETS,), category_ids: Sequence[int] | None = None,
                   image_ids: Sequence[int] | None = None):
     """pycocotools COCOeval after evaluate() and accumulate(), on copies of the inputs."""
@@ -175,8 +175,7 @@ def _interpolated_ap(scores: Sequence[float], is_true: Sequence[bool], num_gt: i
     """COCO's 101-point AP (0..100) of detections in the given order (ties keep that order)."""
     if num_gt <= 0:
         return 0.0
-    scores = np.asarray(scores, dtype=np.float64)
-    order = np.argsort(-scores, kind="stable")
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
     tp = np.asarray(is_true, dtype=np.float64)[order]
     if tp.size == 0:
         return 0.0
@@ -218,7 +217,7 @@ class TideResult:
     bg_threshold: float
 
 
-def _by_image(entries: Sequence[dict]) -> dict[int, list[dict]]:
+def _by_image(entries: Iterable[dict]) -> dict[int, list[dict]]:
     out: dict[int, list[dict]] = {}
     for entry in entries:
         out.setdefault(entry["image_id"], []).append(entry)
@@ -359,12 +358,12 @@ def tide_errors(gt: dict, predictions: Sequence[dict], *, pos_threshold: float =
     false_points = [(c, 0.0, False) for c, _, _ in original_points]
     delta_ap["FP"] = mean_ap(false_points + [(c, 1.0, True) for c, _, _ in true_points], num_gt) - ap
     found: dict[int, int] = {}
-    for obj, used in zip(objects, obj_used):
-        found[obj["category_id"]] = found.get(obj["category_id"], 0) + int(used)
+    for obj, was_used in zip(objects, obj_used):
+        found[obj["category_id"]] = found.get(obj["category_id"], 0) + int(was_used)
     delta_ap["FN"] = mean_ap(original_points + true_points, found) - ap
-    counts = {kind: sum(e.kind == kind for e in errors) for kind in TIDE_TYPES}
+    error_counts = {kind: sum(e.kind == kind for e in errors) for kind in TIDE_TYPES}
     recall = {c: found.get(c, 0) / n for c, n in num_gt.items()}
-    return TideResult(ap=ap, delta_ap=delta_ap, counts=counts, errors=errors, detections=detections,
+    return TideResult(ap=ap, delta_ap=delta_ap, counts=error_counts, errors=errors, detections=detections,
                       objects=objects, recall=recall, pos_threshold=pos_threshold, bg_threshold=bg_threshold)
 
 
@@ -416,8 +415,8 @@ def confusion_matrix(gt: dict, predictions: Sequence[dict], category_ids: Sequen
                              for j, a in enumerate(crowd)):
                 continue
             matrix[bg, k] += 1
-        for g in np.flatnonzero(~matched):
-            matrix[obj_cls[g], bg] += 1
+        for missed in np.flatnonzero(~matched):
+            matrix[obj_cls[missed], bg] += 1
     return matrix
 
 

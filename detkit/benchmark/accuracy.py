@@ -9,6 +9,7 @@ import gc
 import logging
 
 import torch
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -24,11 +25,11 @@ def run_accuracy_comparison(cfg, output_dir: str) -> dict:
     """
     from pathlib import Path
 
+    from detkit.benchmark.tv_reference import TorchvisionDetector, build_torchvision_reference
     from detkit.config import replace
     from detkit.engine.trainer import Trainer
     from detkit.modeling import build_model
     from detkit.utils.env import seed_all
-    from detkit.benchmark.tv_reference import TorchvisionDetector, build_torchvision_reference
 
     seed_all(cfg.seed)
     detkit_model = build_model(cfg)  # loads model.weights / backbone weights if the config names them
@@ -39,10 +40,10 @@ def run_accuracy_comparison(cfg, output_dir: str) -> dict:
     if cfg.model.compile:
         reference.backbone.compile()
         reference.roi_heads.box_head.compile()
-    models = {"detkit": detkit_model, "torchvision": TorchvisionDetector(reference)}
+    models: dict[str, nn.Module | None] = {"detkit": detkit_model, "torchvision": TorchvisionDetector(reference)}
     summaries = {}
     for name, model in models.items():
-        run_cfg = replace(cfg, **{"output_dir": str(Path(output_dir) / name)})
+        run_cfg = replace(cfg, output_dir=str(Path(output_dir) / name))
         logger.info("training %s for %d iterations into %s", name, cfg.solver.max_iter, run_cfg.output_dir)
         summaries[name] = Trainer(run_cfg, model=model).train()
         models[name] = None  # free the first model's memory before the second run

@@ -6,10 +6,13 @@ used directly vs detkit's COCOEvaluator with each backend.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import logging
 import statistics
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -36,7 +39,9 @@ def make_synthetic_coco(num_images: int = 5000, dets_per_image: int = 100, seed:
     """
     rng = np.random.default_rng(seed)
     sizes = np.array([[480, 640], [640, 480], [427, 640]])
-    images, annotations, predictions = [], [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
+    predictions: list[dict] = []
     categories = [{"id": c, "name": f"class_{c}", "supercategory": "thing"} for c in COCO_CATEGORY_IDS]
     cat_ids = np.array(COCO_CATEGORY_IDS)
     for image_id in range(1, num_images + 1):
@@ -86,10 +91,7 @@ def make_synthetic_coco(num_images: int = 5000, dets_per_image: int = 100, seed:
     return gt, predictions
 
 
-def _quiet() -> object:
-    import contextlib
-    import io
-
+def _quiet() -> contextlib.redirect_stdout[io.StringIO]:
     return contextlib.redirect_stdout(io.StringIO())
 
 
@@ -128,7 +130,7 @@ def time_detkit_evaluator(gt_file: str, predictions: list[dict], backend: str) -
 
 
 def run_eval_benchmark(num_images: int = 5000, dets_per_image: int = 100, repeats: int = 1,
-                       backends: Sequence[str] = ("pycocotools", "faster_coco_eval"), workdir: Optional[str] = None,
+                       backends: Sequence[str] = ("pycocotools", "faster_coco_eval"), workdir: str | None = None,
                        seed: int = 0) -> dict:
     """Time COCO box evaluation of a generated set (see `make_synthetic_coco`): pycocotools'
     COCOeval directly, then detkit's COCOEvaluator with each backend, `repeats` times each,
@@ -152,7 +154,7 @@ def run_eval_benchmark(num_images: int = 5000, dets_per_image: int = 100, repeat
             if backend not in usable:
                 logger.warning("backend %s does not import here: not timed", backend)
                 continue
-            runs[f"detkit COCOEvaluator ({backend})"] = lambda b=backend: time_detkit_evaluator(gt_file, predictions, b)
+            runs[f"detkit COCOEvaluator ({backend})"] = functools.partial(time_detkit_evaluator, gt_file, predictions, backend)
         results: dict[str, list[dict]] = {name: [] for name in runs}
         for _ in range(repeats):
             for name, run in runs.items():

@@ -14,9 +14,10 @@ import gc
 import logging
 import statistics
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,13 +64,13 @@ class SpeedOptions:
     overrides: tuple[str, ...] = ()
     models: tuple[str, ...] = ("detkit", "torchvision")
     flops: bool = True
-    res5_timing: Optional[bool] = None  # None: on for CUDA, off for the CPU (tens of seconds there)
+    res5_timing: bool | None = None  # None: on for CUDA, off for the CPU (tens of seconds there)
     memory: bool = True
-    profile_dir: Optional[str] = None  # write a torch.profiler table + trace of one step per row here
+    profile_dir: str | None = None  # write a torch.profiler table + trace of one step per row here
     seed: int = 0
 
 
-def _mean_or_none(values: Sequence[int]) -> Optional[float]:
+def _mean_or_none(values: Sequence[int]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
@@ -87,9 +88,11 @@ def time_res5(res5: nn.Module, num_rois: int, in_channels: int, resolution: int,
     for i in range(repeats + 2):
         synchronize(device)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-            with torch.no_grad() if not train else nullcontext():
-                out = res5(x).mean(dim=(2, 3))
+        with (
+            torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext(),
+            torch.no_grad() if not train else nullcontext(),
+        ):
+            out = res5(x).mean(dim=(2, 3))
         if train:
             out.float().sum().backward()
         synchronize(device)
@@ -102,10 +105,10 @@ def time_res5(res5: nn.Module, num_rois: int, in_channels: int, resolution: int,
 def run_speed_benchmark(options: SpeedOptions) -> dict:
     """Time detkit and torchvision (module docstring). Returns the JSON-ready result:
     {"settings", "environment", "rows", "ratios", "agreement", "flops"}."""
+    from detkit.benchmark.tv_reference import build_torchvision_reference
     from detkit.config import load_config
     from detkit.modeling import build_model
     from detkit.utils.env import configure_backends, resolve_device, seed_all
-    from detkit.benchmark.tv_reference import build_torchvision_reference
 
     device = resolve_device(options.device)
     # Fixed input sizes: cuDNN's autotuning pays off here; fp32 rows use TF32 tensor cores.
@@ -126,7 +129,7 @@ def run_speed_benchmark(options: SpeedOptions) -> dict:
     start = time.perf_counter()
     calibrate_(model, make_inputs(2, height, width, options.num_classes, seed=options.seed + 1).images.to(device))
     logger.info("calibrated the random model on 2 images in %.1f s", time.perf_counter() - start)
-    runners = {}
+    runners: dict[str, DetkitRunner | TorchvisionRunner] = {}
     if "detkit" in options.models:
         runners["detkit"] = DetkitRunner(model)
     if "torchvision" in options.models:
@@ -147,7 +150,7 @@ def run_speed_benchmark(options: SpeedOptions) -> dict:
             for precision in options.precisions:
                 steps = {name: make_step(r, prepared[name], mode, precision, device) for name, r in runners.items()}
                 # First round: count proposals/RoIs and keep the detections, then warm up and time.
-                outputs = {}
+                outputs: dict[str, Any] = {}  # infer: per-image detection dicts; train: the summed loss
                 for name, runner in runners.items():
                     runner.counter.reset()
                     runner.counter.active = True
@@ -209,7 +212,7 @@ def run_speed_benchmark(options: SpeedOptions) -> dict:
     return result
 
 
-def _flops_of(runner: DetkitRunner, prepared: tuple, mode: str, batch_size: int, device: torch.device) -> dict:
+def _flops_of(runner: DetkitRunner | TorchvisionRunner, prepared: tuple, mode: str, batch_size: int, device: torch.device) -> dict:
     """FLOPs per image of one fp32 step of detkit, total and res5, with the RoIs it ran."""
     step = make_step(runner, prepared, mode, "fp32", device)
     runner.counter.reset()
@@ -260,7 +263,7 @@ def _add_flop_rates(result: dict, runners: dict, device: torch.device, res5_timi
         row["fraction_of_peak"] = achieved / peak if peak else None
         if res5_timing and row["rois_per_image"]:
             runner = runners["detkit"]
-            num_rois = int(round(row["rois_per_image"] * row["batch_size"]))
+            num_rois = round(row["rois_per_image"] * row["batch_size"])
             seconds = time_res5(runner.res5(), num_rois, runner.model.backbone.out_channels,
                                 cfg.model.roi_heads.pooler_resolution, row["precision"], row["mode"] == "train",
                                 device, options.channels_last)

@@ -13,8 +13,9 @@ import gc
 import logging
 import statistics
 import time
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -22,10 +23,15 @@ from torch import Tensor, nn
 
 from detkit.benchmark.calibration import BenchmarkInputs
 
+if TYPE_CHECKING:
+    from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
+
+    from detkit.modeling.detector import FasterRCNN
+
 logger = logging.getLogger(__name__)
 
 
-AMP_DTYPES: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class _Counter:
@@ -42,7 +48,7 @@ class _Counter:
     def reset(self) -> None:
         self.values = {}
 
-    def mean(self, key: str) -> Optional[float]:
+    def mean(self, key: str) -> float | None:
         values = self.values.get(key)
         return float(np.mean(values)) if values else None
 
@@ -52,7 +58,7 @@ class DetkitRunner:
 
     name = "detkit"
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: FasterRCNN):
         self.model = model
         self.counter = _Counter()
         model.rpn.register_forward_hook(self._on_rpn)
@@ -65,7 +71,8 @@ class DetkitRunner:
                 self.counter.record("rois_train", torch.bincount(out[1], minlength=args[0].shape[0]).tolist())
             return out
 
-        heads.label_and_sample_proposals = counted_sample
+        # An instance attribute shadows the method on purpose: the count wraps this model's calls only.
+        heads.label_and_sample_proposals = counted_sample  # type: ignore[method-assign]
 
     def _on_rpn(self, module: nn.Module, args: tuple, output: tuple) -> None:
         if self.counter.active and not module.training:
@@ -97,7 +104,7 @@ class TorchvisionRunner:
 
     name = "torchvision"
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: TorchvisionFasterRCNN):
         self.model = model
         self.counter = _Counter()
         model.rpn.register_forward_hook(self._on_rpn)
@@ -143,7 +150,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_step(runner, prepared: tuple, mode: str, precision: str, device: torch.device) -> Callable[[], object]:
+def make_step(
+    runner: DetkitRunner | TorchvisionRunner, prepared: tuple, mode: str, precision: str, device: torch.device
+) -> Callable[[], object]:
     """A closure running one inference ("infer") or one training step ("train": forward, backward,
     SGD step) of `runner` on `prepared` under autocast `precision`.
 
@@ -174,7 +183,7 @@ def make_step(runner, prepared: tuple, mode: str, precision: str, device: torch.
     def train_step():
         with autocast():
             losses = runner.losses(prepared)
-        loss = sum(losses.values())
+        loss = cast(Tensor, sum(losses.values()))  # a sum of loss tensors (typeshed allows the 0 of an empty sum)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -185,7 +194,7 @@ def make_step(runner, prepared: tuple, mode: str, precision: str, device: torch.
     return train_step
 
 
-def state_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
     """Bytes of the model's parameters and buffers, plus gradients and optimizer state if any."""
     total = sum(t.numel() * t.element_size() for t in model.parameters())
     total += sum(t.numel() * t.element_size() for t in model.buffers())
@@ -239,7 +248,7 @@ def profile_step(step: Callable[[], object], device: torch.device, out_dir: str,
 
 
 def time_interleaved(
-    steps: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int
+    steps: Mapping[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int
 ) -> dict[str, dict]:
     """Run the steps A, B, A, B, ... (`warmup` untimed rounds, then `repeats` timed rounds) so that
     a noisy machine slows both alike. Returns per name {"times_s": [...], "step_peak_bytes": int or
@@ -248,8 +257,8 @@ def time_interleaved(
         for step in steps.values():
             step()
             synchronize(device)
-    times = {name: [] for name in steps}
-    peaks: dict[str, Optional[int]] = {name: None for name in steps}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    peaks: dict[str, int | None] = dict.fromkeys(steps)
     gc.collect()
     for _ in range(repeats):
         for name, step in steps.items():
@@ -293,7 +302,7 @@ GPU_PEAK_TFLOPS = {
 }
 
 
-def gpu_peak_tflops(device_name: str, precision: str) -> Optional[float]:
+def gpu_peak_tflops(device_name: str, precision: str) -> float | None:
     for key, peaks in GPU_PEAK_TFLOPS.items():
         if key in device_name:
             return peaks[precision]

@@ -38,7 +38,7 @@ smooth-L1 beta 1/9 (detkit: L1) - the same arithmetic cost.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -62,13 +62,14 @@ class _Backbone(nn.Sequential):
     out_channels: int
 
 
-def _no_resize(image: Tensor, target: Optional[dict] = None) -> tuple[Tensor, Optional[dict]]:
+def _no_resize(image: Tensor, target: dict | None = None) -> tuple[Tensor, dict | None]:
     return image, target
 
 
 def resnet_depth(model: FasterRCNN) -> int:
     """The ResNet depth of a detkit model, from its block counts."""
-    counts = tuple(len(getattr(model.backbone, f"layer{i}")) for i in (1, 2, 3)) + (len(model.roi_heads.res5),)
+    res5 = cast(nn.Sequential, model.roi_heads.res5)  # build_res5 makes a Sequential of blocks
+    counts = tuple(len(getattr(model.backbone, f"layer{i}")) for i in (1, 2, 3)) + (len(res5),)
     is_basic = not hasattr(model.backbone.layer1[0], "conv3")
     for depth, (kind, blocks) in RESNET_SPECS.items():
         if blocks == counts and (kind == "basic") == is_basic:
@@ -97,7 +98,7 @@ def _mirror_norms(detkit_module: nn.Module, tv_module: nn.Module) -> None:
         setattr(tv_modules[parent] if parent else tv_module, child, new)
 
 
-def build_torchvision_reference(model: FasterRCNN, image_size_hw: Optional[tuple[int, int]] = None) -> TorchvisionFasterRCNN:
+def build_torchvision_reference(model: FasterRCNN, image_size_hw: tuple[int, int] | None = None) -> TorchvisionFasterRCNN:
     """torchvision FasterRCNN with the architecture and hyper-parameters of `model`, and its weights.
 
     image_size_hw: (h, w) of the inputs it will get, already resized: checked that torchvision's
@@ -258,13 +259,15 @@ class TorchvisionDetector(nn.Module):
         super().__init__()
         self.net = reference
 
-    def forward(self, images, targets: Optional[list[dict]] = None):
+    def forward(self, images, targets: list[dict] | None = None):
         device = next(self.net.parameters()).device
         images = images.to(device, non_blocking=True)
         sizes = images.image_sizes.tolist()
         pixels = images.tensor.float() / 255.0  # (N, 3, Hp, Wp)
         per_image = [pixels[i, :, :h, :w] for i, (h, w) in enumerate(sizes)]
         if self.training:
+            if targets is None:
+                raise ValueError("training needs one target dict per image")
             return self.net(per_image, to_torchvision_targets(targets))
         detections = from_torchvision_detections(self.net(per_image))
         for det, (h, w), (oh, ow) in zip(detections, sizes, images.original_sizes.tolist()):

@@ -29,9 +29,10 @@ import json
 import logging
 import os
 from collections import OrderedDict, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -76,13 +77,13 @@ class DetectionRecords:
 
     def __init__(
         self,
-        image_ids: Sequence[int],
-        heights: Sequence[int],
-        widths: Sequence[int],
+        image_ids: Sequence[int] | np.ndarray,
+        heights: Sequence[int] | np.ndarray,
+        widths: Sequence[int] | np.ndarray,
         file_names: Sequence[str],
         boxes: np.ndarray,
         labels: np.ndarray,
-        box_counts: Sequence[int],
+        box_counts: Sequence[int] | np.ndarray,
     ):
         self.image_ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
         self.heights = np.asarray(heights, dtype=np.int64).reshape(-1)
@@ -104,7 +105,7 @@ class DetectionRecords:
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def file_name(self, i: int) -> str:
+    def file_name(self, i: int | np.integer) -> str:
         return bytes(self._name_blob[self._name_offsets[i] : self._name_offsets[i + 1]]).decode("utf-8")
 
     @property
@@ -131,7 +132,7 @@ class DetectionRecords:
             labels=self.labels[lo:hi].copy(),
         )
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "DetectionRecords":
+    def subset(self, indices: Sequence[int] | np.ndarray) -> DetectionRecords:
         """The records at `indices`, in that order."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         counts = self.box_counts[idx]
@@ -149,7 +150,7 @@ class DetectionRecords:
         )
 
     @staticmethod
-    def concat(parts: Sequence["DetectionRecords"]) -> "DetectionRecords":
+    def concat(parts: Sequence[DetectionRecords]) -> DetectionRecords:
         """One record set holding all images of `parts`, in order."""
         if len(parts) == 1:
             return parts[0]
@@ -289,8 +290,11 @@ def check_coco(data: dict) -> CocoIndex:
         errors.append("no categories: the 'categories' list is empty")
 
     # --- images
-    index_of: dict[int, int] = {}
-    image_ids, heights, widths, file_names = [], [], [], []
+    index_of: dict[Any, int] = {}  # image id -> row; looked up with the annotations' raw JSON values
+    image_ids: list[int] = []
+    heights: list[int] = []
+    widths: list[int] = []
+    file_names: list[str] = []
     dup_ids, bad_images = [], []
     for img in data["images"]:
         iid = img.get("id") if isinstance(img, dict) else None
@@ -367,7 +371,7 @@ def _missing_files(image_root: Path, file_names: Sequence[str]) -> list[str]:
     for name in file_names:
         path = os.path.join(image_root, name)
         by_dir[os.path.dirname(path)].append(name)
-    missing = []
+    missing: list[str] = []
     for folder, names in by_dir.items():
         try:
             present = set(os.listdir(folder))
@@ -437,7 +441,7 @@ def load_coco_json(ann_file: str | os.PathLike, image_root: str | os.PathLike, *
     kept = np.flatnonzero(keep)
     order = kept[np.argsort(ann_image_idx[kept], kind="stable")]
     counts = np.bincount(ann_image_idx[order], minlength=len(image_ids)) if len(image_ids) else np.zeros(0, np.int64)
-    report.num_boxes = int(len(order))
+    report.num_boxes = len(order)
     report.num_images_without_boxes = int((counts == 0).sum())
     records = DetectionRecords(
         image_ids,
@@ -473,7 +477,7 @@ def load_coco_json(ann_file: str | os.PathLike, image_root: str | os.PathLike, *
 
 # A training run asks for the same file a few times (dataset info, train loader, evaluation);
 # COCO train2017 takes tens of seconds to parse, so the last few loads are kept.
-_CACHE: "OrderedDict[tuple, CocoDataset]" = OrderedDict()
+_CACHE: OrderedDict[tuple, CocoDataset] = OrderedDict()
 _CACHE_SIZE = 4
 
 
@@ -482,7 +486,7 @@ def load_coco_json_cached(ann_file: str | os.PathLike, image_root: str | os.Path
     ann_path = Path(ann_file)
     try:
         st = ann_path.stat()
-        key: Optional[tuple] = (str(ann_path.resolve()), st.st_mtime_ns, st.st_size, str(Path(image_root).resolve()), name, check_image_files)
+        key: tuple | None = (str(ann_path.resolve()), st.st_mtime_ns, st.st_size, str(Path(image_root).resolve()), name, check_image_files)
     except OSError:
         key = None
     if key is not None and key in _CACHE:

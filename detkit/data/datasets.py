@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Literal
 
 from detkit.config import Config, DatasetConfig
 from detkit.data.coco import CocoDataset, DetectionRecords, load_coco_json_cached
@@ -116,7 +117,7 @@ def check_num_classes(cfg: Config, num_dataset_classes: int, what: str) -> None:
         )
 
 
-def load_split(cfg: Config, split: Literal["train", "test"], dataset: Optional[DatasetConfig] = None) -> tuple[list[CocoDataset], DetectionRecords]:
+def load_split(cfg: Config, split: Literal["train", "test"], dataset: DatasetConfig | None = None) -> tuple[list[CocoDataset], DetectionRecords]:
     """The datasets of a split and their records (train: all concatenated; test: the first, or `dataset`).
 
     Checks the category tables against each other and against model.num_classes.

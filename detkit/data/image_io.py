@@ -16,14 +16,14 @@ skips the image with a warning and counts it (see `detkit.data.loader`).
 from __future__ import annotations
 
 import os
-from typing import Literal, Union
+from typing import Literal
 
 import cv2
 import numpy as np
 
 from detkit.errors import ImageReadError
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 # File name endings read as images by the tools (tools/infer.py inputs, int8 calibration folders).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")

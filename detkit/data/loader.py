@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterator, NamedTuple, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal, NamedTuple
 
 import cv2
 import numpy as np
@@ -68,7 +69,7 @@ ALL_BAD_LIMIT = 8
 class SampleKey(NamedTuple):
     """What the training sampler hands the dataset for one sample."""
 
-    index: int  # into the split's records
+    index: int  # type: ignore[assignment]  # into the split's records (typeshed: the name of tuple.index)
     position: int  # in the global sample stream shared by all ranks (0, 1, 2, ...)
     aug_seed: int  # seeds this sample's augmentation draws
 
@@ -106,7 +107,7 @@ class TrainingBatchSampler:
         rank: int = 0,
         world_size: int = 1,
         start_iter: int = 0,
-        group_ids: Optional[np.ndarray] = None,
+        group_ids: np.ndarray | None = None,
     ):
         if num_images < 1:
             raise ValueError("TrainingBatchSampler needs at least one image")
@@ -173,7 +174,7 @@ class InferenceBatchSampler:
     batch is never padded to a square of its longest sides.
     """
 
-    def __init__(self, *, num_images: int, batch_size: int, rank: int = 0, world_size: int = 1, group_ids: Optional[np.ndarray] = None):
+    def __init__(self, *, num_images: int, batch_size: int, rank: int = 0, world_size: int = 1, group_ids: np.ndarray | None = None):
         if batch_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad sampler arguments: batch_size={batch_size}, rank={rank}, world_size={world_size}")
         per_rank, extra = divmod(num_images, world_size)
@@ -207,7 +208,7 @@ class BadImage(NamedTuple):
 
     file_name: str
     reason: str
-    index: int
+    index: int  # type: ignore[assignment]  # typeshed: the name of tuple.index
 
 
 class DetectionDataset(Dataset):
@@ -219,7 +220,7 @@ class DetectionDataset(Dataset):
     an unreadable image gives a BadImage instead.
     """
 
-    def __init__(self, records: DetectionRecords, transform: DetectionTransform, *, input_format: str = "RGB"):
+    def __init__(self, records: DetectionRecords, transform: DetectionTransform, *, input_format: Literal["RGB", "BGR"] = "RGB"):
         self.records = records
         self.transform = transform
         self.input_format = input_format
@@ -294,7 +295,7 @@ class BatchCollator:
     def __init__(self, size_divisibility: int = 32):
         self.size_divisibility = size_divisibility
 
-    def __call__(self, samples: Sequence[dict | BadImage]) -> tuple[Optional[ImageBatch], list[dict], list[dict], list[BadImage]]:
+    def __call__(self, samples: Sequence[dict | BadImage]) -> tuple[ImageBatch | None, list[dict], list[dict], list[BadImage]]:
         bad = [s for s in samples if isinstance(s, BadImage)]
         good = [s for s in samples if not isinstance(s, BadImage)]
         if not good:
@@ -420,7 +421,7 @@ def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1, start_it
     return TrainLoader(dataset, sampler, cfg)
 
 
-def build_test_loader(cfg: Config, dataset: Optional[DatasetConfig] = None, rank: int = 0, world_size: int = 1) -> TestLoader:
+def build_test_loader(cfg: Config, dataset: DatasetConfig | None = None, rank: int = 0, world_size: int = 1) -> TestLoader:
     """Every image of the (first) test dataset, or of `dataset`, exactly once across ranks."""
     _, records = load_split(cfg, "test", dataset)
     data = DetectionDataset(records, build_test_transform(cfg), input_format=cfg.model.input_format)

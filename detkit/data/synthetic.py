@@ -33,7 +33,6 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import cv2
 import numpy as np
@@ -67,7 +66,7 @@ class ShapesParams:
     max_object_size: int = 0  # 0: half the image's short side
     seed: int = 0
 
-    def validated(self) -> "ShapesParams":
+    def validated(self) -> ShapesParams:
         h, w = self.image_size
         problems = []
         if not 1 <= self.num_classes <= len(SHAPE_NAMES):
@@ -147,7 +146,7 @@ def _arrow() -> np.ndarray:
     return np.array([[-1.0, -0.2], [0.15, -0.2], [0.15, -0.6], [1.0, 0.0], [0.15, 0.6], [0.15, 0.2], [-1.0, 0.2]])
 
 
-_POLYGONS: dict[str, tuple[np.ndarray, Optional[np.ndarray]]] = {
+_POLYGONS: dict[str, tuple[np.ndarray, np.ndarray | None]] = {
     "circle": (_regular(64), None),
     "square": (_regular(4, phase_deg=45), None),
     "triangle": (_regular(3), None),
@@ -226,7 +225,7 @@ def _draw_image(params: ShapesParams, index: int) -> tuple[bytes, list[dict]]:
             continue  # no free place for this object: the image gets fewer
         # draw in the patch around the box only; fillPoly takes fixed-point coordinates (shift 4 = 1/16 px)
         x0, y0 = max(int(box[0]) - 1, 0), max(int(box[1]) - 1, 0)
-        x1, y1 = min(int(math.ceil(box[2])) + 1, w), min(int(math.ceil(box[3])) + 1, h)
+        x1, y1 = min(math.ceil(box[2]) + 1, w), min(math.ceil(box[3]) + 1, h)
         offset = np.array([cx - x0, cy - y0]) - 0.5  # pixel centres sit at integer + 0.5
         mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
         cv2.fillPoly(mask, [np.round((shape + offset) * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
@@ -260,7 +259,7 @@ def _hides_too_much(new_box: np.ndarray, old_box: np.ndarray, max_hidden: float 
 
 def _contrasting_color(rng: np.random.Generator, background: np.ndarray, min_distance: float = 90.0) -> np.ndarray:
     """A random (3,) colour at least min_distance (L1 over channels) from the background mean."""
-    best, best_d = None, -1.0
+    best, best_d = background, -1.0  # replaced by the first draw: every distance is >= 0
     for _ in range(20):
         color = rng.uniform(0, 255, 3)
         d = float(np.abs(color - background).sum())
@@ -290,7 +289,7 @@ def _file_name(index: int) -> str:
     return f"{index + 1:06d}.jpg"
 
 
-def generate_shapes(params: ShapesParams, out_dir: str | os.PathLike, workers: Optional[int] = None) -> Path:
+def generate_shapes(params: ShapesParams, out_dir: str | os.PathLike, workers: int | None = None) -> Path:
     """Write the split described by `params` into out_dir/{annotations.json, images/}.
 
     workers: processes drawing images (None: up to 8 when num_images >= 400, else 1). The files
@@ -318,7 +317,8 @@ def generate_shapes(params: ShapesParams, out_dir: str | os.PathLike, workers: O
         results = [r for chunk in chunks for r in _write_images(params, chunk, str(image_dir))]
 
     h, w = params.image_size
-    images, annotations = [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
     for i, objects in sorted(results, key=lambda r: r[0]):
         images.append({"id": i + 1, "file_name": _file_name(i), "height": h, "width": w})
         for obj in objects:
@@ -363,7 +363,7 @@ def shapes_dir(params: ShapesParams, root: str | os.PathLike) -> Path:
     return Path(root) / f"{params.split}_{params.cache_key()}"
 
 
-def ensure_shapes_dataset(params: ShapesParams, root: str | os.PathLike = "datasets/shapes", workers: Optional[int] = None) -> tuple[str, str]:
+def ensure_shapes_dataset(params: ShapesParams, root: str | os.PathLike = "datasets/shapes", workers: int | None = None) -> tuple[str, str]:
     """Generate the split on first use, reuse it afterwards. Returns (ann_file, image_root)."""
     params = params.validated()
     final = shapes_dir(params, root)

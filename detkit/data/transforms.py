@@ -19,16 +19,17 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network call on import
-import albumentations as A  # noqa: E402
+import albumentations as A
 
-from detkit.errors import ConfigError  # noqa: E402
+from detkit.errors import ConfigError
 
 
 def resized_hw(height: int, width: int, short_size: int, max_size: int) -> tuple[int, int]:
@@ -67,8 +68,8 @@ def resize_image(image: np.ndarray, height: int, width: int, method: str = "cv2"
         from PIL import Image
 
         if image.ndim == 3 and image.shape[2] == 1:
-            return np.asarray(Image.fromarray(image[:, :, 0], mode="L").resize((width, height), Image.BILINEAR))[:, :, None]
-        return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+            return np.asarray(Image.fromarray(image[:, :, 0], mode="L").resize((width, height), Image.Resampling.BILINEAR))[:, :, None]
+        return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
     raise ConfigError(f"data.resize_method={method!r}: use one of {', '.join(RESIZE_METHODS)}")
 
 
@@ -128,7 +129,7 @@ def build_augmentation(spec: dict, where: str = "data.augment") -> A.BasicTransf
         raise ConfigError(f"{where} = {spec!r}: each entry must be a mapping with a 'name', e.g. {{name: ColorJitter, p: 0.5}}")
     kwargs = dict(spec)
     name = kwargs.pop("name")
-    cls = getattr(A, name, None)
+    cls: type[Any] | None = getattr(A, name, None)
     if not (isinstance(cls, type) and issubclass(cls, (A.BasicTransform, A.BaseCompose))):
         known = [n for n in dir(A) if isinstance(getattr(A, n), type) and issubclass(getattr(A, n), (A.BasicTransform, A.BaseCompose))]
         close = difflib.get_close_matches(name, known, n=3)
@@ -147,7 +148,7 @@ def build_augmentation(spec: dict, where: str = "data.augment") -> A.BasicTransf
             raise ConfigError(f"{where}: {name} has no argument(s) {', '.join(map(repr, unknown))}; its arguments are: {valid}")
     try:
         return cls(**kwargs)
-    except Exception as exc:  # pydantic ValidationError, TypeError for unknown arguments, ...
+    except Exception as exc:  # noqa: BLE001 - pydantic ValidationError, TypeError for unknown arguments, ...
         message = " ".join(str(exc).split())
         raise ConfigError(f"{where}: cannot build {name}({', '.join(f'{k}={v!r}' for k, v in spec.items() if k != 'name')}): {message}") from None
 
@@ -180,9 +181,9 @@ class DetectionTransform:
     def __call__(
         self,
         image: np.ndarray,
-        boxes: Optional[np.ndarray] = None,
-        labels: Optional[np.ndarray] = None,
-        seed: Optional[int] = None,
+        boxes: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        seed: int | None = None,
     ) -> TransformOutput:
         """image (H, W, 3) uint8; boxes (G, 4) xyxy pixels; labels (G,). seed: draws of this call."""
         boxes = np.zeros((0, 4), np.float32) if boxes is None else np.asarray(boxes, dtype=np.float32).reshape(-1, 4)

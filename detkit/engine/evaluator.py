@@ -37,9 +37,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -68,7 +69,7 @@ _MAX_EXAMPLES = 5
 def _backend_importable(name: str) -> bool:
     try:
         importlib.import_module("pycocotools.cocoeval" if name == "pycocotools" else "faster_coco_eval")
-    except Exception:  # a missing package or a broken binary wheel: either way not usable
+    except Exception:  # noqa: BLE001 - a missing package or a broken binary wheel: either way not usable
         return False
     return True
 
@@ -134,7 +135,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
-def _bbox_problem(bbox: Any) -> Optional[str]:
+def _bbox_problem(bbox: Any) -> str | None:
     """Why `bbox` is not a usable [x, y, w, h], or None when it is."""
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         return f"bbox must be a list of 4 numbers [x, y, w, h], got {bbox!r}"
@@ -341,7 +342,7 @@ class COCOEvaluator:
             coco_eval.summarize()
         stats = np.asarray(coco_eval.stats[: len(STAT_NAMES)], dtype=np.float64)
         precision = np.asarray(coco_eval.eval["precision"], dtype=np.float64)
-        metrics = {name: _percent(stats[i]) for i, name in enumerate(METRIC_KEYS)}
+        metrics: dict[str, Any] = {name: _percent(stats[i]) for i, name in enumerate(METRIC_KEYS)}
         metrics["per_class"] = self._per_class_ap(precision, list(coco_eval.params.catIds))
         logger.info(
             "Evaluated %d predictions on %d images with %s in %.2f s: AP %.3f, AP50 %.3f",
@@ -467,7 +468,7 @@ def inference_on_dataset(
     loader: Iterable,
     category_ids: Sequence[int],
     device: torch.device | str,
-    amp_dtype: Optional[torch.dtype] = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> list[dict]:
     """Run the model over a test loader and return COCO results.
 
@@ -513,12 +514,12 @@ def inference_on_dataset(
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         world_size = torch.distributed.get_world_size()
         if world_size > 1:
-            gathered: list[Optional[dict]] = [None] * world_size
+            gathered: list[dict | None] = [None] * world_size
             torch.distributed.all_gather_object(gathered, per_image)
             if torch.distributed.get_rank() != 0:
                 return []
             per_image = {}
-            for shard in gathered:
+            for shard in cast(list[dict], gathered):  # all_gather_object filled every slot
                 for image_id, results in shard.items():
                     per_image.setdefault(image_id, results)
             logger.info("Gathered the results of %d images from %d ranks", len(per_image), world_size)

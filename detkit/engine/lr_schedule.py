@@ -24,10 +24,10 @@ import bisect
 import logging
 import math
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from detkit.errors import ConfigError
 
@@ -71,7 +71,7 @@ def build_param_groups(
         weight_decay_bias = weight_decay
     groups: dict[tuple[float, float], dict] = {}
     seen: set[int] = set()
-    for module_name, module in model.named_modules():
+    for module in model.modules():
         norm = _is_norm(module)
         for param_name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
@@ -192,7 +192,7 @@ class WarmupLRScheduler(torch.optim.lr_scheduler.LRScheduler):
             warmup_method=self.warmup_method,
         )
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | Tensor]:
         f = self.factor(self.last_epoch)
         return [base_lr * f for base_lr in self.base_lrs]
 

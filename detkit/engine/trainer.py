@@ -27,8 +27,9 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,7 +64,7 @@ SUMMARY_FILE = "summary.json"
 # --------------------------------------------------------------------------------------------
 
 
-def total_norm(grads: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+def total_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """L2 norm of all gradients together, as a 0-d tensor (no host sync); 0 when there are none."""
     if not grads:
         return torch.zeros((), device=device)
@@ -155,9 +156,9 @@ class Trainer:
         self,
         cfg: Config,
         *,
-        model: Optional[nn.Module] = None,
-        train_loader_fn: Optional[Callable[[int], Iterable]] = None,
-        hooks: Sequence[Callable[["Trainer"], None]] = (),
+        model: nn.Module | None = None,
+        train_loader_fn: Callable[[int], Iterable] | None = None,
+        hooks: Sequence[Callable[[Trainer], None]] = (),
         load_weights: bool = True,
     ):
         self.cfg = cfg
@@ -203,7 +204,7 @@ class Trainer:
         self.metrics = MetricsWriter(self.output_dir, enabled=self.is_main)
         self.iteration = 0  # completed iterations
         self.start_iter = 0
-        self._rng_to_restore: Optional[dict] = None
+        self._rng_to_restore: dict | None = None
         self.class_names, self.category_ids = self._class_info()
         self._check_test_data()
         self.last_losses: dict[str, float] = {}
@@ -364,7 +365,7 @@ class Trainer:
             },
         }
 
-    def save_checkpoint(self, name: str) -> Optional[Path]:
+    def save_checkpoint(self, name: str) -> Path | None:
         state = self.checkpoint_state()
         return self.checkpointer.save(name, state) if self.is_main else None
 
@@ -535,7 +536,7 @@ class Trainer:
         """The lr of the next step (base_lr times the schedule; bias groups may scale it)."""
         return self.cfg.solver.base_lr * self.scheduler.factor(self.iteration)
 
-    def _stop_non_finite(self, losses: dict[str, float], grad_norm: Optional[float] = None) -> None:
+    def _stop_non_finite(self, losses: dict[str, float], grad_norm: float | None = None) -> None:
         """Save the last good state (parameters were not updated by this step) and raise.
 
         The state is saved only if every weight is finite; otherwise the message names the newest
@@ -600,7 +601,7 @@ class Trainer:
 
     def _summary(self, wall_seconds: float) -> dict:
         done = self.iteration - self.start_iter
-        summary = {
+        summary: dict[str, Any] = {
             "iterations": self.iteration,
             "max_iter": self.cfg.solver.max_iter,
             "resumed_from": self.start_iter,
@@ -635,8 +636,8 @@ def evaluate_model(cfg: Config, model: nn.Module, device: torch.device, rank: in
 
     Returns {"bbox/AP": ..., "bbox/AP-<class>": ..., "per_class": {...}} (0..100) on rank 0, {} elsewhere.
     """
-    from detkit.engine.evaluator import COCOEvaluator, inference_on_dataset
     from detkit.data import build_test_loader
+    from detkit.engine.evaluator import COCOEvaluator, inference_on_dataset
 
     _, category_ids, ann_file = _dataset_info(cfg, "test")
     loader = build_test_loader(cfg, rank=rank, world_size=world_size)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from detkit.modeling.backbone import ResNetTrunk, build_res5
@@ -39,7 +37,7 @@ def check_initialisation(cfg) -> None:
     )
 
 
-def build_model(cfg, device: Optional[torch.device | str] = None, load_weights: bool = True) -> FasterRCNN:
+def build_model(cfg, device: torch.device | str | None = None, load_weights: bool = True) -> FasterRCNN:
     """FasterRCNN from a `detkit.config.Config` (or its `model` section).
 
     Loads `model.backbone.weights` ("imagenet": torchvision's ImageNet ResNet of `model.depth`), then

@@ -13,7 +13,7 @@ location consecutive, which is the order of the RPN head's outputs after
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,8 @@ def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> Tens
 
 class AnchorGenerator(nn.Module):
     """Anchors for one feature map of a given stride."""
+
+    cell_anchors: Tensor  # (A, 4) buffer, registered in __init__
 
     def __init__(self, *, sizes: Sequence[float], aspect_ratios: Sequence[float], stride: int, offset: float = 0.0):
         super().__init__()

@@ -11,7 +11,7 @@ layer1..layer3 live in the trunk, layer4 is `res5` in the RoI head.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.fx
@@ -56,6 +56,12 @@ class FrozenBatchNorm2d(nn.Module):
     sees them; names match nn.BatchNorm2d so torchvision checkpoints load into it.
     """
 
+    # (C,) buffers, registered in __init__
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-5):
         super().__init__()
         self.num_features = num_features
@@ -84,7 +90,7 @@ class FrozenBatchNorm2d(nn.Module):
             if module.affine:
                 frozen.weight.copy_(module.weight.detach())
                 frozen.bias.copy_(module.bias.detach())
-            if module.running_mean is not None:
+            if module.running_mean is not None and module.running_var is not None:  # both, or neither
                 frozen.running_mean.copy_(module.running_mean)
                 frozen.running_var.copy_(module.running_var)
             return frozen
@@ -113,8 +119,8 @@ GEMM_CONV_MAX_POSITIONS = 16
 
 
 def small_map_conv2d(
-    input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: tuple[int, int], padding: tuple[int, int],
-    dilation: tuple[int, int],
+    input: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...], padding: tuple[int, ...],
+    dilation: tuple[int, ...],
 ) -> Tensor:
     """F.conv2d (groups 1, zero padding) that computes tiny maps on the CPU as an im2col GEMM.
 
@@ -162,7 +168,7 @@ class Conv2d(nn.Conv2d):
     the wrapped function).
     """
 
-    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if self.groups == 1 and self.padding_mode == "zeros" and not isinstance(self.padding, str):
             return small_map_conv2d(input, weight, bias, self.stride, self.padding, self.dilation)
         return super()._conv_forward(input, weight, bias)
@@ -190,7 +196,7 @@ class PadShortcut(nn.Module):
 
 def make_shortcut(
     in_channels: int, out_channels: int, stride: int, shortcut: str, norm: Callable[[int], nn.Module]
-) -> Optional[nn.Module]:
+) -> nn.Module | None:
     """None (identity), a PadShortcut (option A) or a 1x1 projection conv + norm (options B, C)."""
     changes_shape = in_channels != out_channels or stride != 1
     if shortcut == "C" or (shortcut == "B" and changes_shape):

@@ -14,7 +14,7 @@ Output: training -> {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg"}
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,9 @@ from detkit.structures.image_batch import ImageBatch
 
 
 class FasterRCNN(nn.Module):
+    pixel_mean: Tensor  # (1, 3, 1, 1) buffer, registered in __init__
+    pixel_std: Tensor  # (1, 3, 1, 1) buffer
+
     def __init__(
         self,
         *,
@@ -51,7 +54,7 @@ class FasterRCNN(nn.Module):
     def num_classes(self) -> int:
         return self.roi_heads.num_classes
 
-    def forward(self, images: Union[ImageBatch, Sequence[Tensor]], targets: Optional[Sequence[dict]] = None):
+    def forward(self, images: ImageBatch | Sequence[Tensor], targets: Sequence[dict] | None = None):
         if not isinstance(images, ImageBatch):
             images = ImageBatch.from_tensors(list(images), self.size_divisibility)
         device = self.pixel_mean.device

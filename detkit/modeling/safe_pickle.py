@@ -14,12 +14,13 @@ and need no `find_class`, so they load as usual.
 
 from __future__ import annotations
 
-import collections
 import codecs
+import collections
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -48,7 +49,8 @@ def _allowed_table() -> dict[tuple[str, str], Callable[..., Any]]:
     for package in ("numpy.core", "numpy._core"):
         table[(f"{package}.multiarray", "_reconstruct")] = _multiarray._reconstruct  # ndarray, protocols 0-4
         table[(f"{package}.multiarray", "scalar")] = _multiarray.scalar  # numpy scalars (np.float32(1.0))
-        table[(f"{package}.numeric", "_frombuffer")] = _numeric._frombuffer  # ndarray, protocol 5
+        # ndarray, protocol 5 (a private function: numpy's stubs leave it out)
+        table[(f"{package}.numeric", "_frombuffer")] = _numeric._frombuffer  # type: ignore[attr-defined]
     return table
 
 

@@ -10,8 +10,6 @@ candidates of one kind, and keep the first k of that row.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -31,7 +29,7 @@ def sample_balanced(
     negative: Tensor,
     batch_size_per_image: int,
     positive_fraction: float,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Choose positives and negatives per row.
 

@@ -7,7 +7,7 @@ no +1, as in Detectron2. Shapes: N images, G ground-truth boxes, M boxes per ima
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

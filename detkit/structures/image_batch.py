@@ -6,8 +6,8 @@ Shapes: N images; Hp x Wp the padded size (a multiple of `size_divisibility`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -35,14 +35,14 @@ class ImageBatch:
     def device(self) -> torch.device:
         return self.tensor.device
 
-    def to(self, device, non_blocking: bool = False) -> "ImageBatch":
+    def to(self, device, non_blocking: bool = False) -> ImageBatch:
         return ImageBatch(
             self.tensor.to(device, non_blocking=non_blocking),
             self.image_sizes.to(device, non_blocking=non_blocking),
             self.original_sizes.to(device, non_blocking=non_blocking),
         )
 
-    def pin_memory(self) -> "ImageBatch":
+    def pin_memory(self) -> ImageBatch:
         return ImageBatch(self.tensor.pin_memory(), self.image_sizes.pin_memory(), self.original_sizes.pin_memory())
 
     @classmethod
@@ -50,8 +50,8 @@ class ImageBatch:
         cls,
         images: Sequence[Tensor],
         size_divisibility: int = 32,
-        original_sizes: Optional[Sequence[Sequence[int]]] = None,
-    ) -> "ImageBatch":
+        original_sizes: Sequence[Sequence[int]] | None = None,
+    ) -> ImageBatch:
         """Pad a list of (3, H_i, W_i) images into one batch.
 
         original_sizes: per image (h, w) before any resize; defaults to the images' own sizes.

@@ -6,7 +6,6 @@ import logging
 import os
 import random
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -61,7 +60,7 @@ class AmpChoice:
     gradients do not underflow; bf16 has fp32's range and does not.
     """
 
-    dtype: Optional[torch.dtype]
+    dtype: torch.dtype | None
     use_scaler: bool
 
     @property
@@ -76,7 +75,7 @@ def cuda_supports_bf16(device: torch.device) -> bool:
     return major >= 8  # Ampere and newer have bf16 tensor cores
 
 
-def select_amp(amp: str, device: torch.device, bf16_supported: Optional[bool] = None, key: str = "solver.amp") -> AmpChoice:
+def select_amp(amp: str, device: torch.device, bf16_supported: bool | None = None, key: str = "solver.amp") -> AmpChoice:
     """Resolve `solver.amp` or `test.amp` (auto | bf16 | fp16 | off; `key` names it in errors).
 
     auto: bf16 on GPUs that support it, fp16 + GradScaler on older GPUs, off on CPU.

@@ -13,7 +13,7 @@ import datetime
 import resource
 import sys
 from collections import deque
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import torch
 
@@ -41,7 +41,7 @@ def format_eta(seconds: float) -> str:
     """Seconds -> "H:MM:SS" (with days when long), e.g. 93784 -> "1 day, 2:03:04"."""
     if seconds != seconds or seconds < 0:  # nan before the first timing
         return "?"
-    return str(datetime.timedelta(seconds=int(round(seconds))))
+    return str(datetime.timedelta(seconds=round(seconds)))
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -59,10 +59,10 @@ def format_progress(
     losses: Mapping[str, float],
     *,
     lr: float,
-    time: Optional[float],
-    data_time: Optional[float],
-    eta_seconds: Optional[float],
-    max_mem_mb: Optional[float],
+    time: float | None,
+    data_time: float | None,
+    eta_seconds: float | None,
+    max_mem_mb: float | None,
 ) -> str:
     """One progress line: iteration, total and per-term losses, lr, s/iter, data time, ETA, memory."""
     parts = [f"iter {iteration}/{max_iter}"]

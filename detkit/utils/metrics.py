@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from detkit.utils.files import write_text_atomic
 

@@ -11,7 +11,7 @@ size scale with the image so small and large images both stay readable.
 from __future__ import annotations
 
 import colorsys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -25,7 +25,7 @@ def class_color(index: int) -> tuple[int, int, int]:
     # Alternate the brightness a little so classes with close hues still differ.
     value = 0.95 if index % 2 == 0 else 0.75
     r, g, b = colorsys.hsv_to_rgb(hue, 0.85, value)
-    return int(round(r * 255)), int(round(g * 255)), int(round(b * 255))
+    return round(r * 255), round(g * 255), round(b * 255)
 
 
 def _text_color(background: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -37,11 +37,11 @@ def _text_color(background: tuple[int, int, int]) -> tuple[int, int, int]:
 def draw_detections(
     image: np.ndarray,
     boxes: np.ndarray,
-    labels: np.ndarray,
-    scores: Optional[np.ndarray],
+    labels: np.ndarray | Sequence[int],
+    scores: np.ndarray | Sequence[float] | None,
     class_names: Sequence[str],
-    line_width: Optional[int] = None,
-    font_scale: Optional[float] = None,
+    line_width: int | None = None,
+    font_scale: float | None = None,
 ) -> np.ndarray:
     """Draw detections on a copy of `image`.
 
@@ -55,7 +55,7 @@ def draw_detections(
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     if line_width is None:
-        line_width = max(1, int(round(min(height, width) / 200)))
+        line_width = max(1, round(min(height, width) / 200))
     if font_scale is None:
         font_scale = float(np.clip(min(height, width) / 900, 0.35, 1.2))
     font = cv2.FONT_HERSHEY_SIMPLEX
@@ -64,7 +64,7 @@ def draw_detections(
     for i in order:
         label = int(labels[i])
         color = class_color(label)
-        x1, y1, x2, y2 = (int(round(float(v))) for v in boxes[i])
+        x1, y1, x2, y2 = (round(float(v)) for v in boxes[i])
         cv2.rectangle(canvas, (x1, y1), (x2, y2), color, line_width, lineType=cv2.LINE_AA)
         name = class_names[label] if 0 <= label < len(class_names) else str(label)
         text = name if scores is None else f"{name} {float(scores[i]):.2f}"

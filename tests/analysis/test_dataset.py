@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torchvision.ops import box_iou
 
 from detkit.analysis.dataset import anchor_coverage, best_anchor_iou, box_statistics, size_name
 from detkit.modeling.anchors import AnchorGenerator
-from torchvision.ops import box_iou
 
 CATEGORIES = [{"id": 1, "name": "cat"}, {"id": 5, "name": "dog"}]
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import cv2
 import numpy as np
@@ -53,7 +53,7 @@ def images_table(sizes: Sequence[tuple[int, int]], suffix: str = ".jpg", first_i
     return [{"id": first_id + i, "file_name": f"img{first_id + i}{suffix}", "height": h, "width": w} for i, (h, w) in enumerate(sizes)]
 
 
-def coco_config(ann_file: str, image_root: str, *, num_classes: int, test: Optional[tuple[str, str]] = None, **changes):
+def coco_config(ann_file: str, image_root: str, *, num_classes: int, test: tuple[str, str] | None = None, **changes):
     """A small CPU config training (and testing) on the given COCO files."""
     train = DatasetConfig(type="coco", name="tiny", ann_file=ann_file, image_root=image_root)
     test_ds = DatasetConfig(type="coco", name="tiny_test", ann_file=test[0], image_root=test[1]) if test else train

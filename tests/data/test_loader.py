@@ -136,7 +136,7 @@ def test_numpy_padding_equals_image_batch_from_tensors():
 
 def test_collate_drops_bad_images():
     marker = BadImage("/data/broken.jpg", "the file is empty (0 bytes)", 3)
-    images, targets, metas, bad = BatchCollator(32)([marker, sample(30, 50, (30, 50))])
+    images, targets, _metas, bad = BatchCollator(32)([marker, sample(30, 50, (30, 50))])
     assert len(images) == 1 and len(targets) == 1 and bad == [marker]
     assert BatchCollator(32)([marker])[0] is None
 
@@ -157,7 +157,6 @@ def test_train_loader_batches_are_right(tiny_coco):
         for i, (target, meta) in enumerate(zip(targets, metas)):
             h, w = images.image_sizes[i].tolist()
             assert min(h, w) == 64 and (meta["height"], meta["width"]) == tuple(images.original_sizes[i].tolist())
-            scale = h / meta["height"]
             assert target["boxes"].dtype == torch.float32 and target["labels"].dtype == torch.int64
             assert (target["boxes"][:, 2:] <= torch.tensor([w, h]) + 1e-3).all()
             if meta["image_id"] == 4:  # bbox [0, 0, 64, 48] covers the whole 48x64 image, resized to 64x85
@@ -233,7 +232,7 @@ def test_too_many_unreadable_training_images_fail_the_run(tmp_path):
 
 
 def test_all_unreadable_training_images_fail_at_once(tmp_path):
-    ann_file, image_root, bad_files = bad_image_dataset(tmp_path, num_good=0, num_bad=12)
+    ann_file, image_root, _bad_files = bad_image_dataset(tmp_path, num_good=0, num_bad=12)
     cfg = coco_config(ann_file, image_root, num_classes=1, **{"data.max_bad_image_fraction": 1.0})
     with pytest.raises(DataError, match="8 of the 8 training images"):
         next(iter(build_train_loader(cfg)))
@@ -252,14 +251,14 @@ def test_image_whose_size_disagrees_with_the_annotation_is_bad(tmp_path):
     ann_file, image_root = write_coco(tmp_path, images, [], [{"id": 1, "name": "thing"}])
     images[1]["height"], images[1]["width"] = 48, 32  # swapped, as with an un-applied EXIF rotation
     ann_file, image_root = write_coco(tmp_path, images, [], [{"id": 1, "name": "thing"}], write_images=False)
-    with pytest.raises(ImageReadError, match="decodes to 32x48.*says 48x32"):
+    with pytest.raises(ImageReadError, match=r"decodes to 32x48.*says 48x32"):
         list(build_test_loader(coco_config(ann_file, image_root, num_classes=1)))
 
 
 def test_shapes_dataset_entry_loads_end_to_end(tmp_path):
     shapes = DatasetConfig(type="shapes", root=str(tmp_path), split="train", num_images=6, image_size=(64, 80), max_objects=3, min_object_size=10, max_object_size=30)
     cfg = coco_config("unused", "unused", num_classes=6, **{"data.train": (shapes,), "data.test": (replace(shapes, split="val"),)})
-    images, targets, metas = next(iter(build_train_loader(cfg)))
+    images, targets, _metas = next(iter(build_train_loader(cfg)))
     for target, (h, w) in zip(targets, images.image_sizes.tolist()):
         assert len(target["boxes"]) >= 1 and target["labels"].max() < 6
         assert (target["boxes"][:, [0, 2]] <= w + 1e-3).all() and (target["boxes"][:, [1, 3]] <= h + 1e-3).all()

@@ -4,6 +4,7 @@ import filecmp
 import json
 import logging
 import os
+import re
 import runpy
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def same_files(a: Path, b: Path) -> bool:
     names = sorted(os.listdir(a / "images"))
     if names != sorted(os.listdir(b / "images")):
         return False
-    match, mismatch, errors = filecmp.cmpfiles(a / "images", b / "images", names, shallow=False)
+    _match, mismatch, errors = filecmp.cmpfiles(a / "images", b / "images", names, shallow=False)
     return not mismatch and not errors and (a / "annotations.json").read_bytes() == (b / "annotations.json").read_bytes()
 
 
@@ -96,7 +97,7 @@ def test_ensure_generates_once_then_reuses_the_cache(tmp_path):
 
 
 def test_invalid_parameters_are_config_errors():
-    with pytest.raises(ConfigError, match="num_classes=9 must be 1..8"):
+    with pytest.raises(ConfigError, match=re.escape("num_classes=9 must be 1..8")):
         replace(SMALL, num_classes=9).validated()
     with pytest.raises(ConfigError, match="min_object_size"):
         replace(SMALL, min_object_size=60).validated()

@@ -161,7 +161,7 @@ def test_augment_listed_in_yaml_by_name(tmp_path):
 def test_unknown_augmentation_name_or_argument_is_a_config_error():
     with pytest.raises(ConfigError, match="Did you mean ColorJitter"):
         build_augmentation({"name": "ColourJitter"})
-    with pytest.raises(ConfigError, match="no argument.*'brightnes'"):
+    with pytest.raises(ConfigError, match=r"no argument.*'brightnes'"):
         build_augmentation({"name": "ColorJitter", "brightnes": 0.2})
     with pytest.raises(ConfigError, match="cannot build ColorJitter"):
         build_augmentation({"name": "ColorJitter", "p": 3})

@@ -3,6 +3,7 @@ generated here with cv2.VideoWriter (20 frames of 96 x 64 at 10 fps)."""
 
 from __future__ import annotations
 
+import itertools
 import socket
 import time
 from pathlib import Path
@@ -12,8 +13,15 @@ import numpy as np
 import pytest
 
 from detkit.data.video import (
-    FrameReader, JsonLinesWriter, VideoFileWriter, VideoSource, can_write, codec_extension, default_codec,
-    open_video, parse_source,
+    FrameReader,
+    JsonLinesWriter,
+    VideoFileWriter,
+    VideoSource,
+    can_write,
+    codec_extension,
+    default_codec,
+    open_video,
+    parse_source,
 )
 from detkit.errors import ConfigError, VideoReadError
 
@@ -147,7 +155,7 @@ def test_a_live_source_drops_frames_when_the_consumer_falls_behind(tmp_path, wri
     assert stats.frames_read == 40 and stats.stop_reason == "end of stream"
     assert stats.frames_dropped > 0 and len(frames) == 40 - stats.frames_dropped
     assert [f.index for f in frames] == sorted(f.index for f in frames)
-    assert frames[0].timestamp_ms == 0.0 and all(b.timestamp_ms >= a.timestamp_ms for a, b in zip(frames, frames[1:]))
+    assert frames[0].timestamp_ms == 0.0 and all(b.timestamp_ms >= a.timestamp_ms for a, b in itertools.pairwise(frames))
 
 
 def test_reader_rejects_bad_limits(tmp_path, write_video):

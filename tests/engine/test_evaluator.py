@@ -13,7 +13,9 @@ import logging
 import math
 import os
 import random
+import re
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,7 +142,7 @@ def test_all_12_stats_equal_pycocotools_on_the_same_files(tmp_path, backend, see
     reference = pycocotools_reference(gt_file, dt_file)
     assert len([s for s in reference.stats if s > 0]) >= 9  # the data is not degenerate
 
-    result = COCOEvaluator(gt_file, backend=backend).run(json.loads(open(dt_file).read()))
+    result = COCOEvaluator(gt_file, backend=backend).run(json.loads(Path(dt_file).read_text()))
 
     np.testing.assert_allclose(result.stats, reference.stats, rtol=0, atol=1e-6)
     np.testing.assert_allclose(result.precision, reference.eval["precision"], rtol=0, atol=1e-6)
@@ -311,7 +313,7 @@ def test_extra_keys_such_as_file_name_are_ignored(small_evaluator):
 def test_files_that_are_not_coco_give_clear_errors(tmp_path):
     gt_file = write_json(tmp_path / "gt.json", tiny_gt([{"image_id": 1, "category_id": 1, "bbox": box(1, 1, 9, 9)}]))
     (tmp_path / "broken.json").write_text("[{")
-    with pytest.raises(DataError, match="broken.json is not valid JSON"):
+    with pytest.raises(DataError, match=re.escape("broken.json is not valid JSON")):
         evaluate_files(gt_file, tmp_path / "broken.json")
     with pytest.raises(DataError, match="is a COCO dataset dict; a results file is a plain JSON list"):
         evaluate_files(gt_file, gt_file)

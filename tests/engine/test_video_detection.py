@@ -6,6 +6,8 @@ the same tiny random model run frame by frame on the frames read back with plain
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import pytest
 
@@ -18,7 +20,7 @@ from detkit.errors import VideoReadError
 class RecordingPredictor:
     """Gives frame i one detection scored i / 1000; records the frame indices of each batch."""
 
-    class_names = ["thing"]
+    class_names: ClassVar[list[str]] = ["thing"]
 
     def __init__(self):
         self.batches: list[list[int]] = []
@@ -49,7 +51,7 @@ def test_frame_detector_yields_every_frame_in_order_with_the_last_processed_dete
     expected_source = [i - i % every for i in range(n)]
     assert [round(float(dets.scores[0]) * 1000) for _, dets in out] == expected_source
     processed = [i for i in range(n) if i % every == 0]
-    assert sum(predictor.batches, []) == processed and detector.frames_processed == len(processed)
+    assert [i for batch in predictor.batches for i in batch] == processed and detector.frames_processed == len(processed)
     assert all(len(batch) <= batch_size for batch in predictor.batches)
     if max_pending >= batch_size * every:  # batches are full except the last
         assert [len(b) for b in predictor.batches[:-1]] == [batch_size] * (len(predictor.batches) - 1)

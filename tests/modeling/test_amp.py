@@ -77,7 +77,7 @@ def test_bf16_training_step_keeps_boxes_fp32_and_gives_finite_losses_and_gradien
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = model(images, targets)
     assert res5_inputs == [torch.bfloat16]  # autocast is really on for the convolutions
-    (features_dtype, boxes), = roi_align_calls
+    (_features_dtype, boxes), = roi_align_calls
     assert boxes.dtype == torch.float32
     # The pooled boxes are exactly the sampled RoIs (GT boxes included), not their bf16 roundings.
     assert torch.equal(boxes[:, 1:], sampled["rois"])

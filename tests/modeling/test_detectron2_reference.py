@@ -171,7 +171,7 @@ def d2_box_inference(cls_logits, box_deltas, rois_per_image, image_shapes, outpu
         boxes = d2_clip(boxes.reshape(-1, 4), image_shape).view(-1, num_bbox_reg_classes, 4)
         filter_mask = scores > score_thresh
         filter_inds = filter_mask.nonzero()
-        if num_bbox_reg_classes == 1:
+        if num_bbox_reg_classes == 1:  # noqa: SIM108 - Detectron2's if/else, kept as it is written there
             boxes = boxes[filter_inds[:, 0], 0]
         else:
             boxes = boxes[filter_mask]

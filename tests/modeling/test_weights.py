@@ -88,7 +88,7 @@ def tiny_model(cfg, seed: int = 0) -> nn.Module:
     return randomize_(build_model(cfg), seed).eval()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shared_original(depth: int, msra_input: bool = False, num_classes: int = 3) -> tuple:
     """(cfg, randomised model) shared by the tests, which only read it (building R-50 takes seconds)."""
     cfg = tiny_cfg(depth=depth, num_classes=num_classes, **(MSRA_INPUT if msra_input else {}))

@@ -6,7 +6,8 @@ stride_in_1x1 differ from the weights'.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor, nn
 

@@ -7,7 +7,8 @@ format-neutral key, fold or unfold MSRA's BN on the way.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Union
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
@@ -30,7 +31,7 @@ SCHEMES: dict[str, NamingScheme] = {
 }
 
 
-def detect_format(names: Union[Mapping[str, Any], list[str]], source: str = "the checkpoint") -> str:
+def detect_format(names: Mapping[str, Any] | list[str], source: str = "the checkpoint") -> str:
     """The format (FORMATS) whose own names the checkpoint uses most; CheckpointError if none."""
     names = list(names)
     counts = {fmt: sum(1 for n in names if scheme.signature.search(n)) for fmt, scheme in SCHEMES.items()}
@@ -76,7 +77,8 @@ def convert_state_dict(
     parse, ignored_pattern = SCHEMES[src].parse, SCHEMES[src].ignored
     keyed: dict[NeutralKey, Tensor] = {}
     key_sources: dict[NeutralKey, str] = {}
-    unused, ignored = [], []
+    unused: list[str] = []
+    ignored: list[str] = []
     for name, value in state_dict.items():
         key = parse(name)
         if key is None or key.param.endswith("num_batches_tracked"):  # a BN counter: no weight
@@ -102,7 +104,7 @@ def convert_state_dict(
 
 
 def export_state_dict(
-    model_or_state_dict: Union[nn.Module, Mapping[str, Tensor]], fmt: str, *, fold_bn: bool = True
+    model_or_state_dict: nn.Module | Mapping[str, Tensor], fmt: str, *, fold_bn: bool = True
 ) -> dict[str, Tensor]:
     """A detkit model's tensors named as `fmt` names them (see `convert_state_dict`).
 

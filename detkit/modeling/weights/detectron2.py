@@ -8,7 +8,6 @@ classifier has K + 1 rows with background last, as in detkit, so the box predict
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 from detkit.modeling.weights.keys import PARAM, PREDICTOR_LAYERS, RPN_LAYERS, NeutralKey
 
@@ -28,7 +27,7 @@ class Detectron2Names:
         rf"^(proposal_generator\.rpn_head\.{RPN_LAYERS}|roi_heads\.box_predictor\.{PREDICTOR_LAYERS})\.(weight|bias)$"
     )
 
-    def parse(self, name: str) -> Optional[NeutralKey]:
+    def parse(self, name: str) -> NeutralKey | None:
         m = self._stem.match(name)
         if m:
             return NeutralKey("stem", 1, 0, "conv1", "norm." + m.group(1) if m.group(1) else "weight")
@@ -44,7 +43,7 @@ class Detectron2Names:
             return NeutralKey("head", 0, 0, layer, m.group(2))
         return None
 
-    def name(self, key: NeutralKey) -> Optional[str]:
+    def name(self, key: NeutralKey) -> str | None:
         if key.unit == "head":
             return f"{key.layer.replace('rpn.head.', 'proposal_generator.rpn_head.')}.{key.param}"
         if key.unit == "stem":

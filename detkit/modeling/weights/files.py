@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ def read_torch_file(path: str | os.PathLike) -> object:
         raise CheckpointError(f"weights file not found: {path} (give a local path; nothing is downloaded here)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several kinds for corrupt or unsafe files
+    except Exception as exc:  # noqa: BLE001 - torch raises several kinds for corrupt or unsafe files
         raise CheckpointError(
             f"cannot load {path} with torch.load(weights_only=True): {type(exc).__name__}: {str(exc).splitlines()[0]}. "
             "Only files of tensors and plain containers are loaded (no pickled objects can run)."

@@ -8,7 +8,7 @@ through one table per format (convert.py).
 from __future__ import annotations
 
 import re
-from typing import NamedTuple, Optional, Protocol
+from typing import NamedTuple, Protocol
 
 # "norm.*" params of a norm layer; running stats exist for BatchNorm kinds only.
 NORM_PARAMS = ("weight", "bias", "running_mean", "running_var")
@@ -46,6 +46,6 @@ class NamingScheme(Protocol):
     signature: re.Pattern
     ignored: re.Pattern
 
-    def parse(self, name: str) -> Optional[NeutralKey]: ...
+    def parse(self, name: str) -> NeutralKey | None: ...
 
-    def name(self, key: NeutralKey) -> Optional[str]: ...
+    def name(self, key: NeutralKey) -> str | None: ...

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -61,7 +62,7 @@ def load_state_dict_into(
     state_dict: Mapping[str, Tensor],
     source: str,
     only_prefixes: tuple[str, ...] = (),
-    source_names: Optional[Mapping[str, str]] = None,
+    source_names: Mapping[str, str] | None = None,
 ) -> LoadReport:
     """Copy matching tensors into the model; report the rest (never raises on a mismatch).
 
@@ -106,7 +107,7 @@ class ConvertedWeights:
     extras: dict[str, Any]  # the file's other top-level entries ("__author__", "iteration", ...)
 
     @property
-    def num_classes(self) -> Optional[int]:
+    def num_classes(self) -> int | None:
         """K of the box predictor in the file (cls_score has K + 1 rows), None without one."""
         cls_score = self.state_dict.get("roi_heads.box_predictor.cls_score.weight")
         return None if cls_score is None else int(cls_score.shape[0]) - 1
@@ -126,12 +127,13 @@ def read_weights(path: str | os.PathLike, fmt: str = "auto") -> ConvertedWeights
     if fmt != "auto" and fmt not in FORMATS:
         raise CheckpointError(f"unknown weights format {fmt!r} for {source}: use auto or one of {', '.join(FORMATS)}")
     try:
-        detected: Optional[str] = detect_format(raw, source)
+        detected: str | None = detect_format(raw, source)
     except CheckpointError:
         if fmt == "auto":
             raise
         detected = None
-    fmt = detected if fmt == "auto" else fmt
+    if fmt == "auto" and detected is not None:  # (with "auto", a failed detection raised above)
+        fmt = detected
     if fmt == "detkit":
         conversion = Conversion(dict(raw), {k: k for k in raw}, [], [])
     else:
@@ -275,7 +277,7 @@ def _torchvision_enum_state_dict(name: str) -> Mapping[str, Tensor]:
         logger.info("downloading %s (%s) into %s", name, weights.url, cached)
     try:
         return weights.get_state_dict(progress=False)
-    except Exception as exc:  # urllib, socket, SSL and hash errors all mean: no usable file here
+    except Exception as exc:  # noqa: BLE001 - urllib, socket, SSL and hash errors all mean: no usable file here
         reason = str(exc).splitlines()[0] if str(exc) else ""
         raise CheckpointError(
             f"cannot download the ImageNet weights {name} ({type(exc).__name__}: {reason}): download "

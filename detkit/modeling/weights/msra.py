@@ -8,7 +8,8 @@ the 1x1 conv (Detectron2's defaults for them).
 from __future__ import annotations
 
 import re
-from typing import Mapping, Optional
+from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -26,16 +27,16 @@ class MsraNames:
 
     signature = re.compile(r"^(conv1_w|res_conv1_bn_|res[2-5]_\d+_branch)")
     ignored = re.compile(r"_momentum$|^fc1000_|^pred_[wb]$")  # solver state and the ImageNet classifier
-    _BRANCH_TO_LAYER = {"2a": "conv1", "2b": "conv2", "2c": "conv3", "1": "shortcut"}
-    _LAYER_TO_BRANCH = {v: k for k, v in _BRANCH_TO_LAYER.items()}
-    _SUFFIX_TO_PARAM = {
+    _BRANCH_TO_LAYER: ClassVar[dict[str, str]] = {"2a": "conv1", "2b": "conv2", "2c": "conv3", "1": "shortcut"}
+    _LAYER_TO_BRANCH: ClassVar[dict[str, str]] = {v: k for k, v in _BRANCH_TO_LAYER.items()}
+    _SUFFIX_TO_PARAM: ClassVar[dict[str, str]] = {
         "w": "weight",
         "bn_s": "norm.weight", "bn_b": "norm.bias", "bn_rm": "norm.running_mean", "bn_riv": "norm.running_var",
         "bn_gamma": "norm.weight", "bn_beta": "norm.bias",
         "bn_running_mean": "norm.running_mean", "bn_running_var": "norm.running_var",
         "gn_s": "norm.weight", "gn_b": "norm.bias",
     }
-    _PARAM_TO_SUFFIX = {
+    _PARAM_TO_SUFFIX: ClassVar[dict[str, str]] = {
         "weight": "w", "norm.weight": "bn_s", "norm.bias": "bn_b",
         "norm.running_mean": "bn_rm", "norm.running_var": "bn_riv",
     }
@@ -43,7 +44,7 @@ class MsraNames:
     _stem = re.compile(rf"^(?:conv1_(w)|res_conv1_({_suffixes}))$")
     _block = re.compile(rf"^res([2-5])_(\d+)_branch(2a|2b|2c|1)_({_suffixes})$")
 
-    def parse(self, name: str) -> Optional[NeutralKey]:
+    def parse(self, name: str) -> NeutralKey | None:
         m = self._stem.match(name)
         if m:
             if m.group(1):
@@ -56,7 +57,7 @@ class MsraNames:
             return NeutralKey("block", int(stage), int(block), self._BRANCH_TO_LAYER[branch], self._SUFFIX_TO_PARAM[suffix])
         return None
 
-    def name(self, key: NeutralKey) -> Optional[str]:
+    def name(self, key: NeutralKey) -> str | None:
         suffix = self._PARAM_TO_SUFFIX.get(key.param)
         if key.unit == "head" or suffix is None:
             return None
@@ -65,7 +66,7 @@ class MsraNames:
         return f"res{key.stage}_{key.block}_branch{self._LAYER_TO_BRANCH[key.layer]}_{suffix}"
 
 
-def norm_units(keyed: Mapping[NeutralKey, Tensor]) -> set[tuple]:
+def norm_units(keyed: Mapping[NeutralKey, Tensor]) -> set[tuple[str, int, int, str]]:
     return {(k.unit, k.stage, k.block, k.layer) for k in keyed if k.param.startswith("norm.")}
 
 

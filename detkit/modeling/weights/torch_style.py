@@ -8,7 +8,6 @@ without "backbone.", layer4 for res5, no heads.
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 from detkit.modeling.weights.keys import PARAM, PREDICTOR_LAYERS, RPN_LAYERS, NeutralKey
 
@@ -32,7 +31,7 @@ class TorchStyleNames:
         )
         self._head = re.compile(rf"^{_HEADS}$")
 
-    def parse(self, name: str) -> Optional[NeutralKey]:
+    def parse(self, name: str) -> NeutralKey | None:
         m = self._stem.match(name)
         if m:
             return NeutralKey("stem", 1, 0, "conv1", "weight" if m.group(1) == "conv1.weight" else "norm." + m.group(2))
@@ -51,7 +50,7 @@ class TorchStyleNames:
                 return NeutralKey("head", 0, 0, m.group(1), m.group(2))
         return None
 
-    def name(self, key: NeutralKey) -> Optional[str]:
+    def name(self, key: NeutralKey) -> str | None:
         if key.unit == "head":
             return f"{key.layer}.{key.param}" if self.heads else None
         norm = key.param.startswith("norm.")
