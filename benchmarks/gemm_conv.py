@@ -16,7 +16,7 @@ import copy
 import statistics
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from detkit.modeling import build_model
 from detkit.modeling.backbone import Conv2d
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gemm_conv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/shapes_r18.yaml")
     parser.add_argument("--threads", type=int, default=2)

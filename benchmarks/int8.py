@@ -27,8 +27,8 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import cv2
 import numpy as np
@@ -55,7 +55,7 @@ def timing_inputs(predictor: ExportedPredictor, folder: Path, count: int, input_
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.int8", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a float32 detkit ONNX file (detkit export --format onnx)")
     parser.add_argument("--int8", type=Path, default=None, help="its int8 res5 file (default: quantize it here)")

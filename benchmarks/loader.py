@@ -13,12 +13,12 @@ import datetime
 import os
 import platform
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from detkit.cli.common import run_cli, setup_logging
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loader", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="use this config's training data and data settings instead of the shapes benchmark set")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4], help="worker counts to time (default: 0 2 4)")
@@ -32,8 +32,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    from detkit.config import DatasetConfig, load_config, replace
     from detkit.benchmark.loader import benchmark_loader
+    from detkit.config import DatasetConfig, load_config, replace
 
     if args.config:
         cfg = load_config(args.config, args.overrides)

@@ -35,7 +35,7 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import detkit
 from detkit.cli.common import run_cli
@@ -163,7 +163,7 @@ def _parse_case(text: str) -> tuple[int, int]:
         raise DetkitError(f"--cases takes IMAGESxBOXES such as 8x300, got {text!r}") from None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.matching", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["8x100", "8x300", "16x300"], help="IMAGESxGT_BOXES per image (default: 8x100 8x300 16x300)")
     parser.add_argument("--stages", nargs="+", default=["rpn", "roi"], choices=["rpn", "roi"])

@@ -29,8 +29,8 @@ import argparse
 import copy
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -158,7 +158,7 @@ def compare(ref: dict, got: dict, exact: np.ndarray) -> dict:
     return row
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.trace_export_parity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="model.onnx written by detkit benchmark --mode export --export-dir DIR")
     parser.add_argument("--depth", type=int, default=101)

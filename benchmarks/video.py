@@ -25,8 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import cv2
 import numpy as np
@@ -112,7 +112,7 @@ def full_run(clip: Path, weights: str, threads: int, batch_size: int) -> dict:
         return json.loads(Path(f"{tmp}/out/summary.json").read_text())["videos"][0]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.video", description=__doc__.split("\n")[0])
     parser.add_argument("--weights", required=True)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])

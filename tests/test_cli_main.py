@@ -79,7 +79,7 @@ def test_each_task_help_ends_with_copyable_examples(task):
     lines = examples[1].splitlines()
     assert lines[0].startswith(f"  detkit {task} ") and lines[-1].lstrip().startswith(("detkit ", "--"))
     for line in lines:  # each line an example command or the continuation of one
-        assert line.startswith(f"  detkit {task}") or line.startswith("      ")
+        assert line.startswith((f"  detkit {task}", "      "))
     # `detkit help TASK` shows the same.
     assert detkit("help", task).stdout == proc.stdout
 

@@ -214,7 +214,7 @@ def torchvision_coco_categories() -> list[tuple[int, str]]:
     return [(i, n) for i, n in enumerate(names) if n not in ("__background__", "N/A")]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def coco_model() -> nn.Module:
     """A ResNet-18 detector with 80 classes whose classifier gives every RoI the same scores, which
     favour label 0 and label 79 (COCO's person and toothbrush): e^6 / (2 e^6 + 79) = 0.455 for each

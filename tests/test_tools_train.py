@@ -147,7 +147,7 @@ def training_rows_so_far(run: Path) -> set[int]:
 def test_sigterm_saves_the_iteration_exits_75_and_resume_repeats_the_uninterrupted_run(runs, preempted):
     d = preempted["D"]
     assert preempted["status"] == 75, preempted["stderr"]
-    line = [l for l in (d / "log.txt").read_text().splitlines() if "preempted at iteration" in l]
+    line = [text for text in (d / "log.txt").read_text().splitlines() if "preempted at iteration" in text]
     assert len(line) == 1
     stopped_at = int(line[0].split("preempted at iteration ")[1].split(",")[0])
     assert 5 < stopped_at < 10 and f"checkpoint {d / checkpoint_name(stopped_at)} (SIGTERM)" in line[0]

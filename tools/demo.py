@@ -8,14 +8,15 @@ import functools
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 try:
     import detkit  # noqa: F401
 except ImportError:  # run from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detkit.cli.common import run_cli
 from detkit.cli.demo import main
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout, whose configs/ the demo falls back to
 
 if __name__ == "__main__":
     sys.exit(run_cli(functools.partial(main, checkout=ROOT)))

@@ -11,8 +11,8 @@ backend of a program that imports detkit.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 import numpy as np
 from matplotlib import ticker
@@ -62,7 +62,7 @@ def metric_series(rows: Iterable[dict], key: str) -> tuple[np.ndarray, np.ndarra
     return np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
 
 
-def smooth(values: np.ndarray, window: Optional[int] = None) -> np.ndarray:
+def smooth(values: np.ndarray, window: int | None = None) -> np.ndarray:
     """Trailing moving average (P,) -> (P,); window defaults to 1/10 of the points (1..50).
     The first points average over what exists so far, so the curve starts at the first value."""
     if values.size == 0:
@@ -131,7 +131,7 @@ def plot_learning_rate(rows: Sequence[dict], path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_evaluation(rows: Sequence[dict], path: str | Path) -> Optional[Path]:
+def plot_evaluation(rows: Sequence[dict], path: str | Path) -> Path | None:
     """COCO AP / AP50 / AP75 over iterations (or held-out losses, "val/..."); None when neither."""
     keys = {k for r in rows for k in r}
     eval_keys = [k for k in ("bbox/AP", "bbox/AP50", "bbox/AP75") if k in keys]
@@ -158,7 +158,7 @@ def plot_evaluation(rows: Sequence[dict], path: str | Path) -> Optional[Path]:
     return save_figure(fig, path, tight_bbox=True)
 
 
-def plot_metrics(metrics_path: str | Path, out_dir: Optional[str | Path] = None) -> list[Path]:
+def plot_metrics(metrics_path: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """metrics.jsonl -> losses.png, lr.png and, when evaluated, eval.png in `out_dir`
     (default: the metrics file's folder). Returns the written paths."""
     metrics_path = Path(metrics_path)
@@ -176,7 +176,7 @@ def plot_metrics(metrics_path: str | Path, out_dir: Optional[str | Path] = None)
 # --------------------------------------------------------------------------------------------
 
 
-def draw_analyze_curves(ax, curves, class_index: Optional[int], area: int, title: str) -> None:
+def draw_analyze_curves(ax, curves, class_index: int | None, area: int, title: str) -> None:
     """One panel of COCO analyze PR curves (errors.AnalyzeCurves): the band between two curves is
     the AP the next error type costs; the legend gives each curve's AP."""
     from detkit.analysis.errors import ANALYZE_TYPES, AREA_NAMES
@@ -200,7 +200,7 @@ def draw_analyze_curves(ax, curves, class_index: Optional[int], area: int, title
     ax.set_ylabel("precision")
 
 
-def plot_analyze_curves(curves, path: str | Path, class_index: Optional[int] = None, title: str = "all classes") -> Path:
+def plot_analyze_curves(curves, path: str | Path, class_index: int | None = None, title: str = "all classes") -> Path:
     """COCO analyze PR curves of one class or all (class_index None), one panel per area range."""
     fig = Figure(figsize=(11, 8.5))
     for area, ax in enumerate(fig.subplots(2, 2).flat):

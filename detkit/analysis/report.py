@@ -12,8 +12,9 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,7 @@ class HtmlReport:
         """(label, relative path) links on one line."""
         self.parts.append("<p>" + " · ".join(f'<a href="{html.escape(p)}">{html.escape(t)}</a>' for t, p in items) + "</p>")
 
-    def table(self, rows: Sequence[dict], columns: Optional[Sequence[str]] = None, digits: int = 1) -> None:
+    def table(self, rows: Sequence[dict], columns: Sequence[str] | None = None, digits: int = 1) -> None:
         """One row per dict; columns default to the first row's keys; floats to `digits` decimals."""
         if not rows:
             self.paragraph("(none)", note=True)

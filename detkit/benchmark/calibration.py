@@ -22,9 +22,9 @@ Shapes: N images, H x W input, G ground-truth boxes per image, K classes, D dete
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn

@@ -24,8 +24,8 @@ import argparse
 import logging
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from detkit.cli.common import run_cli, setup_logging
 from detkit.errors import ConfigError, DataError
@@ -116,14 +116,20 @@ def _file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "class"
 
 
-def analyze(*, gt_path: str, predictions_path: Optional[str], out_dir: Path, cfg, image_root: Optional[str] = None,
+def analyze(*, gt_path: str, predictions_path: str | None, out_dir: Path, cfg, image_root: str | None = None,
             iou_threshold: float = 0.5, score_threshold: float = 0.3) -> Path:
     """Write the report of `predictions_path` (None: dataset report only) into `out_dir`; returns report.html."""
     from detkit.analysis import plots
     from detkit.analysis.dataset import anchor_coverage, box_statistics
     from detkit.analysis.errors import ANALYZE_TYPES, AREA_NAMES, TIDE_SPECIAL, TIDE_TYPES, analyze_errors
     from detkit.analysis.report import HtmlReport, write_json_atomic
-    from detkit.engine.evaluator import COCOEvaluator, METRIC_KEYS, check_predictions, load_ground_truth, load_predictions
+    from detkit.engine.evaluator import (
+        METRIC_KEYS,
+        COCOEvaluator,
+        check_predictions,
+        load_ground_truth,
+        load_predictions,
+    )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     gt = load_ground_truth(gt_path)

@@ -27,8 +27,8 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from detkit.cli.common import command_line, run_cli, setup_logging
 from detkit.errors import ConfigError
@@ -101,7 +101,7 @@ def environment(device_name: str) -> dict:
 
     root = Path(__file__).resolve().parents[2]
 
-    def git(*args: str) -> Optional[str]:
+    def git(*args: str) -> str | None:
         try:
             return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
         except (OSError, subprocess.SubprocessError):
@@ -195,8 +195,8 @@ def accuracy_table(summaries: dict) -> str:
 
 def run_loader(args: argparse.Namespace) -> dict:
     """The training loader alone, via detkit.benchmark.loader.benchmark_loader (python -m benchmarks.loader in a checkout)."""
-    from detkit.config import DatasetConfig, load_config, replace
     from detkit.benchmark.loader import benchmark_loader
+    from detkit.config import DatasetConfig, load_config, replace
 
     if args.config:
         cfg = load_config(args.config, args.overrides)
@@ -271,8 +271,8 @@ def _run(args: argparse.Namespace) -> int:
         result = run_eval_benchmark(args.eval_images, args.dets_per_image, args.eval_repeats, args.backends, seed=args.seed)
         table = eval_table(result)
     elif args.mode == "accuracy":
-        from detkit.config import load_config
         from detkit.benchmark.accuracy import run_accuracy_comparison
+        from detkit.config import load_config
 
         if not args.config:
             raise ConfigError("--mode accuracy needs --config (e.g. configs/shapes_r101.yaml) and optionally key=value overrides")

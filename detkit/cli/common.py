@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 from detkit.errors import DetkitError
 
 
-def setup_logging(level: int = logging.INFO, log_file: Optional[str] = None) -> None:
+def setup_logging(level: int = logging.INFO, log_file: str | None = None) -> None:
     """Console (and optionally file) logging for the `detkit` loggers, once per process."""
     root = logging.getLogger("detkit")
     root.setLevel(level)
@@ -25,7 +25,7 @@ def setup_logging(level: int = logging.INFO, log_file: Optional[str] = None) -> 
     root.propagate = False
 
 
-def command_line(argv: Optional[Sequence[str]] = None) -> str:
+def command_line(argv: Sequence[str] | None = None) -> str:
     """This process's command line as the user typed it, for logs and result files:
     `python -m detkit train ...`, `detkit train ...`, `python tools/train.py ...`."""
     argv = list(sys.argv if argv is None else argv)
@@ -39,7 +39,7 @@ def command_line(argv: Optional[Sequence[str]] = None) -> str:
     return " ".join([program, *argv[1:]])
 
 
-def run_cli(main: Callable[[Sequence[str]], int], argv: Optional[Sequence[str]] = None) -> int:
+def run_cli(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = None) -> int:
     """Run a tool's main; a DetkitError becomes one line on stderr and exit code 2.
 
     `--debug` anywhere on the command line shows the full traceback instead.

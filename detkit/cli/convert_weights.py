@@ -30,8 +30,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from detkit.cli.common import run_cli, setup_logging
 from detkit.errors import CheckpointError, ConfigError, DetkitError
@@ -180,7 +180,7 @@ def _add_class_names(state: dict, cfg, config_path: str) -> None:
     state["category_ids"] = list(info.category_ids)
 
 
-def _missing_test_annotations(cfg) -> Optional[str]:
+def _missing_test_annotations(cfg) -> str | None:
     """What is missing when the config names no test annotation file that exists: the absent
     path, or "no data.test entry"; None when there is one (readable or not: its error stands)."""
     from detkit.data.datasets import resolve_path

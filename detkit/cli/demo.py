@@ -21,8 +21,8 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from detkit.cli.common import run_cli
 from detkit.errors import ConfigError
@@ -39,7 +39,7 @@ def _say(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def default_config(checkout: Optional[Path] = None) -> Path:
+def default_config(checkout: Path | None = None) -> Path:
     """configs/shapes_r18.yaml in the current directory; else in `checkout` (tools/demo.py passes
     its repository) or in the source checkout this detkit package was imported from."""
     candidates = [DEMO_CONFIG]
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str], checkout: Optional[Path] = None) -> int:
+def main(argv: Sequence[str], checkout: Path | None = None) -> int:
     """The demo; `checkout`: a detkit repository whose configs/ to use when the current directory has none."""
     args = build_parser().parse_args(list(argv))
     config = Path(args.config) if args.config else default_config(checkout)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from detkit.cli.common import run_cli, setup_logging
 from detkit.errors import ConfigError
@@ -104,7 +104,7 @@ def _file_mode(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_eval_config(weights_config: dict, config_path: Optional[str], overrides: Sequence[str]):
+def load_eval_config(weights_config: dict, config_path: str | None, overrides: Sequence[str]):
     """The config of a model-mode run: CONFIG (when given) or the checkpoint's, plus overrides."""
     from detkit.config import load_config
     from detkit.engine.predictor import config_with_overrides

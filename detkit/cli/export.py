@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from detkit.cli.common import run_cli, setup_logging
 from detkit.errors import ConfigError

@@ -38,10 +38,10 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections import Counter
-from typing import Optional, Sequence
 
 from detkit.cli.common import run_cli, setup_logging
 from detkit.data.image_io import IMAGE_EXTENSIONS
@@ -116,7 +116,7 @@ class InputSet:
     images: list[Path]
     ignored: list[Path] = field(default_factory=list)
     videos: list[Path] = field(default_factory=list)
-    live: Optional[VideoSource] = None
+    live: VideoSource | None = None
     single: bool = False
 
     def relative(self, path: Path) -> Path:

@@ -24,10 +24,15 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from detkit.data.video import (
-    FrameReader, JsonLinesWriter, VideoFileWriter, VideoSource, codec_extension, open_video, LIVE_FPS_FALLBACK,
+    LIVE_FPS_FALLBACK,
+    FrameReader,
+    JsonLinesWriter,
+    VideoFileWriter,
+    VideoSource,
+    codec_extension,
+    open_video,
 )
 from detkit.errors import VideoReadError
 
@@ -40,12 +45,12 @@ class VideoOptions:
     codec None = --no-video (JSON lines only)."""
 
     every: int = 1
-    max_frames: Optional[int] = None
+    max_frames: int | None = None
     start_s: float = 0.0
-    end_s: Optional[float] = None
+    end_s: float | None = None
     timeout_s: float = 10.0
     batch_size: int = 8
-    codec: Optional[str] = "mp4v"
+    codec: str | None = "mp4v"
 
 
 @dataclass
@@ -57,7 +62,7 @@ class VideoResult:
     entry: dict
     outputs: list[str]
     interrupted: bool = False
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
 
 
 def json_line(frame_index: int, timestamp_ms: float, dets) -> str:
@@ -110,7 +115,7 @@ def run_video(source: VideoSource, out: Path, stem: Path, predictor, options: Vi
     jsonl_rel = stem.with_name(stem.name + ".jsonl")
     video_rel = stem.with_name(stem.name + codec_extension(options.codec)) if options.codec else None
     jsonl = JsonLinesWriter(out / jsonl_rel)
-    writer: Optional[VideoFileWriter] = None
+    writer: VideoFileWriter | None = None
     fps_out = info.fps if info.fps > 0 else LIVE_FPS_FALLBACK
     result = VideoResult(entry={}, outputs=[])
     num_detections, draw_seconds, stop_reason = 0, 0.0, None

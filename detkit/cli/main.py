@@ -17,7 +17,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from detkit.cli.common import run_cli
 
@@ -72,7 +72,7 @@ def _unknown(task: str) -> str:
     return f"error: unknown task {task!r}: {hint}choose one of {', '.join(TASKS)} (detkit --help)"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run `detkit <task> [args]`; returns the exit status (0 done, 2 a user error, 130 Ctrl-C)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["--debug"]:  # `detkit --debug train ...`: run_cli takes --debug anywhere after the task

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from detkit.cli.common import command_line, run_cli, setup_logging
 

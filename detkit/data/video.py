@@ -32,9 +32,10 @@ import queue
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import cv2
@@ -87,7 +88,7 @@ class VideoSource:
         return f"video {self.spec}"
 
 
-def parse_source(spec: str) -> Optional[VideoSource]:
+def parse_source(spec: str) -> VideoSource | None:
     """A VideoSource when `spec` is a camera index, a stream URL or a video file name, else None."""
     if spec.isdigit():
         return VideoSource(spec=spec, kind="camera", name=f"camera{int(spec)}")
@@ -121,7 +122,7 @@ class VideoInfo:
     width: int
     height: int
     fps: float
-    frame_count: Optional[int]
+    frame_count: int | None
 
 
 class _QuietOpenCV:
@@ -187,7 +188,7 @@ class Frame:
 
     index: int
     timestamp_ms: float
-    image: Optional[np.ndarray]
+    image: np.ndarray | None
     tensor: Any
     process: bool
 
@@ -202,10 +203,10 @@ class ReaderStats:
     frames_read: int = 0
     frames_dropped: int = 0
     decode_seconds: float = 0.0
-    first_index: Optional[int] = None
-    last_index: Optional[int] = None
+    first_index: int | None = None
+    last_index: int | None = None
     stop_reason: str = "not started"
-    warning: Optional[str] = None
+    warning: str | None = None
 
 
 _END = object()
@@ -223,8 +224,8 @@ class FrameReader:
     """
 
     def __init__(self, capture: cv2.VideoCapture, info: VideoInfo, source: VideoSource, *, every: int = 1,
-                 start_s: float = 0.0, end_s: Optional[float] = None, max_frames: Optional[int] = None,
-                 retrieve_all: bool = True, preprocess: Optional[Callable[[np.ndarray], Any]] = None,
+                 start_s: float = 0.0, end_s: float | None = None, max_frames: int | None = None,
+                 retrieve_all: bool = True, preprocess: Callable[[np.ndarray], Any] | None = None,
                  queue_size: int = 16):
         if every < 1:
             raise ConfigError(f"every={every}: must be at least 1")
@@ -241,24 +242,24 @@ class FrameReader:
         self._thread = threading.Thread(target=self._run, name="detkit-video-reader", daemon=True)
         self._started = False
 
-    def expected_frames(self) -> Optional[int]:
+    def expected_frames(self) -> int | None:
         """Frames this reader will deliver if the file is intact (None for live sources or no count)."""
         if self.source.live or self.info.frame_count is None:
             return None
-        first = int(round(self.start_s * self.info.fps)) if self.info.fps > 0 else 0
+        first = round(self.start_s * self.info.fps) if self.info.fps > 0 else 0
         last = self.info.frame_count
         if self.end_s is not None and self.info.fps > 0:
             last = min(last, int(np.ceil(self.end_s * self.info.fps - 1e-9)))
         total = max(last - first, 0)
         return min(total, self.max_frames) if self.max_frames is not None else total
 
-    def start(self) -> "FrameReader":
+    def start(self) -> FrameReader:
         if not self._started:
             self._started = True
             self._thread.start()
         return self
 
-    def __enter__(self) -> "FrameReader":
+    def __enter__(self) -> FrameReader:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -323,10 +324,10 @@ class FrameReader:
         stats, capture, fps = self.stats, self.capture, self.info.fps
         index = 0
         if not self.source.live and self.start_s > 0 and fps > 0:
-            target = int(round(self.start_s * fps))
+            target = round(self.start_s * fps)
             if capture.set(cv2.CAP_PROP_POS_FRAMES, target):
-                index = int(round(capture.get(cv2.CAP_PROP_POS_FRAMES)))
-        live_t0: Optional[float] = None
+                index = round(capture.get(cv2.CAP_PROP_POS_FRAMES))
+        live_t0: float | None = None
         while True:
             if self._stop.is_set():
                 stats.stop_reason = "stopped"
@@ -417,7 +418,7 @@ def can_write(codec: str) -> bool:
         return ok and os.path.getsize(path) > 0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def default_codec() -> str:
     """The first of CODEC_PREFERENCE this build can write (mp4v on the pip opencv-python wheels)."""
     for codec in CODEC_PREFERENCE:
@@ -479,7 +480,7 @@ class JsonLinesWriter:
         self.path = Path(self.path)
         self._output = AtomicOutput(self.path, temp_name=f".{self.path.name}.partial")  # a fixed name: see VideoFileWriter
         self.temp_path = self._output.temp_path
-        self._file = open(self.temp_path, "w", encoding="utf-8")
+        self._file = open(self.temp_path, "w", encoding="utf-8")  # noqa: SIM115 - open for the writer's lifetime, closed by close()
 
     def write(self, line: str) -> None:
         self._file.write(line + "\n")

@@ -26,7 +26,7 @@ import random
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -178,7 +178,7 @@ class Checkpointer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._remove_stale_temporaries()
 
-    def save(self, name: str, state: dict) -> Optional[Path]:
+    def save(self, name: str, state: dict) -> Path | None:
         """Write `state` as output_dir/name, point `last_checkpoint` at it, prune old periodic files."""
         if not self.enabled:
             return None
@@ -200,7 +200,7 @@ class Checkpointer:
         logger.info("saved checkpoint %s", path)
         return path
 
-    def last_checkpoint(self) -> Optional[Path]:
+    def last_checkpoint(self) -> Path | None:
         """The file `last_checkpoint` names, or None when there is no pointer (a fresh dir)."""
         pointer = self.output_dir / LAST_CHECKPOINT
         if not pointer.is_file():

@@ -21,9 +21,10 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -87,7 +88,7 @@ def detections_from_arrays(
 # --------------------------------------------------------------------------------------------
 
 
-def check_checkpoint(state: dict, source: Union[str, Path]) -> None:
+def check_checkpoint(state: dict, source: str | Path) -> None:
     """Raise CheckpointError unless `state` is a detkit checkpoint usable for inference."""
     missing = [k for k in _REQUIRED_KEYS if k not in state]
     if missing == ["class_names"] and "converted_from" in state:  # written by detkit convert-weights --config
@@ -191,13 +192,13 @@ class Predictor:
 
     def __init__(
         self,
-        weights: Union[str, Path],
-        config: Union[None, str, Path, Config] = None,
+        weights: str | Path,
+        config: str | Path | Config | None = None,
         overrides: Sequence[str] = (),
-        device: Union[str, torch.device] = "auto",
-        score_thresh: Optional[float] = None,
+        device: str | torch.device = "auto",
+        score_thresh: float | None = None,
         batch_size: int = 8,
-        amp: Optional[str] = None,
+        amp: str | None = None,
     ):
         from detkit.engine.checkpoint import load_checkpoint
         from detkit.utils.env import resolve_device, select_amp
@@ -267,8 +268,8 @@ class Predictor:
     def __call__(self, image: np.ndarray) -> Detections:
         return self.predict([image])[0]
 
-    def predict_video(self, source: Union[str, int, Path], *, every: int = 1, batch_size: Optional[int] = None,
-                      start_s: float = 0.0, end_s: Optional[float] = None, max_frames: Optional[int] = None,
+    def predict_video(self, source: str | int | Path, *, every: int = 1, batch_size: int | None = None,
+                      start_s: float = 0.0, end_s: float | None = None, max_frames: int | None = None,
                       timeout_s: float = 10.0) -> Iterator[tuple[int, float, Detections]]:
         """Yield (frame index, timestamp in ms, Detections) for every `every`-th frame of a video
         file, a camera index (0, "0") or a stream URL ("rtsp://...", "http://...").
@@ -361,9 +362,9 @@ class FrameDetector:
         return last
 
 
-def iter_video_detections(predictor, source: Union[str, int, Path], *, every: int = 1,
-                          batch_size: Optional[int] = None, start_s: float = 0.0, end_s: Optional[float] = None,
-                          max_frames: Optional[int] = None, timeout_s: float = 10.0
+def iter_video_detections(predictor, source: str | int | Path, *, every: int = 1,
+                          batch_size: int | None = None, start_s: float = 0.0, end_s: float | None = None,
+                          max_frames: int | None = None, timeout_s: float = 10.0
                           ) -> Iterator[tuple[int, float, Detections]]:
     """(frame index, timestamp in ms, Detections) of every `every`-th frame of a video file, a
     camera index or a stream URL; see `Predictor.predict_video`."""

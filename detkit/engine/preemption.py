@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from detkit.errors import ConfigError
 
@@ -31,7 +31,7 @@ PREEMPTED_EXIT_STATUS = 75
 class TrainingPreempted(Exception):
     """Training stopped on a preemption signal after saving `checkpoint` at `iteration`."""
 
-    def __init__(self, iteration: int, checkpoint: Optional[str], signal_name: str):
+    def __init__(self, iteration: int, checkpoint: str | None, signal_name: str):
         self.iteration, self.checkpoint, self.signal_name = iteration, checkpoint, signal_name
         super().__init__(f"preempted at iteration {iteration} ({signal_name}), checkpoint {checkpoint}")
 
@@ -74,7 +74,7 @@ class PreemptionWatcher:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 
-    def __enter__(self) -> "PreemptionWatcher":
+    def __enter__(self) -> PreemptionWatcher:
         if self.signals and threading.current_thread() is not threading.main_thread():
             logger.warning("not in the main thread: %s will not checkpoint before stopping", "/".join(s.name for s in self.signals))
             return self

@@ -215,7 +215,7 @@ class Trainer:
         # processes the flag rides in the step's loss all-reduce as one more element, taken from
         # this preallocated device tensor (filled once when a signal comes: no host->device copy
         # and no extra sync per iteration).
-        self.preemption: Optional[PreemptionWatcher] = None
+        self.preemption: PreemptionWatcher | None = None
         self.preempt_agreed = False
         self._preempt_flag = torch.zeros(1, device=self.device) if self.dist.distributed else None
         self._preempt_flag_filled = False
@@ -404,7 +404,7 @@ class Trainer:
                 self.preemption = None
 
     def _train_loop(self) -> dict:
-        cfg, solver = self.cfg, self.cfg.solver
+        solver = self.cfg.solver
         batches = iter(self.build_train_loader(self.start_iter))
         if self._rng_to_restore is not None:
             restore_rng_state(self._rng_to_restore)
@@ -433,7 +433,7 @@ class Trainer:
                 self.last_losses = {k: v / loss_count for k, v in loss_sums.items()}
                 self._log(self.last_losses, lr, iter_times, data_times)
                 loss_sums, loss_count = {}, 0
-            saved: Optional[str] = None  # the name of this iteration's checkpoint, if one was written
+            saved: str | None = None  # the name of this iteration's checkpoint, if one was written
             if last:
                 saved = FINAL_NAME
             elif solver.checkpoint_period > 0 and it % solver.checkpoint_period == 0:
@@ -513,7 +513,7 @@ class Trainer:
         flag = torch.tensor([1.0 if local else 0.0], device=self.device)
         return dist.all_reduce_mean(flag).item() > 0
 
-    def _stop_preempted(self, saved: Optional[str]) -> None:
+    def _stop_preempted(self, saved: str | None) -> None:
         """Save this iteration (unless `saved`, the checkpoint name written at this iteration), log one
         line and raise TrainingPreempted.
 

@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
 
 import numpy as np
 import torch
@@ -38,14 +37,14 @@ class ExportBenchOptions:
     parity_sizes: tuple[tuple[int, int], ...] = ((384, 512), (600, 450), (320, 704))
     warmup: int = 1
     repeats: int = 3
-    threads: Optional[int] = None  # None: torch's current setting, used for ONNX Runtime too
+    threads: int | None = None  # None: torch's current setting, used for ONNX Runtime too
     overrides: tuple[str, ...] = ()
     torchvision: bool = False  # also time the torchvision reference model (detkit.benchmark.tv_reference)
     seed: int = 0
-    keep_dir: Optional[str] = None  # write the exported files here instead of a temporary folder
+    keep_dir: str | None = None  # write the exported files here instead of a temporary folder
     int8: bool = False  # also quantize res5 to int8 (detkit.export.quantize) and time that file
     int8_images: int = 16  # calibration images for int8 (each runs the whole model once)
-    int8_calibration: Optional[str] = None  # a folder of calibration images; None: generated like the timed image
+    int8_calibration: str | None = None  # a folder of calibration images; None: generated like the timed image
 
 
 def _eager_detections(model, image: torch.Tensor) -> dict:

@@ -26,7 +26,6 @@ import re
 import time
 import traceback
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -103,7 +102,7 @@ def build_single_image_detector(predictor):
     return SingleImageDetector(predictor.model.float().cpu().eval(), predictor.cfg.data.size_divisibility).eval()
 
 
-def export_model(predictor, output: Union[str, Path], fmt: str) -> Path:
+def export_model(predictor, output: str | Path, fmt: str) -> Path:
     """Write `predictor`'s model to `output` as `fmt` ("onnx" | "torchscript"); returns the path.
 
     predictor: a `Predictor`, or anything with its `model`, `cfg`, `class_names`, `category_ids`
@@ -137,7 +136,7 @@ def _failing_part(exc: BaseException) -> tuple[str, BaseException]:
     """Where the export failed: ('detkit/...py:LINE in FUNCTION', the exception raised there), from
     the innermost detkit frame (outside this file) of the deepest exception in `exc`'s cause chain."""
     chain: list[BaseException] = []
-    current: Optional[BaseException] = exc
+    current: BaseException | None = exc
     while current is not None and current not in chain:
         chain.append(current)
         current = current.__cause__ or current.__context__
@@ -191,7 +190,7 @@ def _export_torchscript(detector, image, original_size, metadata: dict[str, str]
     torch.jit.save(scripted, path, _extra_files={key: value.encode() for key, value in metadata.items()})
 
 
-def check_metadata(metadata: dict[str, str], path: Union[str, Path]) -> dict[str, str]:
+def check_metadata(metadata: dict[str, str], path: str | Path) -> dict[str, str]:
     """`metadata` if it is detkit's (export_metadata); CheckpointError for another tool's model."""
     from detkit.errors import CheckpointError
 

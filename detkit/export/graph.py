@@ -26,7 +26,6 @@ where that code itself chooses at run time (`nms_top_k(..., use_batched_nms=Fals
 from __future__ import annotations
 
 import warnings
-from typing import Tuple
 
 import torch
 from torch import Tensor, nn
@@ -72,7 +71,7 @@ class BoxHead(nn.Module):
         super().__init__()
         self.heads = heads
 
-    def forward(self, features: Tensor, rois: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, features: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
         roi_image_idx = torch.zeros_like(rois[:, 0], dtype=torch.int64)  # (R,): all in image 0
         return self.heads.box_predictor(self.heads.box_features(features, rois, roi_image_idx))
 
@@ -109,7 +108,7 @@ class SingleImageDetector(nn.Module):
         self.nms_thresh = float(heads.nms_thresh)
         self.detections_per_image = int(heads.detections_per_image)
 
-    def forward(self, image: Tensor, original_size: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def forward(self, image: Tensor, original_size: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         h, w = image.shape[1], image.shape[2]
         image_size = torch.tensor([h, w], dtype=torch.int64, device=image.device)  # (2,)
         x = (image.float()[None] - self.pixel_mean) / self.pixel_std  # (3, h, w) -> (1, 3, h, w)
@@ -134,7 +133,7 @@ class SingleImageDetector(nn.Module):
 
     def detections(
         self, features: Tensor, proposals: Tensor, image_size: Tensor, original_size: Tensor
-    ) -> Tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """The box head and its post-processing on one image (Res5ROIHeads.forward + inference).
 
         Returns boxes (D, 4) in original pixels, scores (D,), labels (D,) int64, best first.

@@ -6,7 +6,7 @@ own `predict`, so the resize, the graph and the filtering are all in the compari
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from detkit.export.exporter import smooth_random_image
 from detkit.structures.compare import diff_detections

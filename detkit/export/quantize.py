@@ -21,7 +21,6 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 
@@ -45,7 +44,7 @@ def res5_nodes(model) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS and ".res5" in namespace(n)]
 
 
-def calibration_images(folder: Union[str, Path], num_images: int, folder_flag: str = "--calibration",
+def calibration_images(folder: str | Path, num_images: int, folder_flag: str = "--calibration",
                        count_flag: str = "--num-calibration") -> list[Path]:
     """The first `num_images` image files of `folder` (sorted, recursive); ConfigError naming the
     folder (as the command line's `folder_flag`) when it is missing or holds none."""
@@ -96,7 +95,7 @@ class _Feeds:
                 "original_size": np.array(image.shape[:2], dtype=np.int64)}
 
 
-def quantize_res5(model_path: Union[str, Path], output: Union[str, Path], calibration: Union[str, Path],
+def quantize_res5(model_path: str | Path, output: str | Path, calibration: str | Path,
                   num_images: int = 300) -> Path:
     """Write `model_path` (a float32 detkit ONNX file) with res5 in int8 to `output`; returns it.
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from torch import nn
 
 from detkit.engine.predictor import Detections, Preprocessor, detections_from_arrays
 from detkit.errors import CheckpointError, ConfigError
-from detkit.export.exporter import one_line, check_metadata, require_export_packages
+from detkit.export.exporter import check_metadata, one_line, require_export_packages
 from detkit.structures.image_batch import ImageBatch
 
 logger = logging.getLogger(__name__)
@@ -35,20 +35,20 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("onnxruntime", "torchscript")
 
 
-def backend_for(path: Union[str, Path]) -> str:
+def backend_for(path: str | Path) -> str:
     """'onnxruntime' for .onnx files, 'torchscript' otherwise."""
     return "onnxruntime" if Path(path).suffix.lower() == ".onnx" else "torchscript"
 
 
 class _OnnxRuntimeModel:
-    def __init__(self, path: Path, num_threads: Optional[int]):
+    def __init__(self, path: Path, num_threads: int | None):
         require_export_packages(("onnx", "onnxruntime"))
         import onnx
         import onnxruntime
 
         try:
             proto = onnx.load(str(path), load_external_data=False)
-        except Exception as exc:  # protobuf decode errors have no common base class
+        except Exception as exc:  # noqa: BLE001 - protobuf decode errors have no common base class
             raise CheckpointError(f"--model {path} is not an ONNX file: {one_line(exc)}") from None
         self.metadata = check_metadata({p.key: p.value for p in proto.metadata_props}, path)
         options = onnxruntime.SessionOptions()
@@ -65,14 +65,14 @@ class _OnnxRuntimeModel:
 
 class _TorchScriptModel:
     def __init__(self, path: Path):
-        from detkit.export.exporter import METADATA_KEYS
-
         import torchvision  # noqa: F401  registers torchvision::nms and roi_align, which the file calls
 
-        files = {key: "" for key in METADATA_KEYS}
+        from detkit.export.exporter import METADATA_KEYS
+
+        files = dict.fromkeys(METADATA_KEYS, "")
         try:
             self.module = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
-        except Exception as exc:  # zip / pickle / TorchScript errors
+        except Exception as exc:  # noqa: BLE001 - zip / pickle / TorchScript errors
             raise CheckpointError(f"--model {path} is not a TorchScript file: {one_line(exc)}") from None
         decoded = {k: v.decode() if isinstance(v, bytes) else v for k, v in files.items() if v}
         self.metadata = check_metadata(decoded, path)
@@ -84,7 +84,7 @@ class _TorchScriptModel:
         return boxes.numpy(), scores.numpy(), labels.numpy()
 
 
-def load_exported(path: Union[str, Path], backend: Optional[str] = None, num_threads: Optional[int] = None):
+def load_exported(path: str | Path, backend: str | None = None, num_threads: int | None = None):
     """The runnable model and its metadata: backend 'onnxruntime' (.onnx) or 'torchscript'."""
     path = Path(path)
     if not path.is_file():
@@ -108,11 +108,11 @@ class ExportedPredictor:
 
     def __init__(
         self,
-        model: Union[str, Path],
-        backend: Optional[str] = None,
-        score_thresh: Optional[float] = None,
+        model: str | Path,
+        backend: str | None = None,
+        score_thresh: float | None = None,
         batch_size: int = 8,
-        num_threads: Optional[int] = None,
+        num_threads: int | None = None,
     ):
         from detkit.config import config_from_dict
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from detkit.errors import ConfigError
 from detkit.modeling.backbone import ResNetTrunk, build_res5
 from detkit.modeling.detector import FasterRCNN
 from detkit.modeling.roi_heads import Res5ROIHeads
 from detkit.modeling.rpn import RPN
-from detkit.errors import ConfigError
 from detkit.modeling.weights import load_backbone_weights, load_detector_weights
 from detkit.modeling.weights.load import resolve_backbone_weights
 
-__all__ = ["FasterRCNN", "RPN", "Res5ROIHeads", "ResNetTrunk", "build_model", "build_res5", "check_initialisation"]
+__all__ = ["RPN", "FasterRCNN", "Res5ROIHeads", "ResNetTrunk", "build_model", "build_res5", "check_initialisation"]
 
 
 def check_initialisation(cfg) -> None:

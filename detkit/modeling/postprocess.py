@@ -20,8 +20,6 @@ C (RoI, class) candidates above the score threshold; D detections.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -30,7 +28,7 @@ from torchvision.ops import batched_nms, nms
 from detkit.structures.boxes import clip_boxes, nonempty_mask
 
 
-def rpn_top_k(anchors: Tensor, logits: Tensor, deltas: Tensor, pre_nms_topk: int) -> Tuple[Tensor, Tensor, Tensor]:
+def rpn_top_k(anchors: Tensor, logits: Tensor, deltas: Tensor, pre_nms_topk: int) -> tuple[Tensor, Tensor, Tensor]:
     """The `pre_nms_topk` best anchors of each image, flattened for the box coder.
 
     anchors (M, 4) xyxy; logits (N, M); deltas (N, M, 4). Returns top_logits (N, T) fp32, best
@@ -42,7 +40,7 @@ def rpn_top_k(anchors: Tensor, logits: Tensor, deltas: Tensor, pre_nms_topk: int
     return top_logits, top_deltas.reshape(-1, 4), anchors[top_idx].reshape(-1, 4)
 
 
-def rpn_candidates(boxes: Tensor, logits: Tensor, image_sizes: Tensor, min_box_size: float) -> Tuple[Tensor, Tensor]:
+def rpn_candidates(boxes: Tensor, logits: Tensor, image_sizes: Tensor, min_box_size: float) -> tuple[Tensor, Tensor]:
     """Clip the decoded top-k boxes to their image and mark the ones that may enter the NMS.
 
     boxes (N, T, 4) xyxy decoded; logits (N, T); image_sizes (N, 2) (h, w). Returns the clipped
@@ -57,7 +55,7 @@ def rpn_candidates(boxes: Tensor, logits: Tensor, image_sizes: Tensor, min_box_s
 def nms_top_k(
     boxes: Tensor,
     scores: Tensor,
-    groups: Optional[Tensor],
+    groups: Tensor | None,
     iou_threshold: float,
     top_k: int,
     use_batched_nms: bool,
@@ -89,7 +87,7 @@ def nms_top_k(
 
 def box_head_candidates(
     cls_logits: Tensor, boxes: Tensor, sizes_hw: Tensor, score_thresh: float
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Softmax, clip, drop non-finite RoIs, keep the (RoI, class) pairs above `score_thresh`.
 
     cls_logits (R, K + 1), background last; boxes (R, 4k) xyxy decoded (class-specific k = K, or
@@ -110,7 +108,7 @@ def box_head_candidates(
     return boxes[roi_idx, box_class], scores[roi_idx, classes], classes, roi_idx
 
 
-def rescale_detections(boxes: Tensor, image_sizes: Tensor, original_sizes: Tensor) -> Tuple[Tensor, Tensor]:
+def rescale_detections(boxes: Tensor, image_sizes: Tensor, original_sizes: Tensor) -> tuple[Tensor, Tensor]:
     """From the resized input's pixels to the original image's, clipped to it.
 
     boxes (D, 4) xyxy; image_sizes, original_sizes (D, 2) (h, w) per box, or (1, 2) for all.

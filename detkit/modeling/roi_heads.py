@@ -14,7 +14,7 @@ Detectron2); R RoIs of all images together (flat, with an image index); D detect
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -109,10 +109,10 @@ class Res5ROIHeads(nn.Module):
         proposals: Tensor,
         proposals_valid: Tensor,
         image_sizes: Tensor,
-        original_sizes: Optional[Tensor] = None,
-        gt_boxes: Optional[Tensor] = None,
-        gt_labels: Optional[Tensor] = None,
-        gt_valid: Optional[Tensor] = None,
+        original_sizes: Tensor | None = None,
+        gt_boxes: Tensor | None = None,
+        gt_labels: Tensor | None = None,
+        gt_valid: Tensor | None = None,
     ):
         """Training: returns a dict of losses. Test: returns detections (see `inference`).
 

@@ -12,7 +12,7 @@ image (padded: an image with fewer valid proposals has invalid slots at the end)
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -93,8 +93,8 @@ class RPN(nn.Module):
         self,
         features: Tensor,
         image_sizes: Tensor,
-        gt_boxes: Optional[Tensor] = None,
-        gt_valid: Optional[Tensor] = None,
+        gt_boxes: Tensor | None = None,
+        gt_valid: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """features (N, C, H, W); image_sizes (N, 2) (h, w); gt_boxes (N, G, 4), gt_valid (N, G)
         in training.

@@ -7,7 +7,7 @@ Shapes: D_r reference and D_c candidate detections of one image.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,8 +49,8 @@ def diff_detections(reference: Any, candidate: Any, iou_thresh: float = 0.99) ->
     num_ref, num_cand = int(ref_boxes.shape[0]), int(cand_boxes.shape[0])
 
     same = num_ref == num_cand and torch.equal(ref_labels, cand_labels)
-    box_diff: Optional[float] = _max_abs(ref_boxes - cand_boxes) if same else None
-    score_diff: Optional[float] = _max_abs(ref_scores - cand_scores) if same else None
+    box_diff: float | None = _max_abs(ref_boxes - cand_boxes) if same else None
+    score_diff: float | None = _max_abs(ref_scores - cand_scores) if same else None
 
     matched, matched_box, matched_score = 0, 0.0, 0.0
     if num_ref and num_cand:

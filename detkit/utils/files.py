@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 TEMP_PREFIX = ".tmp-"
 
@@ -58,7 +59,7 @@ class AtomicOutput:
     (removes the temporary file) when it raises, KeyboardInterrupt included.
     """
 
-    def __init__(self, path: str | os.PathLike, *, temp_name: Optional[str] = None):
+    def __init__(self, path: str | os.PathLike, *, temp_name: str | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if temp_name is not None:
@@ -112,7 +113,7 @@ class AtomicOutput:
             self.discard()
 
 
-def atomic_output(path: str | os.PathLike, *, temp_name: Optional[str] = None) -> AtomicOutput:
+def atomic_output(path: str | os.PathLike, *, temp_name: str | None = None) -> AtomicOutput:
     """`with atomic_output(path) as tmp_path:` write the file `tmp_path`; it becomes `path` when
     the block ends normally and is removed when it raises (see AtomicOutput)."""
     return AtomicOutput(path, temp_name=temp_name)
@@ -125,9 +126,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     On any exception (KeyboardInterrupt included) the temporary file is removed and `path` keeps
     its previous content.
     """
-    with atomic_output(path) as tmp_path:
-        with open(tmp_path, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write(f)
+    encoding = None if "b" in mode else "utf-8"
+    with atomic_output(path) as tmp_path, open(tmp_path, mode, encoding=encoding) as f:
+        write(f)
     return Path(path)
 
 

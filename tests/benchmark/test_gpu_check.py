@@ -23,7 +23,7 @@ def run_check(tmp_path: Path, commands: dict[str, str], **extra_env: str) -> tup
 
 
 def test_a_failing_step_fails_the_check_and_its_dependents_are_skipped(tmp_path):
-    commands = {name: "echo fine" for name in STEPS}
+    commands = dict.fromkeys(STEPS, "echo fine")
     commands["cuda_tests"] = "echo '3 failed, 40 passed'; exit 3"
     commands["shapes_train"] = "echo 'CUDA error: out of memory'; exit 2"
     proc, summary = run_check(tmp_path, commands)
@@ -50,7 +50,7 @@ def test_no_cuda_device_skips_every_gpu_step(tmp_path):
 
 
 def test_all_steps_passing_exits_zero(tmp_path):
-    proc, summary = run_check(tmp_path, {name: "echo fine" for name in STEPS})
+    proc, summary = run_check(tmp_path, dict.fromkeys(STEPS, "echo fine"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert summary["ok"] is True and all(summary["steps"][n]["status"] == "passed" for n in STEPS)
     assert "all steps passed" in proc.stdout

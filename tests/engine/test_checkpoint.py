@@ -64,7 +64,7 @@ def test_crash_mid_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatc
 
     monkeypatch.setattr(ckpt.torch, "save", crashing_save)
     # A failed write is one CheckpointError naming the file (tools print it as one line).
-    with pytest.raises(CheckpointError, match="cannot write checkpoint .*model_0000020.pth: OSError: simulated crash"):
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*model_0000020\.pth: OSError: simulated crash"):
         checkpointer.save("model_0000020.pth", _state(20, value=2.0))
     monkeypatch.undo()
 
@@ -180,7 +180,7 @@ def test_write_errors_say_when_the_disk_is_full():
             try:
                 raise OSError(code, os.strerror(code))
             except OSError:
-                raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos 704 vs 598")
+                raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos 704 vs 598")  # noqa: B904 - torch.save chains it implicitly, as tested
         except RuntimeError as exc:
             return exc
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_trainer import TinyDetector, _seeded, rows, tiny_cfg, tiny_loader
 
 from detkit.engine.checkpoint import _TMP_PREFIX, load_checkpoint
 from detkit.engine.preemption import PreemptionWatcher, TrainingPreempted
 from detkit.engine.trainer import Trainer
 from detkit.errors import ConfigError
-from test_trainer import TinyDetector, _seeded, rows, tiny_cfg, tiny_loader
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,7 +133,7 @@ def test_a_second_signal_exits_at_once():
 
 
 def test_unknown_signal_names_are_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="solver.preempt_signals: 'SIGKILL' is not a signal that can be caught"):
+    with pytest.raises(ConfigError, match=r"solver\.preempt_signals: 'SIGKILL' is not a signal that can be caught"):
         Trainer(tiny_cfg(tmp_path, "solver.preempt_signals=[SIGTERM, SIGKILL]"), model=TinyDetector(), train_loader_fn=tiny_loader())
     with pytest.raises(ConfigError, match="'SIGNOPE'"):
         PreemptionWatcher(["SIGNOPE"])

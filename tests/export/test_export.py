@@ -116,7 +116,7 @@ def test_onnx_graph_keeps_height_and_width_symbolic(exported):
     import onnx
 
     model = onnx.load(str(exported[4]), load_external_data=False)
-    image, original_size = model.graph.input
+    image, _original_size = model.graph.input
     assert [i.name for i in model.graph.input] == ["image", "original_size"]
     assert [o.name for o in model.graph.output] == ["boxes", "scores", "labels"]
     dims = image.type.tensor_type.shape.dim
@@ -140,7 +140,7 @@ def test_metadata_travels_with_both_files(exported):
 
 
 def test_a_score_threshold_below_the_exported_one_is_refused(exported):
-    with pytest.raises(ConfigError, match="exported with score threshold 0.05"):
+    with pytest.raises(ConfigError, match=r"exported with score threshold 0\.05"):
         ExportedPredictor(exported[4], score_thresh=0.01)
 
 
@@ -148,7 +148,7 @@ def test_a_score_threshold_below_the_exported_one_is_refused(exported):
 
 
 def test_infer_onnxruntime_writes_what_the_pytorch_backend_writes(exported, tmp_path):
-    tmp, _, weights, _, onnx_path, _ = exported
+    _tmp, _, weights, _, onnx_path, _ = exported
     import cv2
 
     photos = tmp_path / "photos"
@@ -293,7 +293,7 @@ def test_int8_res5_quantizes_res5_only_and_keeps_the_detections(exported, tmp_pa
     from detkit.benchmark.calibration import compare_detections
     from detkit.export.quantize import QUANTIZATION_KEY, quantize_res5, res5_nodes
 
-    _, _, _, predictor, onnx_path, _ = exported
+    _, _, _, _, onnx_path, _ = exported
     write_images(tmp_path / "calib", [(80, 120), (120, 80), (96, 96), (64, 128)])
     out = quantize_res5(onnx_path, tmp_path / "int8.onnx", tmp_path / "calib", num_images=3)
     assert out.is_file() and not list(tmp_path.glob(".tmp-*"))

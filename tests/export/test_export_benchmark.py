@@ -10,7 +10,11 @@ import torch
 
 from detkit.benchmark.calibration import make_inputs
 from detkit.export.benchmark import (
-    ExportBenchOptions, benchmark_images, calibrated_model, export_table, run_export_benchmark,
+    ExportBenchOptions,
+    benchmark_images,
+    calibrated_model,
+    export_table,
+    run_export_benchmark,
 )
 
 pytestmark = pytest.mark.slow  # one ONNX and one TorchScript export of an R18 and an int8 quantization (~30 s)

@@ -52,10 +52,9 @@ def test_a_failed_write_leaves_the_target_untouched_and_no_temp_file(tmp_path, e
 
 @pytest.mark.parametrize("error", [ValueError("bad figure"), KeyboardInterrupt()])
 def test_a_failed_write_of_a_new_file_leaves_nothing(tmp_path, error):
-    with pytest.raises(type(error)):
-        with atomic_output(tmp_path / "sub" / "plot.png") as tmp:
-            tmp.write_bytes(b"\x89PNG half")
-            raise error
+    with pytest.raises(type(error)), atomic_output(tmp_path / "sub" / "plot.png") as tmp:
+        tmp.write_bytes(b"\x89PNG half")
+        raise error
     assert names(tmp_path / "sub") == []
 
 
