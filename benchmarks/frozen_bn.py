@@ -29,7 +29,9 @@ def addcmul_forward(self, x):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.frozen_bn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.frozen_bn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--depth", type=int, default=50)
@@ -58,24 +60,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     original = FrozenBatchNorm2d.forward
     variants = {"detectron2": original, "addcmul": addcmul_forward}
+
     def with_forward(forward, step):
         def run():
             FrozenBatchNorm2d.forward = forward
             step()
+
         return run
 
     for step_name, step in (("inference", infer), ("training", train)):
         try:  # one warm-up round, then the variants alternate round by round
-            timed = time_interleaved({name: with_forward(forward, step) for name, forward in variants.items()},
-                                     torch.device("cpu"), warmup=1, repeats=args.rounds)
+            timed = time_interleaved(
+                {name: with_forward(forward, step) for name, forward in variants.items()},
+                torch.device("cpu"),
+                warmup=1,
+                repeats=args.rounds,
+            )
         finally:
             FrozenBatchNorm2d.forward = original
         times = {name: timed[name]["times_s"] for name in variants}
         ratios = [a / b for a, b in zip(times["detectron2"], times["addcmul"])]
         for name, values in times.items():
             print(f"{step_name:9s} {name:10s} min {min(values):.3f} s  median {statistics.median(values):.3f} s")
-        print(f"{step_name:9s} detectron2/addcmul per-round ratio: median {statistics.median(ratios):.3f} "
-              f"(min {min(ratios):.3f}, max {max(ratios):.3f}, {args.rounds} rounds)")
+        print(
+            f"{step_name:9s} detectron2/addcmul per-round ratio: median {statistics.median(ratios):.3f} "
+            f"(min {min(ratios):.3f}, max {max(ratios):.3f}, {args.rounds} rounds)"
+        )
     return 0
 
 

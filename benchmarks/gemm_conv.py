@@ -30,7 +30,9 @@ from detkit.modeling.backbone import Conv2d
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gemm_conv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.gemm_conv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="configs/shapes_r18.yaml")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=10)
@@ -70,8 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ratios = [b / a for a, b in zip(times["gemm"], times["onednn"])]
     for name, values in times.items():
         print(f"{name:7s} s/step min {min(values):.3f}  median {statistics.median(values):.3f}")
-    print(f"onednn/gemm per-round ratio: median {statistics.median(ratios):.2f} "
-          f"(min {min(ratios):.2f}, max {max(ratios):.2f}, {args.rounds} rounds)")
+    print(
+        f"onednn/gemm per-round ratio: median {statistics.median(ratios):.2f} "
+        f"(min {min(ratios):.2f}, max {max(ratios):.2f}, {args.rounds} rounds)"
+    )
     return 0
 
 

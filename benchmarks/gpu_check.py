@@ -50,29 +50,43 @@ sys.exit(0 if info["device"] else "no CUDA device: torch.cuda.is_available() is 
 STEPS = [
     Step("environment", "versions and the CUDA device", f"$PY -c '{ENV_SCRIPT}' \"$OUT/env.json\"", 120, needs=()),
     Step(
-        "cuda_tests", "CUDA tests (pytest -m cuda)",
-        '$PY -m pytest -q -m cuda -p no:cacheprovider tests --junitxml="$OUT/cuda_tests.xml"', 300, tail_lines=25,
+        "cuda_tests",
+        "CUDA tests (pytest -m cuda)",
+        '$PY -m pytest -q -m cuda -p no:cacheprovider tests --junitxml="$OUT/cuda_tests.xml"',
+        300,
+        tail_lines=25,
     ),
     Step(
-        "bench_infer", "inference rows: R101-C4 800x1333, batch 1 and 8, fp32 (TF32) and bf16, detkit vs torchvision",
+        "bench_infer",
+        "inference rows: R101-C4 800x1333, batch 1 and 8, fp32 (TF32) and bf16, detkit vs torchvision",
         "$PY -m detkit benchmark --device cuda --image-size 800 1333 --step infer --batch-size 1 8 "
-        '--precision fp32 bf16 --iters 10 --warmup 3 --json "$OUT/bench_infer.json"', 150, tail_lines=30,
+        '--precision fp32 bf16 --iters 10 --warmup 3 --json "$OUT/bench_infer.json"',
+        150,
+        tail_lines=30,
     ),
     Step(
-        "bench_train", "training rows: batch 8, fp32 (TF32) and bf16",
+        "bench_train",
+        "training rows: batch 8, fp32 (TF32) and bf16",
         "$PY -m detkit benchmark --device cuda --image-size 800 1333 --step train --batch-size 8 "
-        '--precision fp32 bf16 --iters 10 --warmup 3 --no-flops --json "$OUT/bench_train.json"', 150,
+        '--precision fp32 bf16 --iters 10 --warmup 3 --no-flops --json "$OUT/bench_train.json"',
+        150,
     ),
     Step(
-        "shapes_train", "shapes R18 training (configs/shapes_r18.yaml) on the GPU",
+        "shapes_train",
+        "shapes R18 training (configs/shapes_r18.yaml) on the GPU",
         '$PY -m detkit train configs/shapes_r18.yaml device=cuda output_dir="$OUT/shapes" data.num_workers=4 '
-        "test.eval_period=0 --overwrite", 150, tail_lines=5,
+        "test.eval_period=0 --overwrite",
+        150,
+        tail_lines=5,
     ),
 ] + [
     Step(
-        f"shapes_eval_{amp}", f"COCO eval of the shapes model, test.amp={amp}",
+        f"shapes_eval_{amp}",
+        f"COCO eval of the shapes model, test.amp={amp}",
         f'$PY -m detkit eval "$OUT/shapes/config.yaml" --weights "$OUT/shapes/model_final.pth" '
-        f'output_dir="$OUT/shapes_eval_{amp}" test.amp={amp} device=cuda', 60, needs=("environment", "shapes_train"),
+        f'output_dir="$OUT/shapes_eval_{amp}" test.amp={amp} device=cuda',
+        60,
+        needs=("environment", "shapes_train"),
         tail_lines=3,
     )
     for amp in ("off", "bf16")
@@ -93,8 +107,13 @@ def run_step(step: Step, out: Path, env: dict, results: dict, start: float) -> N
     t0 = time.monotonic()
     try:
         proc = subprocess.run(
-            ["bash", "-c", command], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, timeout=step.timeout_s,
+            ["bash", "-c", command],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=step.timeout_s,
         )
         output, code = proc.stdout, proc.returncode
     except subprocess.TimeoutExpired as exc:
@@ -102,7 +121,7 @@ def run_step(step: Step, out: Path, env: dict, results: dict, start: float) -> N
         code = None
     log.write_text(output)
     seconds = round(time.monotonic() - t0, 1)
-    tail = output.rstrip().splitlines()[-step.tail_lines:]
+    tail = output.rstrip().splitlines()[-step.tail_lines :]
     print("\n".join("  " + line for line in tail), flush=True)
     entry = {"status": "passed" if code == 0 else "failed", "seconds": seconds, "log": str(log), "command": command}
     if code is None:

@@ -56,7 +56,9 @@ def timing_inputs(predictor: ExportedPredictor, folder: Path, count: int, input_
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.int8", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.int8", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model", help="a float32 detkit ONNX file (detkit export --format onnx)")
     parser.add_argument("--int8", type=Path, default=None, help="its int8 res5 file (default: quantize it here)")
     parser.add_argument("--calibration", type=Path, default=None, help="folder of calibration images (without --int8)")
@@ -65,8 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-timing", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
-    parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                        help="feed every image stretched to H x W as the network input (default: the file's resize)")
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
+        help="feed every image stretched to H x W as the network input (default: the file's resize)",
+    )
     args = parser.parse_args(argv)
 
     int8_path = args.int8
@@ -77,8 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.perf_counter()
         quantize_res5(args.model, int8_path, args.calibration, args.num_calibration)
         print(f"quantized res5 on {args.num_calibration} images in {time.perf_counter() - start:.1f} s -> {int8_path}")
-    predictors = {name: ExportedPredictor(path, num_threads=args.threads)
-                  for name, path in (("fp32", args.model), ("int8", int8_path))}
+    predictors = {
+        name: ExportedPredictor(path, num_threads=args.threads)
+        for name, path in (("fp32", args.model), ("int8", int8_path))
+    }
     print("int8 file:", json.loads(predictors["int8"].metadata.get("quantization", "null")))
     inputs = timing_inputs(predictors["fp32"], args.timing, args.num_timing, args.input_size)
 
@@ -86,12 +96,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         for image, size in inputs:
             predictor.run(image, size)
 
-    timed = time_interleaved({name: (lambda p=p: run_all(p)) for name, p in predictors.items()},
-                             torch.device("cpu"), warmup=1, repeats=args.rounds)
+    timed = time_interleaved(
+        {name: (lambda p=p: run_all(p)) for name, p in predictors.items()},
+        torch.device("cpu"),
+        warmup=1,
+        repeats=args.rounds,
+    )
     times = {name: [t / len(inputs) * 1000 for t in timed[name]["times_s"]] for name in predictors}  # ms per image
     for name, values in times.items():
-        print(f"{name}: {min(values):.2f} / {statistics.median(values):.2f} ms per image (min / median); "
-              f"rounds {[round(v, 2) for v in values]}")
+        print(
+            f"{name}: {min(values):.2f} / {statistics.median(values):.2f} ms per image (min / median); "
+            f"rounds {[round(v, 2) for v in values]}"
+        )
     print("int8 / fp32 per round:", [round(b / a, 3) for a, b in zip(times["fp32"], times["int8"])])
     return 0
 

@@ -102,6 +102,7 @@ def measure(case: dict) -> dict:
 
     torch.set_num_threads(case.get("threads", 1))
     if case["mode"] == "unchunked":
+
         def match(matcher, gt_boxes, gt_valid, boxes):
             return matcher(batched_box_iou(gt_boxes, boxes), gt_valid)
     elif case["mode"] == "chunked":
@@ -132,8 +133,13 @@ def measure(case: dict) -> dict:
     digest = hashlib.sha1(matched_idxs.cpu().numpy().tobytes() + labels.cpu().numpy().tobytes()).hexdigest()
     n, num_gt, num_boxes = gt_boxes.shape[0], gt_boxes.shape[1], boxes.shape[1]
     return {
-        **case, "num_boxes": num_boxes, "iou_values": n * num_gt * num_boxes, "peak_bytes": peak,
-        "seconds": seconds, "result_sha1": digest, "num_positive": int((labels == 1).sum()),
+        **case,
+        "num_boxes": num_boxes,
+        "iou_values": n * num_gt * num_boxes,
+        "peak_bytes": peak,
+        "seconds": seconds,
+        "result_sha1": digest,
+        "num_positive": int((labels == 1).sum()),
     }
 
 
@@ -148,8 +154,12 @@ def _commit() -> str:
     """The commit (and -dirty) of this checkout (the detkit measured may come from another: see the header)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        ).stdout.strip()
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -164,16 +174,41 @@ def _parse_case(text: str) -> tuple[int, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.matching", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=["8x100", "8x300", "16x300"], help="IMAGESxGT_BOXES per image (default: 8x100 8x300 16x300)")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.matching",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=["8x100", "8x300", "16x300"],
+        help="IMAGESxGT_BOXES per image (default: 8x100 8x300 16x300)",
+    )
     parser.add_argument("--stages", nargs="+", default=["rpn", "roi"], choices=["rpn", "roi"])
     parser.add_argument("--modes", nargs="+", default=["unchunked", "chunked"], choices=["unchunked", "chunked"])
-    parser.add_argument("--max-elements", type=int, default=None, help="match_boxes budget (default: MATCH_MAX_ELEMENTS)")
-    parser.add_argument("--size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"), help="input image size (default: 800 1333)")
-    parser.add_argument("--proposals", type=int, default=2000, help="proposals per image for the roi stage (default: 2000)")
+    parser.add_argument(
+        "--max-elements", type=int, default=None, help="match_boxes budget (default: MATCH_MAX_ELEMENTS)"
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=[800, 1333],
+        metavar=("H", "W"),
+        help="input image size (default: 800 1333)",
+    )
+    parser.add_argument(
+        "--proposals", type=int, default=2000, help="proposals per image for the roi stage (default: 2000)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
-    parser.add_argument("--max-memory-gb", type=float, default=None, help="skip cases estimated above this (default: 80%% of MemAvailable)")
+    parser.add_argument(
+        "--max-memory-gb",
+        type=float,
+        default=None,
+        help="skip cases estimated above this (default: 80%% of MemAvailable)",
+    )
     # Child mode: a case (JSON object) or several in turn (a list; the peak is reset before each),
     # the result(s) as one JSON line.
     parser.add_argument("--measure", metavar="JSON", help=argparse.SUPPRESS)
@@ -191,9 +226,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     limit = args.max_memory_gb * 1e9 if args.max_memory_gb is not None else 0.8 * _available_bytes()
     # Each case runs as `python -m benchmarks.matching --measure` in this directory with the detkit
     # and the benchmarks package this process imported first on the path.
-    here = [os.path.dirname(os.path.dirname(os.path.abspath(detkit.__file__))),
-            os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]  # the folder holding benchmarks/
-    env = dict(os.environ, **CHILD_ENV, PYTHONPATH=os.pathsep.join(p for p in [*here, os.environ.get("PYTHONPATH")] if p))
+    here = [
+        os.path.dirname(os.path.dirname(os.path.abspath(detkit.__file__))),
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    ]  # the folder holding benchmarks/
+    env = dict(
+        os.environ, **CHILD_ENV, PYTHONPATH=os.pathsep.join(p for p in [*here, os.environ.get("PYTHONPATH")] if p)
+    )
     height, width = args.size
     rows = []
     for text in args.cases:
@@ -201,36 +240,69 @@ def main(argv: Sequence[str] | None = None) -> int:
         for stage in args.stages:
             digests = {}
             for mode in args.modes:
-                case = {"stage": stage, "mode": mode, "images": images, "boxes_per_image": boxes_per_image, "height": height,
-                        "width": width, "proposals": args.proposals, "device": args.device, "threads": args.threads}
+                case = {
+                    "stage": stage,
+                    "mode": mode,
+                    "images": images,
+                    "boxes_per_image": boxes_per_image,
+                    "height": height,
+                    "width": width,
+                    "proposals": args.proposals,
+                    "device": args.device,
+                    "threads": args.threads,
+                }
                 if mode == "chunked":
                     case["max_elements"] = max_elements
-                num_boxes = (32 * math.ceil(height / 32) // 16) * (32 * math.ceil(width / 32) // 16) * 15 if stage == "rpn" else args.proposals + boxes_per_image
-                need = UNCHUNKED_COPIES_ESTIMATE * 4 * images * boxes_per_image * num_boxes if mode == "unchunked" else 0
+                num_boxes = (
+                    (32 * math.ceil(height / 32) // 16) * (32 * math.ceil(width / 32) // 16) * 15
+                    if stage == "rpn"
+                    else args.proposals + boxes_per_image
+                )
+                need = (
+                    UNCHUNKED_COPIES_ESTIMATE * 4 * images * boxes_per_image * num_boxes if mode == "unchunked" else 0
+                )
                 if need > limit:
-                    rows.append({**case, "skipped": f"needs ~{need / 1e9:.1f} GB, limit {limit / 1e9:.1f} GB", "num_boxes": num_boxes})
+                    rows.append(
+                        {
+                            **case,
+                            "skipped": f"needs ~{need / 1e9:.1f} GB, limit {limit / 1e9:.1f} GB",
+                            "num_boxes": num_boxes,
+                        }
+                    )
                     continue
-                out = subprocess.run([sys.executable, "-m", "benchmarks.matching", "--measure", json.dumps(case)], capture_output=True, text=True, env=env)
+                out = subprocess.run(
+                    [sys.executable, "-m", "benchmarks.matching", "--measure", json.dumps(case)],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                )
                 if out.returncode != 0:
                     raise DetkitError(f"measuring {case} failed:\n{out.stderr[-2000:]}")
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 digests[mode] = row["result_sha1"]
                 rows.append(row)
-            for row in rows[-len(args.modes):]:
+            for row in rows[-len(args.modes) :]:
                 if "skipped" not in row and len(digests) == 2:
                     row["same"] = "yes" if len(set(digests.values())) == 1 else "NO"
 
     code = os.path.dirname(os.path.dirname(os.path.abspath(detkit.__file__)))
-    print(f"\nMatching memory, {datetime.date.today().isoformat()}, commit {_commit()} (detkit imported from {code}), {platform.node()}, device {args.device}, "
-          f"{args.threads} thread(s), torch {__import__('torch').__version__}, images {height}x{width}"
-          + (f", match_boxes budget {max_elements:,} IoU values per tile" if max_elements else "") + "\n")
-    print("| stage | batch | GT / image | boxes / image (M) | IoU values N*G*M | mode | peak memory | time | results sha1 | same bits |")
+    print(
+        f"\nMatching memory, {datetime.date.today().isoformat()}, commit {_commit()} (detkit imported from {code}), {platform.node()}, device {args.device}, "
+        f"{args.threads} thread(s), torch {__import__('torch').__version__}, images {height}x{width}"
+        + (f", match_boxes budget {max_elements:,} IoU values per tile" if max_elements else "")
+        + "\n"
+    )
+    print(
+        "| stage | batch | GT / image | boxes / image (M) | IoU values N*G*M | mode | peak memory | time | results sha1 | same bits |"
+    )
     print("| :--- | ---: | ---: | ---: | ---: | :--- | ---: | ---: | :--- | :---: |")
     for r in rows:
         values = r["images"] * r["boxes_per_image"] * r["num_boxes"]
         peak = f"{r['peak_bytes'] / 2**20:,.0f} MiB" if "peak_bytes" in r else "skipped (" + r["skipped"] + ")"
         seconds = f"{r['seconds']:.2f} s" if "seconds" in r else "-"
-        print(f"| {r['stage']} | {r['images']} | {r['boxes_per_image']} | {r['num_boxes']:,} | {values / 1e6:,.1f}M | {r['mode']} | {peak} | {seconds} | {r.get('result_sha1', '-')[:10]} | {r.get('same', '-')} |")
+        print(
+            f"| {r['stage']} | {r['images']} | {r['boxes_per_image']} | {r['num_boxes']:,} | {values / 1e6:,.1f}M | {r['mode']} | {peak} | {seconds} | {r.get('result_sha1', '-')[:10]} | {r.get('same', '-')} |"
+        )
     return 0
 
 

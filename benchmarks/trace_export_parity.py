@@ -51,11 +51,14 @@ def eager_stages(detector: SingleImageDetector, image: torch.Tensor) -> dict:
     def keep(name, take):
         def hook(module, args, output) -> None:  # returns None: the output goes on unchanged
             caught[name] = take(args, output)
+
         return hook
 
-    hooks = [detector.trunk.register_forward_hook(keep("trunk", lambda a, o: (a[0], o))),
-             detector.rpn_head.register_forward_hook(keep("rpn", lambda a, o: o[0])),
-             detector.box_head.register_forward_hook(keep("box", lambda a, o: (a[1], o[0])))]
+    hooks = [
+        detector.trunk.register_forward_hook(keep("trunk", lambda a, o: (a[0], o))),
+        detector.rpn_head.register_forward_hook(keep("rpn", lambda a, o: o[0])),
+        detector.box_head.register_forward_hook(keep("box", lambda a, o: (a[1], o[0]))),
+    ]
     try:
         with torch.no_grad():
             size = torch.tensor(image.shape[1:])
@@ -64,9 +67,16 @@ def eager_stages(detector: SingleImageDetector, image: torch.Tensor) -> dict:
         for hook in hooks:
             hook.remove()
     (trunk_input, features), (proposals, cls_logits) = caught["trunk"], caught["box"]
-    return {"trunk_input": trunk_input, "features": features.numpy(), "rpn_logits": caught["rpn"][0].numpy(),
-            "proposals": proposals.numpy(), "cls_logits": cls_logits.numpy(), "boxes": boxes.numpy(),
-            "scores": scores.numpy(), "labels": labels.numpy()}
+    return {
+        "trunk_input": trunk_input,
+        "features": features.numpy(),
+        "rpn_logits": caught["rpn"][0].numpy(),
+        "proposals": proposals.numpy(),
+        "cls_logits": cls_logits.numpy(),
+        "boxes": boxes.numpy(),
+        "scores": scores.numpy(),
+        "labels": labels.numpy(),
+    }
 
 
 def onnx_with_stages(path: str, out_path: Path) -> None:
@@ -78,8 +88,10 @@ def onnx_with_stages(path: str, out_path: Path) -> None:
     roi_align = [n for n in model.graph.node if n.op_type == "RoiAlign"]
     softmax = [n for n in model.graph.node if n.op_type == "Softmax"]
     if len(roi_align) != 1 or len(softmax) != 1:
-        raise ExportError(f"{path}: expected one RoiAlign and one Softmax node, found {len(roi_align)} and "
-                          f"{len(softmax)}: give a detkit ONNX file (detkit benchmark --mode export --export-dir DIR)")
+        raise ExportError(
+            f"{path}: expected one RoiAlign and one Softmax node, found {len(roi_align)} and "
+            f"{len(softmax)}: give a detkit ONNX file (detkit benchmark --mode export --export-dir DIR)"
+        )
     for name in (roi_align[0].input[0], roi_align[0].input[1], softmax[0].input[0]):
         model.graph.output.add(name=name)
     onnx.save(model, str(out_path), save_as_external_data=False)
@@ -88,9 +100,16 @@ def onnx_with_stages(path: str, out_path: Path) -> None:
 def ort_stages(session, image: torch.Tensor) -> dict:
     h, w = image.shape[1:]
     boxes, scores, labels, features, rois, cls_logits = session.run(
-        None, {"image": image.numpy(), "original_size": np.array([h, w], dtype=np.int64)})
-    return {"features": features, "proposals": rois, "cls_logits": cls_logits, "boxes": boxes, "scores": scores,
-            "labels": labels.astype(np.int64)}
+        None, {"image": image.numpy(), "original_size": np.array([h, w], dtype=np.int64)}
+    )
+    return {
+        "features": features,
+        "proposals": rois,
+        "cls_logits": cls_logits,
+        "boxes": boxes,
+        "scores": scores,
+        "labels": labels.astype(np.int64),
+    }
 
 
 def first_difference(a: np.ndarray, b: np.ndarray, tol: float) -> int:
@@ -121,10 +140,19 @@ def frozen_bn_cancellation(model: torch.nn.Module) -> dict:
     relative precision (1 for a centred input)."""
     from detkit.modeling.backbone import FrozenBatchNorm2d
 
-    ratios = torch.cat([(m.running_mean.abs() / (m.running_var + m.eps).sqrt()).flatten()
-                        for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]).double()
-    return {"channels": int(ratios.numel()), "median": float(ratios.median()),
-            "p99": float(ratios.quantile(0.99)), "max": float(ratios.max())}
+    ratios = torch.cat(
+        [
+            (m.running_mean.abs() / (m.running_var + m.eps).sqrt()).flatten()
+            for m in model.modules()
+            if isinstance(m, FrozenBatchNorm2d)
+        ]
+    ).double()
+    return {
+        "channels": int(ratios.numel()),
+        "median": float(ratios.median()),
+        "p99": float(ratios.quantile(0.99)),
+        "max": float(ratios.max()),
+    }
 
 
 def relative_error(features: np.ndarray, exact: np.ndarray) -> float:
@@ -133,40 +161,63 @@ def relative_error(features: np.ndarray, exact: np.ndarray) -> float:
 
 def compare(ref: dict, got: dict, exact: np.ndarray) -> dict:
     scale = float(np.abs(ref["features"]).max())
-    row = {"features_max_abs_diff": float(np.abs(ref["features"] - got["features"]).max()),
-           "features_max_abs": scale}
+    row = {"features_max_abs_diff": float(np.abs(ref["features"] - got["features"]).max()), "features_max_abs": scale}
     row["features_rel_diff"] = row["features_max_abs_diff"] / scale
     row["features_rel_err_vs_float64"] = relative_error(got["features"], exact)
     first = first_difference(ref["proposals"], got["proposals"], 0.01)
-    row.update({"proposals": [len(ref["proposals"]), len(got["proposals"])],
-                "proposals_first_rank_differing_by_0.01px": first,
-                "proposals_max_diff_before_it_px": float(np.abs(ref["proposals"][:first] - got["proposals"][:first]).max(initial=0.0))})
+    row.update(
+        {
+            "proposals": [len(ref["proposals"]), len(got["proposals"])],
+            "proposals_first_rank_differing_by_0.01px": first,
+            "proposals_max_diff_before_it_px": float(
+                np.abs(ref["proposals"][:first] - got["proposals"][:first]).max(initial=0.0)
+            ),
+        }
+    )
     if first == len(ref["proposals"]) == len(got["proposals"]):
         row["cls_logits_max_abs_diff"] = float(np.abs(ref["cls_logits"] - got["cls_logits"]).max())
     diff = diff_detections(ref, got)
     same_order = diff["same"]
-    row.update({"detections": [diff["reference"], diff["candidate"]], "same_labels_in_order": same_order,
-                "matched_iou_0.99": diff["matched"], "matched_max_box_diff_px": diff["matched_max_box_diff_px"],
-                "matched_max_score_diff": diff["matched_max_score_diff"]})
+    row.update(
+        {
+            "detections": [diff["reference"], diff["candidate"]],
+            "same_labels_in_order": same_order,
+            "matched_iou_0.99": diff["matched"],
+            "matched_max_box_diff_px": diff["matched_max_box_diff_px"],
+            "matched_max_score_diff": diff["matched_max_score_diff"],
+        }
+    )
     if same_order:
         row["max_box_diff_px"] = diff["max_box_diff_px"]
         row["max_score_diff"] = diff["max_score_diff"]
     else:
         n = min(len(ref["labels"]), len(got["labels"]))
         row["ranks_with_other_label_or_box"] = int(
-            ((ref["labels"][:n] != got["labels"][:n]) | (np.abs(ref["boxes"][:n] - got["boxes"][:n]).max(axis=1) > 0.01)).sum())
+            (
+                (ref["labels"][:n] != got["labels"][:n])
+                | (np.abs(ref["boxes"][:n] - got["boxes"][:n]).max(axis=1) > 0.01)
+            ).sum()
+        )
     return row
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.trace_export_parity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.trace_export_parity",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("model", help="model.onnx written by detkit benchmark --mode export --export-dir DIR")
     parser.add_argument("--depth", type=int, default=101)
     parser.add_argument("--num-classes", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--candidates", nargs="+", default=["onnxruntime", "onnxruntime-noopt", "pytorch-slow-conv"],
-                        choices=["onnxruntime", "onnxruntime-noopt", "pytorch-slow-conv"])
+    parser.add_argument(
+        "--candidates",
+        nargs="+",
+        default=["onnxruntime", "onnxruntime-noopt", "pytorch-slow-conv"],
+        choices=["onnxruntime", "onnxruntime-noopt", "pytorch-slow-conv"],
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
 
@@ -178,13 +229,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = calibrated_model(options)
     detector = SingleImageDetector(source.model, int(source.cfg.data.size_divisibility)).eval()
     trunk64 = copy.deepcopy(detector.trunk).double()
-    print("FrozenBN |running_mean| / sqrt(running_var) over all channels (the cancellation in x - mean): "
-          + json.dumps(frozen_bn_cancellation(source.model)))
+    print(
+        "FrozenBN |running_mean| / sqrt(running_var) over all channels (the cancellation in x - mean): "
+        + json.dumps(frozen_bn_cancellation(source.model))
+    )
     staged = Path(args.model).with_name(Path(args.model).stem + "_stages.onnx")
     onnx_with_stages(args.model, staged)
     sessions = {}
-    for name, level in (("onnxruntime", ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
-                        ("onnxruntime-noopt", ort.GraphOptimizationLevel.ORT_DISABLE_ALL)):
+    for name, level in (
+        ("onnxruntime", ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+        ("onnxruntime-noopt", ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+    ):
         if name in args.candidates:
             so = ort.SessionOptions()
             so.graph_optimization_level = level
@@ -209,7 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 got = ort_stages(sessions[name], image)
             row = {"size": [h, w], "candidate": name, **compare(ref, got, exact), "eager_decisions": decisions}
             rows.append(row)
-            print(f"  {name}: " + json.dumps({k: v for k, v in row.items() if k not in ("size", "candidate", "eager_decisions")}))
+            print(
+                f"  {name}: "
+                + json.dumps({k: v for k, v in row.items() if k not in ("size", "candidate", "eager_decisions")})
+            )
     staged.unlink()
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

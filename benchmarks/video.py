@@ -44,8 +44,19 @@ def make_clip(path: Path, num_frames: int, width: int = 640, height: int = 480, 
     rng = np.random.default_rng(0)
     small = rng.integers(40, 200, size=(height // 16, width // 16, 3), dtype=np.uint8)
     background = cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
-    shapes = [(kind, rng.uniform(24, 80), rng.uniform(0, width), rng.uniform(0, height), rng.uniform(-4, 4),
-               rng.uniform(-3, 3), tuple(int(c) for c in rng.integers(0, 256, 3))) for kind in range(4) for _ in range(2)]
+    shapes = [
+        (
+            kind,
+            rng.uniform(24, 80),
+            rng.uniform(0, width),
+            rng.uniform(0, height),
+            rng.uniform(-4, 4),
+            rng.uniform(-3, 3),
+            tuple(int(c) for c in rng.integers(0, 256, 3)),
+        )
+        for kind in range(4)
+        for _ in range(2)
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as temp:  # a half-written clip never takes the final name
         writer = cv2.VideoWriter(str(temp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
@@ -106,9 +117,29 @@ def full_run(clip: Path, weights: str, threads: int, batch_size: int) -> dict:
     """One `detkit infer` run in a fresh process with `threads` torch threads: its summary's video entry."""
     with tempfile.TemporaryDirectory(prefix="detkit-bench-video-") as tmp:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        subprocess.run([sys.executable, "-m", "detkit", "infer", "--weights", weights, "--input", str(clip),
-                        "--output", f"{tmp}/out", "--device", "cpu", "--batch-size", str(batch_size)],
-                       check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "detkit",
+                "infer",
+                "--weights",
+                weights,
+                "--input",
+                str(clip),
+                "--output",
+                f"{tmp}/out",
+                "--device",
+                "cpu",
+                "--batch-size",
+                str(batch_size),
+            ],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
         return json.loads(Path(f"{tmp}/out/summary.json").read_text())["videos"][0]
 
 
@@ -133,12 +164,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         fps = [r["frames_per_second"] for r in runs]
         median = runs[sorted(range(len(runs)), key=lambda i: fps[i])[len(runs) // 2]]
         timing, seconds = median["timing"], median["seconds"]
-        print(f"threads {threads}: full {min(fps):.2f} / {statistics.median(fps):.2f} frames/s (min / median of "
-              f"{args.runs}); decoder only {min(decode):.1f} / {statistics.median(decode):.1f}; model only "
-              f"{min(model):.2f} / {statistics.median(model):.2f} (batches of {args.batch_size})")
-        print(f"  median run {seconds:.2f} s: model {timing['model_s']:.2f} s, draw+write {timing['draw_write_s']:.2f} s,"
-              f" waited for decoder {timing['waited_for_decoder_s']:.2f} s; decoder thread busy "
-              f"{timing['decode_s']:.2f} s")
+        print(
+            f"threads {threads}: full {min(fps):.2f} / {statistics.median(fps):.2f} frames/s (min / median of "
+            f"{args.runs}); decoder only {min(decode):.1f} / {statistics.median(decode):.1f}; model only "
+            f"{min(model):.2f} / {statistics.median(model):.2f} (batches of {args.batch_size})"
+        )
+        print(
+            f"  median run {seconds:.2f} s: model {timing['model_s']:.2f} s, draw+write {timing['draw_write_s']:.2f} s,"
+            f" waited for decoder {timing['waited_for_decoder_s']:.2f} s; decoder thread busy "
+            f"{timing['decode_s']:.2f} s"
+        )
     print(f"load {os.getloadavg()[0]:.2f} at the end")
     return 0
 

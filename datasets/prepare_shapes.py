@@ -28,13 +28,21 @@ from detkit.cli.common import run_cli, setup_logging
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="generate every dataset of type shapes in this config (data.train and data.test)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config", help="generate every dataset of type shapes in this config (data.train and data.test)"
+    )
     parser.add_argument("--out", help="write one split to this folder instead (parameters from the flags below)")
     parser.add_argument("--split", default="train", help="split name, part of the seed (default: train)")
     parser.add_argument("--num-images", type=int, default=200)
     parser.add_argument("--image-size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"))
-    parser.add_argument("--num-classes", type=int, default=6, help="1..8: circle square triangle star hexagon cross ring arrow")
+    parser.add_argument(
+        "--num-classes", type=int, default=6, help="1..8: circle square triangle star hexagon cross ring arrow"
+    )
     parser.add_argument("--max-objects", type=int, default=6)
     parser.add_argument("--min-object-size", type=int, default=12)
     parser.add_argument("--max-object-size", type=int, default=0, help="0: half the short side")
@@ -54,14 +62,27 @@ def main(argv: Sequence[str]) -> int:
     start = time.perf_counter()
     if args.out:
         params = ShapesParams(
-            split=args.split, num_images=args.num_images, image_size=tuple(args.image_size), num_classes=args.num_classes,
-            max_objects=args.max_objects, min_object_size=args.min_object_size, max_object_size=args.max_object_size, seed=args.seed,
+            split=args.split,
+            num_images=args.num_images,
+            image_size=tuple(args.image_size),
+            num_classes=args.num_classes,
+            max_objects=args.max_objects,
+            min_object_size=args.min_object_size,
+            max_object_size=args.max_object_size,
+            seed=args.seed,
         )
         ann_file = generate_shapes(params, args.out, workers=args.workers)
-        print(f"{params.num_images} images: {ann_file} (images in {os.path.join(args.out, 'images')}) in {time.perf_counter() - start:.1f} s")
+        print(
+            f"{params.num_images} images: {ann_file} (images in {os.path.join(args.out, 'images')}) in {time.perf_counter() - start:.1f} s"
+        )
         return 0
     cfg = load_config(args.config, args.overrides)
-    entries = [(f"data.{split}[{i}]", ds) for split in ("train", "test") for i, ds in enumerate(getattr(cfg.data, split)) if ds.type == "shapes"]
+    entries = [
+        (f"data.{split}[{i}]", ds)
+        for split in ("train", "test")
+        for i, ds in enumerate(getattr(cfg.data, split))
+        if ds.type == "shapes"
+    ]
     if not entries:
         raise ConfigError(f"{args.config} has no dataset of type shapes under data.train or data.test")
     for key, ds in entries:

@@ -17,7 +17,9 @@ import torch
 # The tools the tests run as subprocesses (python tools/train.py ...) import the detkit of this
 # checkout, not another one an editable install in the environment may point to.
 _CHECKOUT = str(Path(__file__).resolve().parents[1])
-os.environ["PYTHONPATH"] = os.pathsep.join([_CHECKOUT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_CHECKOUT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+)
 
 
 def pytest_report_header(config):
@@ -38,9 +40,14 @@ def pytest_collection_modifyitems(config, items):
 # A random ResNet-18 C4 on 64 px inputs with few proposals: dozens of detections per frame at
 # score 0.05, which is all the video bookkeeping tests need.
 TINY_MODEL = [
-    "device=cpu", "model.depth=18", "model.num_classes=3",
-    "model.rpn.pre_nms_topk_test=100", "model.rpn.post_nms_topk_test=16", "model.roi_heads.pooler_resolution=4",
-    "data.min_size_test=64", "data.max_size_test=96",
+    "device=cpu",
+    "model.depth=18",
+    "model.num_classes=3",
+    "model.rpn.pre_nms_topk_test=100",
+    "model.rpn.post_nms_topk_test=16",
+    "model.roi_heads.pooler_resolution=4",
+    "data.min_size_test=64",
+    "data.max_size_test=96",
 ]
 
 
@@ -55,8 +62,9 @@ def shapes_frame(k: int, width: int = 96, height: int = 64) -> np.ndarray:
     return frame
 
 
-def write_shapes_video(path: Path, codec: str, num_frames: int = 20, size_wh: tuple[int, int] = (96, 64),
-                       fps: float = 10.0) -> Path:
+def write_shapes_video(
+    path: Path, codec: str, num_frames: int = 20, size_wh: tuple[int, int] = (96, 64), fps: float = 10.0
+) -> Path:
     """A clip of `num_frames` shapes frames written with cv2.VideoWriter in `codec` (e.g. MJPG in
     .avi, mp4v in .mp4)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +134,8 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     cfg = load_config(None, TINY_MODEL)
     model = build_model(cfg, load_weights=False).eval()
     path = tmp_path_factory.mktemp("tiny_checkpoint") / "model.pth"
-    save_checkpoint({"model": model.state_dict(), "config": config_to_dict(cfg),
-                     "class_names": ["circle", "square", "triangle"]}, path)
+    save_checkpoint(
+        {"model": model.state_dict(), "config": config_to_dict(cfg), "class_names": ["circle", "square", "triangle"]},
+        path,
+    )
     return path

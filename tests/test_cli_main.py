@@ -26,8 +26,14 @@ TASKS = ["train", "eval", "infer", "export", "analyze", "benchmark", "convert-we
 
 def detkit(*args, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "detkit", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "detkit", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+    )
 
 
 def pyproject_version() -> str:
@@ -58,7 +64,7 @@ def test_help_lists_every_task_with_one_line():
     assert proc.returncode == 0 and proc.stderr == ""
     lines = proc.stdout.splitlines()
     first = lines.index("tasks:") + 1
-    block = lines[first:lines.index("", first)]
+    block = lines[first : lines.index("", first)]
     assert [line.split()[0] for line in block] == TASKS
     for line in block:
         assert len(line.split(None, 1)[1]) > 20  # a real one-line description
@@ -96,7 +102,8 @@ def test_a_task_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
     proc = detkit("plot", tmp_path / "no_run")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'no_run'} not found: give a training output dir or its metrics.jsonl"]
+        f"error: {tmp_path / 'no_run'} not found: give a training output dir or its metrics.jsonl"
+    ]
     for args in (("plot", tmp_path / "no_run", "--debug"), ("--debug", "plot", tmp_path / "no_run")):
         debug = detkit(*args)
         assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
@@ -105,8 +112,14 @@ def test_a_task_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
 
 def test_tools_launchers_still_run_their_task():
     for tool, usage in (("plot.py", "usage: detkit plot "), ("demo.py", "usage: detkit demo ")):
-        proc = subprocess.run([sys.executable, str(ROOT / "tools" / tool), "--help"], capture_output=True, text=True,
-                              timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "tools" / tool), "--help"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         assert proc.returncode == 0 and proc.stdout.startswith(usage), proc.stderr
 
 
@@ -134,8 +147,23 @@ def test_detkit_infer_end_to_end(tiny_checkpoint, tmp_path):
         small = rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)
         cv2.imwrite(str(photos / f"img{k}.png"), cv2.resize(small, (96, 64), interpolation=cv2.INTER_CUBIC))
     out = tmp_path / "out"
-    proc = detkit("infer", "--weights", tiny_checkpoint, "--input", photos, "--output", out, "--device", "cpu",
-                  "--score-thresh", "0.05", "--batch-size", "1", "--workers", "0")
+    proc = detkit(
+        "infer",
+        "--weights",
+        tiny_checkpoint,
+        "--input",
+        photos,
+        "--output",
+        out,
+        "--device",
+        "cpu",
+        "--score-thresh",
+        "0.05",
+        "--batch-size",
+        "1",
+        "--workers",
+        "0",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "images:     2 processed, 0 skipped" in proc.stdout
 
@@ -160,8 +188,16 @@ def test_tools_holds_the_user_tools_and_benchmarks_is_a_package_not_shipped():
     import importlib
 
     assert sorted(p.name for p in (ROOT / "tools").iterdir() if p.name != "__pycache__") == [
-        "analyze.py", "benchmark.py", "convert_weights.py", "demo.py", "eval.py", "export.py", "infer.py", "plot.py",
-        "train.py"]
+        "analyze.py",
+        "benchmark.py",
+        "convert_weights.py",
+        "demo.py",
+        "eval.py",
+        "export.py",
+        "infer.py",
+        "plot.py",
+        "train.py",
+    ]
     for name in ("frozen_bn", "gemm_conv", "int8", "loader", "matching", "video", "trace_export_parity"):
         module = importlib.import_module(f"benchmarks.{name}")
         assert callable(module.main), name

@@ -52,7 +52,9 @@ def test_every_shipped_config_loads(name):
 
 
 def test_inheritance_chain_and_override(tmp_path):
-    (tmp_path / "a.yaml").write_text("_base_: " + str(CONFIGS / "base.yaml") + "\nmodel: {depth: 50}\nsolver: {base_lr: 0.01}\n")
+    (tmp_path / "a.yaml").write_text(
+        "_base_: " + str(CONFIGS / "base.yaml") + "\nmodel: {depth: 50}\nsolver: {base_lr: 0.01}\n"
+    )
     (tmp_path / "b.yaml").write_text("_base_: a.yaml\nmodel:\n  rpn: {nms_thresh: 0.6}\n")
     cfg = load_config(tmp_path / "b.yaml", overrides=["solver.max_iter=7", "model.rpn.anchor_sizes=[16, 32]"])
     assert cfg.model.depth == 50  # from a.yaml

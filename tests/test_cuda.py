@@ -18,10 +18,16 @@ def tiny_model(device):
     cfg = replace(
         load_config(),
         **{
-            "model.depth": 18, "model.num_classes": 3, "model.rpn.pre_nms_topk_train": 200,
-            "model.rpn.post_nms_topk_train": 16, "model.rpn.pre_nms_topk_test": 200, "model.rpn.post_nms_topk_test": 16,
-            "model.rpn.batch_size_per_image": 64, "model.roi_heads.batch_size_per_image": 8,
-            "model.rpn.smooth_l1_beta": 0.1, "model.roi_heads.smooth_l1_beta": 0.1,
+            "model.depth": 18,
+            "model.num_classes": 3,
+            "model.rpn.pre_nms_topk_train": 200,
+            "model.rpn.post_nms_topk_train": 16,
+            "model.rpn.pre_nms_topk_test": 200,
+            "model.rpn.post_nms_topk_test": 16,
+            "model.rpn.batch_size_per_image": 64,
+            "model.roi_heads.batch_size_per_image": 8,
+            "model.rpn.smooth_l1_beta": 0.1,
+            "model.roi_heads.smooth_l1_beta": 0.1,
         },
     )
     return build_model(cfg).to(device)
@@ -31,7 +37,10 @@ def batch():
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, 192, 256), dtype=torch.uint8, generator=g) for _ in range(2)]
     targets = [
-        {"boxes": torch.tensor([[10.25, 20.5, 120.75, 150.125], [140.0, 8.0, 250.5, 100.0]]), "labels": torch.tensor([1, 2])},
+        {
+            "boxes": torch.tensor([[10.25, 20.5, 120.75, 150.125], [140.0, 8.0, 250.5, 100.0]]),
+            "labels": torch.tensor([1, 2]),
+        },
         {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
     ]
     return images, targets
@@ -43,7 +52,9 @@ def test_amp_training_step_on_cuda_keeps_boxes_fp32_and_gradients_finite(dtype, 
     model = tiny_model(device).train()
     seen = []
     original = roi_heads_module.roi_align
-    monkeypatch.setattr(roi_heads_module, "roi_align", lambda f, b, *a, **k: seen.append(b.dtype) or original(f, b, *a, **k))
+    monkeypatch.setattr(
+        roi_heads_module, "roi_align", lambda f, b, *a, **k: seen.append(b.dtype) or original(f, b, *a, **k)
+    )
     images, targets = batch()
     targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
@@ -75,4 +86,6 @@ def test_backend_flags_follow_the_config():
     configure_backends(torch.device("cuda"), cudnn_benchmark=True, allow_tf32=True)
     assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     configure_backends(torch.device("cuda"), cudnn_benchmark=False, allow_tf32=False)
-    assert not (torch.backends.cudnn.benchmark or torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+    assert not (
+        torch.backends.cudnn.benchmark or torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+    )

@@ -29,15 +29,17 @@ def tiny(tmp_path):
     gt = {
         "images": [{"id": i, "file_name": f"{i}.jpg", "height": 64, "width": 96} for i in (1, 2, 3)],
         "categories": CATEGORIES,
-        "annotations": [{"id": n + 1, "image_id": im, "category_id": c, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
-                        for n, (im, c, b) in enumerate(objects)],
+        "annotations": [
+            {"id": n + 1, "image_id": im, "category_id": c, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
+            for n, (im, c, b) in enumerate(objects)
+        ],
     }
     predictions = [
-        {"image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 20], "score": 0.9},    # TP
+        {"image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 20], "score": 0.9},  # TP
         {"image_id": 1, "category_id": 1, "bbox": [40, 10, 36, 36], "score": 0.8},  # cat on the dog: Cls
         {"image_id": 2, "category_id": 1, "bbox": [22, 30, 24, 24], "score": 0.7},  # half off the cat: Loc
-        {"image_id": 2, "category_id": 2, "bbox": [70, 2, 10, 10], "score": 0.6},   # on nothing: Bkg
-    ]                                                                              # the dog of image 3: Miss
+        {"image_id": 2, "category_id": 2, "bbox": [70, 2, 10, 10], "score": 0.6},  # on nothing: Bkg
+    ]  # the dog of image 3: Miss
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     (tmp_path / "predictions.json").write_text(json.dumps(predictions))
     return tmp_path
@@ -45,12 +47,34 @@ def tiny(tmp_path):
 
 def test_analyze_writes_the_report_with_the_numbers_of_its_parts(tiny):
     out = tiny / "report"
-    code = main(["--gt", str(tiny / "gt.json"), "--predictions", str(tiny / "predictions.json"), "--out", str(out),
-                 "--images", str(tiny / "images")])
+    code = main(
+        [
+            "--gt",
+            str(tiny / "gt.json"),
+            "--predictions",
+            str(tiny / "predictions.json"),
+            "--out",
+            str(out),
+            "--images",
+            str(tiny / "images"),
+        ]
+    )
     assert code == 0
-    for name in ("report.html", "analysis.json", "summary.png", "tide.png", "pr_overall.png", "pr_cat.png", "pr_dog.png",
-                 "confusion.png", "per_class_ap.png", "false_positives.png", "missed.png", "dataset.png",
-                 "anchor_coverage.png"):
+    for name in (
+        "report.html",
+        "analysis.json",
+        "summary.png",
+        "tide.png",
+        "pr_overall.png",
+        "pr_cat.png",
+        "pr_dog.png",
+        "confusion.png",
+        "per_class_ap.png",
+        "false_positives.png",
+        "missed.png",
+        "dataset.png",
+        "anchor_coverage.png",
+    ):
         assert (out / name).is_file(), name
     html = (out / "report.html").read_text()
     for png in out.glob("*.png"):
@@ -70,7 +94,12 @@ def test_analyze_writes_the_report_with_the_numbers_of_its_parts(tiny):
 def test_dataset_report_with_gt_alone(tiny):
     out = tiny / "data_report"
     assert main(["--gt", str(tiny / "gt.json"), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["analysis.json", "anchor_coverage.png", "dataset.png", "report.html"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "analysis.json",
+        "anchor_coverage.png",
+        "dataset.png",
+        "report.html",
+    ]
     numbers = json.loads((out / "analysis.json").read_text())
     assert numbers["dataset"]["size_counts"] == {"small": 3, "medium": 1, "large": 0}
 
@@ -101,7 +130,18 @@ def test_user_errors_are_one_line_with_exit_status_2(tiny, capsys):
 
 @pytest.mark.slow
 def test_tools_analyze_script_runs(tiny):
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "analyze.py"), "--gt", str(tiny / "gt.json"),
-                             "--out", str(tiny / "script")], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "analyze.py"),
+            "--gt",
+            str(tiny / "gt.json"),
+            "--out",
+            str(tiny / "script"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert (tiny / "script" / "report.html").is_file()

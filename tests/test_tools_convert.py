@@ -28,10 +28,16 @@ TOOL = [sys.executable, str(ROOT / "tools" / "convert_weights.py")]
 
 
 def tiny_cfg(num_classes: int = 3, **changes):
-    return replace(load_config(None), **{
-        "model.depth": 18, "model.num_classes": num_classes,
-        "model.rpn.pre_nms_topk_test": 200, "model.rpn.post_nms_topk_test": 5, **changes,
-    })
+    return replace(
+        load_config(None),
+        **{
+            "model.depth": 18,
+            "model.num_classes": num_classes,
+            "model.rpn.pre_nms_topk_test": 200,
+            "model.rpn.post_nms_topk_test": 5,
+            **changes,
+        },
+    )
 
 
 @functools.cache
@@ -104,8 +110,12 @@ def test_num_classes_drops_a_predictor_for_other_classes(tmp_path):
 
     report = load_detector_weights(model, str(out))
     assert report.format == "detkit"
-    assert sorted(report.missing) == ["roi_heads.box_predictor.bbox_pred.bias", "roi_heads.box_predictor.bbox_pred.weight",
-                                      "roi_heads.box_predictor.cls_score.bias", "roi_heads.box_predictor.cls_score.weight"]
+    assert sorted(report.missing) == [
+        "roi_heads.box_predictor.bbox_pred.bias",
+        "roi_heads.box_predictor.bbox_pred.weight",
+        "roi_heads.box_predictor.cls_score.bias",
+        "roi_heads.box_predictor.cls_score.weight",
+    ]
     assert report.shape_mismatch == report.unused == []
 
     # The same number of classes keeps it.
@@ -144,11 +154,28 @@ def shapes_config(tmp_path: Path) -> Path:
 
     text = {
         "_base_": str(ROOT / "configs" / "base.yaml"),
-        "model": {"depth": 18, "num_classes": 3, "weights": str(tmp_path / "model_final.pkl"),
-                  "rpn": {"pre_nms_topk_test": 200, "post_nms_topk_test": 5}},
-        "data": {"test": [{"type": "shapes", "name": "shapes_test", "root": str(tmp_path / "shapes"), "split": "test",
-                           "num_images": 2, "image_size": [64, 64], "num_classes": 3}],
-                 "min_size_test": 64, "max_size_test": 64, "num_workers": 0},
+        "model": {
+            "depth": 18,
+            "num_classes": 3,
+            "weights": str(tmp_path / "model_final.pkl"),
+            "rpn": {"pre_nms_topk_test": 200, "post_nms_topk_test": 5},
+        },
+        "data": {
+            "test": [
+                {
+                    "type": "shapes",
+                    "name": "shapes_test",
+                    "root": str(tmp_path / "shapes"),
+                    "split": "test",
+                    "num_images": 2,
+                    "image_size": [64, 64],
+                    "num_classes": 3,
+                }
+            ],
+            "min_size_test": 64,
+            "max_size_test": 64,
+            "num_workers": 0,
+        },
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(text))
@@ -173,11 +200,30 @@ def test_with_config_the_output_is_a_checkpoint_the_predictor_takes(tmp_path):
 def test_with_config_weights_that_do_not_fit_are_an_error(tmp_path):
     cfg_path = shapes_config(tmp_path)
     with pytest.raises(ConfigError, match=re.escape("--num-classes 5 differs from model.num_classes=3")):
-        main(["--from", "detectron2", str(detectron2_pkl(tmp_path)), str(tmp_path / "o.pth"), "--config", str(cfg_path),
-              "--num-classes", "5"])
+        main(
+            [
+                "--from",
+                "detectron2",
+                str(detectron2_pkl(tmp_path)),
+                str(tmp_path / "o.pth"),
+                "--config",
+                str(cfg_path),
+                "--num-classes",
+                "5",
+            ]
+        )
     with pytest.raises(CheckpointError, match="does not fit the model"):
-        main(["--from", "detectron2", str(tmp_path / "model_final.pkl"), str(tmp_path / "o.pth"), "--config", str(cfg_path),
-              "model.depth=34"])
+        main(
+            [
+                "--from",
+                "detectron2",
+                str(tmp_path / "model_final.pkl"),
+                str(tmp_path / "o.pth"),
+                "--config",
+                str(cfg_path),
+                "model.depth=34",
+            ]
+        )
     assert not (tmp_path / "o.pth").exists()
 
 
@@ -189,11 +235,18 @@ def test_the_tool_refuses_a_pickle_that_would_run_code(tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    src = write_pickle(tmp_path / "model_final.pkl", {"model": {"backbone.stem.conv1.weight": np.zeros(3, np.float32)},
-                                                      "__author__": Evil()})
+    src = write_pickle(
+        tmp_path / "model_final.pkl",
+        {"model": {"backbone.stem.conv1.weight": np.zeros(3, np.float32)}, "__author__": Evil()},
+    )
     out = tmp_path / "out.pth"
-    result = subprocess.run(TOOL + ["--from", "detectron2", str(src), str(out)], capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        TOOL + ["--from", "detectron2", str(src), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: refused to load") and "posix.system" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1  # one clear line, no traceback
@@ -233,11 +286,18 @@ def coco_args(tmp_path: Path, num_classes: int = 80) -> list[str]:
     """configs/frcnn_r101_detectron2.yaml as a user runs it, made cheap (ResNet-18, 64 px, 8 RoIs),
     its test set pointing at a COCO folder that does not exist here."""
     coco = tmp_path / "coco"
-    return ["--config", str(ROOT / "configs" / "frcnn_r101_detectron2.yaml"), "model.depth=18",
-            f"model.num_classes={num_classes}", "model.rpn.pre_nms_topk_test=100", "model.rpn.post_nms_topk_test=8",
-            "data.min_size_test=64", "data.max_size_test=96",
-            f"data.test=[{{type: coco, name: coco_2017_val, ann_file: {coco}/annotations/instances_val2017.json, "
-            f"image_root: {coco}/val2017}}]"]
+    return [
+        "--config",
+        str(ROOT / "configs" / "frcnn_r101_detectron2.yaml"),
+        "model.depth=18",
+        f"model.num_classes={num_classes}",
+        "model.rpn.pre_nms_topk_test=100",
+        "model.rpn.post_nms_topk_test=8",
+        "data.min_size_test=64",
+        "data.max_size_test=96",
+        f"data.test=[{{type: coco, name: coco_2017_val, ann_file: {coco}/annotations/instances_val2017.json, "
+        f"image_root: {coco}/val2017}}]",
+    ]
 
 
 @pytest.fixture
@@ -294,8 +354,23 @@ def test_a_coco_model_without_the_coco_json_gets_cocos_names_and_infer_shows_the
 
     # Step two: detect on a folder of photos with the converted file as it is.
     photos = photo_folder(tmp_path / "photos")
-    code, stdout, stderr = console(infer_main, ["--weights", out, "--input", photos, "--output", tmp_path / "det",
-                                                "--device", "cpu", "--score-thresh", "0.3", "--workers", "0"])
+    code, stdout, stderr = console(
+        infer_main,
+        [
+            "--weights",
+            out,
+            "--input",
+            photos,
+            "--output",
+            tmp_path / "det",
+            "--device",
+            "cpu",
+            "--score-thresh",
+            "0.3",
+            "--workers",
+            "0",
+        ],
+    )
     assert code == 0, stderr
     assert "images:     2 processed, 0 skipped" in stdout
     predictions = json.loads((tmp_path / "det" / "predictions.json").read_text())
@@ -311,9 +386,15 @@ def test_a_readable_annotation_file_gives_the_names_of_an_80_class_model(tmp_pat
     ann = tmp_path / "coco" / "annotations" / "instances_val2017.json"
     ann.parent.mkdir(parents=True)
     photo_folder(tmp_path / "coco" / "val2017", count=1)
-    ann.write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "photo0.jpg", "height": 64, "width": 96}], "annotations": [],
-        "categories": [{"id": 100 + k, "name": f"part{k}"} for k in range(80)]}))
+    ann.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "photo0.jpg", "height": 64, "width": 96}],
+                "annotations": [],
+                "categories": [{"id": 100 + k, "name": f"part{k}"} for k in range(80)],
+            }
+        )
+    )
     out = tmp_path / "mine.pth"
     code, stdout, stderr = console(main, ["--from", "detectron2", pkl, out, *coco_args(tmp_path)])
     assert code == 0, stderr
@@ -327,19 +408,34 @@ def test_a_model_of_other_classes_without_names_gives_the_clear_error(tmp_path, 
     from detkit.cli.infer import main as infer_main
 
     out = tmp_path / "three.pth"
-    code, stdout, stderr = console(main, ["--from", "detectron2", detectron2_pkl(tmp_path), out,
-                                          *coco_args(tmp_path, num_classes=3)])
+    code, stdout, stderr = console(
+        main, ["--from", "detectron2", detectron2_pkl(tmp_path), out, *coco_args(tmp_path, num_classes=3)]
+    )
     assert code == 0, stderr
     assert "no class names stored (cannot read the test dataset of" in stdout and "COCO's 80" not in stdout
     state = torch.load(out, weights_only=True)
     assert "class_names" not in state and "category_ids" not in state
     assert state["config"]["model"]["num_classes"] == 3
 
-    code, stdout, stderr = console(infer_main, ["--weights", out, "--input", photo_folder(tmp_path / "photos"),
-                                                "--output", tmp_path / "det", "--device", "cpu", "--workers", "0"])
+    code, stdout, stderr = console(
+        infer_main,
+        [
+            "--weights",
+            out,
+            "--input",
+            photo_folder(tmp_path / "photos"),
+            "--output",
+            tmp_path / "det",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+        ],
+    )
     assert code == 2
     assert stderr.strip().splitlines() == [
         f"error: {out} has no class names: it was converted from {tmp_path / 'model_final.pkl'} while the test "
         "annotation file of its --config could not be read. Convert it again with a --config whose data.test names "
-        "the annotation file of the model's classes (a model of 80 classes gets COCO's names without one)"]
+        "the annotation file of the model's classes (a model of 80 classes gets COCO's names without one)"
+    ]
     assert not (tmp_path / "det").exists()

@@ -64,7 +64,9 @@ def trained(tmp_path_factory, standin_imagenet_r18):
     """(tmp dir, config path, checkpoint path) of a tiny model trained with tools/train.py."""
     tmp = tmp_path_factory.mktemp("eval_infer")
     cfg = tmp / "tiny.yaml"
-    cfg.write_text(TINY_CONFIG.format(base=ROOT / "configs" / "base.yaml", data=tmp / "shapes", weights=standin_imagenet_r18))
+    cfg.write_text(
+        TINY_CONFIG.format(base=ROOT / "configs" / "base.yaml", data=tmp / "shapes", weights=standin_imagenet_r18)
+    )
     run_tool(ROOT / "tools" / "train.py", cfg, f"output_dir={tmp / 'train'}")
     weights = tmp / "train" / "model_final.pth"
     assert weights.is_file()
@@ -127,8 +129,17 @@ def test_eval_file_mode_reproduces_model_mode_with_both_backends(trained, model_
     tmp, _, _ = trained
     out, _ = model_eval
     metrics_file = tmp / "file_mode" / "metrics.json"
-    proc = run_tool(ROOT / "tools" / "eval.py", "--gt", val_ann_file(tmp), "--predictions", out / "predictions.json",
-                    "--out", metrics_file, "--backend", "pycocotools")
+    proc = run_tool(
+        ROOT / "tools" / "eval.py",
+        "--gt",
+        val_ann_file(tmp),
+        "--predictions",
+        out / "predictions.json",
+        "--out",
+        metrics_file,
+        "--backend",
+        "pycocotools",
+    )
     assert "metrics written to" in proc.stdout and "Per-class AP:" in proc.stdout
     file_metrics = json.loads(metrics_file.read_text())
     model_metrics = json.loads((out / "metrics.json").read_text())
@@ -140,15 +151,27 @@ def test_eval_file_mode_reproduces_model_mode_with_both_backends(trained, model_
 def test_eval_file_mode_gives_100_for_the_ground_truth_itself(trained, tmp_path):
     tmp, _, _ = trained
     gt = json.loads(val_ann_file(tmp).read_text())
-    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
-               for a in gt["annotations"]]
+    perfect = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+        for a in gt["annotations"]
+    ]
     (tmp_path / "perfect.json").write_text(json.dumps(perfect))
-    run_tool(ROOT / "tools" / "eval.py", "--gt", val_ann_file(tmp), "--predictions", tmp_path / "perfect.json",
-             "--out", tmp_path / "metrics.json")
+    run_tool(
+        ROOT / "tools" / "eval.py",
+        "--gt",
+        val_ann_file(tmp),
+        "--predictions",
+        tmp_path / "perfect.json",
+        "--out",
+        tmp_path / "metrics.json",
+    )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["AP"] == pytest.approx(100.0) and metrics["AR100"] == pytest.approx(100.0)
-    assert metrics["per_class"] == {"circle": pytest.approx(100.0), "square": pytest.approx(100.0),
-                                    "triangle": pytest.approx(100.0)}
+    assert metrics["per_class"] == {
+        "circle": pytest.approx(100.0),
+        "square": pytest.approx(100.0),
+        "triangle": pytest.approx(100.0),
+    }
 
 
 def test_eval_file_mode_reports_bad_predictions_in_one_line(trained, tmp_path):
@@ -197,8 +220,24 @@ def test_infer_on_a_folder_draws_images_and_matches_eval(trained, model_eval):
     inputs = tmp / "photos"
     copies = make_input_folder(tmp, inputs)
     out = tmp / "infer"
-    proc = run_tool(ROOT / "tools" / "infer.py", "--weights", weights, "--input", inputs, "--output", out,
-                    "--recursive", "--score-thresh", "0.05", "--batch-size", "2", "--device", "cpu", "--workers", "0")
+    proc = run_tool(
+        ROOT / "tools" / "infer.py",
+        "--weights",
+        weights,
+        "--input",
+        inputs,
+        "--output",
+        out,
+        "--recursive",
+        "--score-thresh",
+        "0.05",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+    )
 
     assert "3 processed, 1 skipped, 1 non-image files ignored" in proc.stdout
     assert "images/s" in proc.stdout and "skipped:    corrupt.jpg: the JPEG is truncated" in proc.stdout
@@ -220,16 +259,28 @@ def test_infer_on_a_folder_draws_images_and_matches_eval(trained, model_eval):
     eval_predictions = json.loads((eval_out / "predictions.json").read_text())
     for rel, val_name in copies.items():
         ours = sorted((p for p in predictions if p["file_name"] == rel), key=lambda p: -p["score"])
-        theirs = sorted((p for p in eval_predictions if p["image_id"] == id_of[Path(val_name).name]),
-                        key=lambda p: -p["score"])
+        theirs = sorted(
+            (p for p in eval_predictions if p["image_id"] == id_of[Path(val_name).name]), key=lambda p: -p["score"]
+        )
         assert len(ours) == len(theirs), rel
         np.testing.assert_allclose([p["bbox"] for p in ours], [p["bbox"] for p in theirs], atol=1e-3)
         np.testing.assert_allclose([p["score"] for p in ours], [p["score"] for p in theirs], atol=1e-5)
         assert [p["category_id"] for p in ours] == [p["category_id"] for p in theirs]
 
     # A second run into the same folder: refused, then --overwrite replaces the first run's files.
-    again = [ROOT / "tools" / "infer.py", "--weights", weights, "--input", inputs, "--output", out,
-             "--device", "cpu", "--workers", "0"]
+    again = [
+        ROOT / "tools" / "infer.py",
+        "--weights",
+        weights,
+        "--input",
+        inputs,
+        "--output",
+        out,
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+    ]
     refused = run_tool(*again, check=False)
     assert refused.returncode == 2 and "is not empty" in refused.stderr and "--overwrite" in refused.stderr
     run_tool(*again, "--overwrite")

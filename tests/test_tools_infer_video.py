@@ -39,8 +39,9 @@ def infer(capsys, tiny_checkpoint):
         handlers = list(detkit_logger.handlers)
         detkit_logger.handlers[:] = []
         try:
-            code = run_cli(main, ["--weights", str(tiny_checkpoint), "--device", "cpu", "--score-thresh", "0.05",
-                                  *map(str, args)])
+            code = run_cli(
+                main, ["--weights", str(tiny_checkpoint), "--device", "cpu", "--score-thresh", "0.05", *map(str, args)]
+            )
         finally:
             detkit_logger.handlers[:] = handlers
         captured = capsys.readouterr()
@@ -67,8 +68,9 @@ def video_props(path: Path) -> tuple[int, int, int, float]:
 
 
 @pytest.mark.parametrize("name,codec", [("clip.avi", "MJPG"), ("clip.mp4", "mp4v")])
-def test_a_video_gives_a_drawn_video_and_one_json_line_per_frame(infer, tmp_path, write_video, read_video,
-                                                                 tiny_checkpoint, name, codec):
+def test_a_video_gives_a_drawn_video_and_one_json_line_per_frame(
+    infer, tmp_path, write_video, read_video, tiny_checkpoint, name, codec
+):
     path = write_video(tmp_path / name, codec)
     out = tmp_path / "out"
     code, stdout, _ = infer("--input", path, "--output", out, "--batch-size", "4")
@@ -82,7 +84,11 @@ def test_a_video_gives_a_drawn_video_and_one_json_line_per_frame(infer, tmp_path
     summary = json.loads((out / "summary.json").read_text())
     (entry,) = summary["videos"]
     assert (entry["frames_read"], entry["frames_processed"], entry["frames_dropped"], entry["frames_written"]) == (
-        20, 20, 0, 20)
+        20,
+        20,
+        0,
+        20,
+    )
     assert entry["stopped"] == "end of video" and entry["warning"] is None and entry["codec"] == "mp4v"
     assert entry["detections"] == sum(len(line["scores"]) for line in lines) > 100
     assert summary["outputs"] == ["clip.jsonl", "clip.mp4"]
@@ -112,8 +118,13 @@ def test_every_draws_the_last_detections_on_the_frames_between(infer, tmp_path, 
     by_frame = {line["frame"]: line for line in lines}
     for k in (4, 5, 13):
         shown = by_frame[k - k % 3]  # frames 4 and 5 show frame 3's detections, 13 shows 12's
-        expected = draw_detections(source[k], np.array(shown["boxes"]), np.array(shown["labels"]),
-                                   np.array(shown["scores"]), ["circle", "square", "triangle"])
+        expected = draw_detections(
+            source[k],
+            np.array(shown["boxes"]),
+            np.array(shown["labels"]),
+            np.array(shown["scores"]),
+            ["circle", "square", "triangle"],
+        )
         error_to_expected = np.abs(written[k].astype(int) - expected).mean()
         error_to_undrawn = np.abs(written[k].astype(int) - source[k]).mean()
         assert error_to_expected < 0.5 * error_to_undrawn, k  # MJPG is lossy: not bit-equal
@@ -206,9 +217,19 @@ def test_a_folder_with_images_and_videos(infer, tmp_path, write_video, read_vide
     assert [item["file_name"] for item in summary["skipped"]] == ["broken.mp4"]
     assert "OpenCV cannot open it" in summary["skipped"][0]["reason"]
     assert [(e["input"], e["frames_read"]) for e in summary["videos"]] == [
-        ("clip.avi", 6), ("clip.mp4", 4), ("sub/deep.mkv", 3)]
-    assert summary["outputs"] == ["photo.png", "clip_avi.jsonl", "clip_avi.mp4", "clip_mp4.jsonl", "clip_mp4.mp4",
-                                  "sub/deep.jsonl", "sub/deep.mp4"]
+        ("clip.avi", 6),
+        ("clip.mp4", 4),
+        ("sub/deep.mkv", 3),
+    ]
+    assert summary["outputs"] == [
+        "photo.png",
+        "clip_avi.jsonl",
+        "clip_avi.mp4",
+        "clip_mp4.jsonl",
+        "clip_mp4.mp4",
+        "sub/deep.jsonl",
+        "sub/deep.mp4",
+    ]
     assert len(read_video(out / "sub" / "deep.mp4")) == 3 and len(json_lines(out / "clip_mp4.jsonl")) == 4
     assert "images:     1 processed, 1 skipped" in stdout and "skipped:    broken.mp4:" in stdout
 
@@ -233,8 +254,9 @@ def test_an_error_after_the_first_frame_closes_the_outputs_and_says_where(tmp_pa
 
     predictor.predict_preprocessed = fails_on_the_third_batch
     path = write_video(tmp_path / "clip.avi", "MJPG")
-    result = run_video(parse_source(str(path)), tmp_path / "out", Path("clip"), predictor,
-                       VideoOptions(batch_size=4, codec="MJPG"))
+    result = run_video(
+        parse_source(str(path)), tmp_path / "out", Path("clip"), predictor, VideoOptions(batch_size=4, codec="MJPG")
+    )
 
     assert isinstance(result.error, RuntimeError) and model_calls == [4, 4, 4]
     assert result.entry["stopped"] == "error: RuntimeError: simulated failure after frame 7"
@@ -278,9 +300,26 @@ def test_ctrl_c_leaves_a_playable_video_and_whole_json_lines(tmp_path, write_vid
     path = write_video(tmp_path / "long.avi", "MJPG", num_frames=600)
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tools" / "infer.py"), "--weights", str(tiny_checkpoint), "--input", str(path),
-         "--output", str(out), "--device", "cpu", "--score-thresh", "0.05", "--batch-size", "2"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            str(ROOT / "tools" / "infer.py"),
+            "--weights",
+            str(tiny_checkpoint),
+            "--input",
+            str(path),
+            "--output",
+            str(out),
+            "--device",
+            "cpu",
+            "--score-thresh",
+            "0.05",
+            "--batch-size",
+            "2",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         # A background job (nohup, CI runners) may start with SIGINT ignored, which the child would
         # inherit, and Python then installs no KeyboardInterrupt handler: give it Ctrl-C back.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),

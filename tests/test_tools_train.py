@@ -80,7 +80,9 @@ def runs(tmp_path_factory, standin_imagenet_r18):
 
     subprocess.run(TRAIN + [str(cfg), f"output_dir={a}"], check=True, env=env, capture_output=True, timeout=600)
 
-    b = subprocess.Popen(TRAIN + [str(cfg), f"output_dir={bc}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    b = subprocess.Popen(
+        TRAIN + [str(cfg), f"output_dir={bc}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     pointer = bc / "last_checkpoint"
     deadline = time.monotonic() + 600
     while not (pointer.is_file() and pointer.read_text().strip() == "model_0000010.pth"):
@@ -92,7 +94,9 @@ def runs(tmp_path_factory, standin_imagenet_r18):
     killed_at = max(training_rows(bc))  # the last iteration B logged before it died
     assert not (bc / "model_final.pth").exists()
 
-    c = subprocess.run(TRAIN + [str(cfg), f"output_dir={bc}", "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    c = subprocess.run(
+        TRAIN + [str(cfg), f"output_dir={bc}", "--resume"], env=env, capture_output=True, text=True, timeout=600
+    )
     assert c.returncode == 0, c.stderr
     return {"cfg": cfg, "A": a, "BC": bc, "killed_at": killed_at, "resume_stdout": c.stdout}
 
@@ -117,7 +121,9 @@ def preempted(runs):
     """D: run A's command sent SIGTERM after its iteration-5 row (between checkpoints), then --resume."""
     cfg, d = runs["cfg"], runs["A"].parent / "D"
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-    b = subprocess.Popen(TRAIN + [str(cfg), f"output_dir={d}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    b = subprocess.Popen(
+        TRAIN + [str(cfg), f"output_dir={d}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 600
     while not ((d / "metrics.jsonl").is_file() and 5 in training_rows_so_far(d)):
         assert b.poll() is None, b.stderr.read()
@@ -127,7 +133,9 @@ def preempted(runs):
     b.send_signal(signal.SIGTERM)
     status, stderr = b.wait(timeout=120), b.stderr.read()
     stopped_s = time.monotonic() - sent
-    c = subprocess.run(TRAIN + [str(cfg), f"output_dir={d}", "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    c = subprocess.run(
+        TRAIN + [str(cfg), f"output_dir={d}", "--resume"], env=env, capture_output=True, text=True, timeout=600
+    )
     assert c.returncode == 0, c.stderr
     return {"D": d, "status": status, "stderr": stderr, "stopped_s": stopped_s}
 
@@ -167,7 +175,15 @@ def test_sigterm_saves_the_iteration_exits_75_and_resume_repeats_the_uninterrupt
 def test_output_dir_has_config_logs_metrics_checkpoints_and_summary(runs):
     a = runs["A"]
     names = {p.name for p in a.iterdir()}
-    assert {"config.yaml", "log.txt", "metrics.jsonl", "model_0000010.pth", "model_final.pth", "last_checkpoint", "summary.json"} <= names
+    assert {
+        "config.yaml",
+        "log.txt",
+        "metrics.jsonl",
+        "model_0000010.pth",
+        "model_final.pth",
+        "last_checkpoint",
+        "summary.json",
+    } <= names
     ckpt = load_checkpoint(a / "model_final.pth")
     assert ckpt["iteration"] == 20
     assert ckpt["class_names"] == ["circle", "square", "triangle"] and ckpt["category_ids"] == [1, 2, 3]
@@ -183,7 +199,9 @@ def test_output_dir_has_config_logs_metrics_checkpoints_and_summary(runs):
 @pytest.mark.slow
 def test_eval_only_evaluates_the_given_weights(runs, tmp_path, capsys):
     out = tmp_path / "eval"
-    code = train_main([str(runs["cfg"]), f"output_dir={out}", "--eval-only", "--weights", str(runs["A"] / "model_final.pth")])
+    code = train_main(
+        [str(runs["cfg"]), f"output_dir={out}", "--eval-only", "--weights", str(runs["A"] / "model_final.pth")]
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     # Same weights, same test set as the final evaluation of run A.
@@ -194,7 +212,9 @@ def test_eval_only_evaluates_the_given_weights(runs, tmp_path, capsys):
 def test_plot_writes_png_curves(runs, tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "plot.py"), str(runs["A"]), "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     for name in ("losses.png", "lr.png", "eval.png"):
@@ -207,16 +227,23 @@ def test_help_documents_every_flag(capsys):
         train_main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--resume", "--eval-only", "--weights", "torchrun", "key=value", "ims_per_batch", "base_lr", "--overwrite",
-                 "--accept-config-changes"):
+    for flag in (
+        "--resume",
+        "--eval-only",
+        "--weights",
+        "torchrun",
+        "key=value",
+        "ims_per_batch",
+        "base_lr",
+        "--overwrite",
+        "--accept-config-changes",
+    ):
         assert flag in text
 
 
 def test_errors_are_one_line_with_exit_code_2(tmp_path, standin_imagenet_r18):
     cfg = write_tiny_config(tmp_path, standin_imagenet_r18)
-    result = subprocess.run(
-        TRAIN + [str(cfg), "solver.max_itr=5"], capture_output=True, text=True, timeout=120
-    )
+    result = subprocess.run(TRAIN + [str(cfg), "solver.max_itr=5"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "solver.max_iter" in result.stderr
     result = subprocess.run(TRAIN + [str(cfg), "--eval-only"], capture_output=True, text=True, timeout=120)
@@ -261,9 +288,21 @@ def test_bf16_training_and_evaluation_run_end_to_end_on_cpu_autocast(tmp_path, s
     out = tmp_path / "bf16"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        TRAIN + [str(cfg), f"output_dir={out}", "solver.amp=bf16", "test.amp=bf16", "solver.max_iter=4",
-                 "solver.checkpoint_period=0", "model.roi_heads.smooth_l1_beta=0.1", "model.rpn.smooth_l1_beta=0.1"],
-        env=env, capture_output=True, text=True, timeout=600,
+        TRAIN
+        + [
+            str(cfg),
+            f"output_dir={out}",
+            "solver.amp=bf16",
+            "test.amp=bf16",
+            "solver.max_iter=4",
+            "solver.checkpoint_period=0",
+            "model.roi_heads.smooth_l1_beta=0.1",
+            "model.rpn.smooth_l1_beta=0.1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -284,9 +323,14 @@ MAIN_CONFIG = ROOT / "configs" / "frcnn_r101.yaml"
 def tiny_data_overrides(tmp: Path) -> list[str]:
     """The main config's COCO paths replaced by 4 generated 32 px shapes images, no test set."""
     return [
-        "device=cpu", f"output_dir={tmp / 'out'}", "solver.ims_per_batch=2", "solver.max_iter=3", "data.num_workers=0",
+        "device=cpu",
+        f"output_dir={tmp / 'out'}",
+        "solver.ims_per_batch=2",
+        "solver.max_iter=3",
+        "data.num_workers=0",
         f"data.train=[{{type: shapes, root: {tmp / 'shapes'}, num_images: 4, image_size: [32, 32], num_classes: 3}}]",
-        "data.test=[]", "model.num_classes=3",
+        "data.test=[]",
+        "model.num_classes=3",
     ]
 
 
@@ -303,8 +347,9 @@ def offline_env(monkeypatch, torch_home: Path) -> dict:
 
 def test_main_config_offline_without_weights_stops_before_iteration_1_naming_the_file(tmp_path, monkeypatch):
     env = offline_env(monkeypatch, tmp_path / "torch")
-    result = subprocess.run(TRAIN + [str(MAIN_CONFIG), *tiny_data_overrides(tmp_path)], env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        TRAIN + [str(MAIN_CONFIG), *tiny_data_overrides(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -314,8 +359,9 @@ def test_main_config_offline_without_weights_stops_before_iteration_1_naming_the
     assert not (tmp_path / "out" / "metrics.jsonl").exists() and "iter 1/" not in result.stdout
 
 
-def test_main_config_reads_the_imagenet_weights_of_its_depth_from_the_cache_offline(tmp_path, monkeypatch,
-                                                                                    standin_imagenet_r18):
+def test_main_config_reads_the_imagenet_weights_of_its_depth_from_the_cache_offline(
+    tmp_path, monkeypatch, standin_imagenet_r18
+):
     import shutil
 
     from detkit.config import load_config
@@ -348,8 +394,17 @@ def test_frozen_bn_without_pretrained_backbone_is_refused_but_bn_from_scratch_tr
     assert "model.backbone.weights=imagenet" in err and "model.backbone.norm=BN" in err
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
     # From scratch on purpose (BatchNorm that learns, as configs/shapes_r18.yaml): accepted.
-    cfg = load_config(MAIN_CONFIG, args[1:] + ["model.backbone.norm=BN", "model.backbone.freeze_at=0",
-                                                "solver.max_iter=1", "data.min_size_train=[32]", "data.max_size_train=32"])
+    cfg = load_config(
+        MAIN_CONFIG,
+        args[1:]
+        + [
+            "model.backbone.norm=BN",
+            "model.backbone.freeze_at=0",
+            "solver.max_iter=1",
+            "data.min_size_train=[32]",
+            "data.max_size_train=32",
+        ],
+    )
     summary = Trainer(cfg).train()
     assert summary["iterations"] == 1 and math.isfinite(summary["final_losses"]["total_loss"])
 
@@ -362,8 +417,13 @@ def test_frozen_bn_without_pretrained_backbone_is_refused_but_bn_from_scratch_tr
 def _earlier_run(folder: Path) -> dict[str, bytes]:
     """The files an earlier run left in `folder` (stand-ins: only their names and bytes matter here)."""
     folder.mkdir(parents=True)
-    files = {"metrics.jsonl": b'{"iteration": 50, "total_loss": 0.5}\n', "model_0000050.pth": b"an earlier checkpoint",
-             "last_checkpoint": b"model_0000050.pth\n", "log.txt": b"the earlier log\n", "notes.md": b"the user's own file"}
+    files = {
+        "metrics.jsonl": b'{"iteration": 50, "total_loss": 0.5}\n',
+        "model_0000050.pth": b"an earlier checkpoint",
+        "last_checkpoint": b"model_0000050.pth\n",
+        "log.txt": b"the earlier log\n",
+        "notes.md": b"the user's own file",
+    }
     for name, data in files.items():
         (folder / name).write_bytes(data)
     return files
@@ -380,7 +440,9 @@ def test_a_fresh_run_into_an_output_dir_holding_a_run_stops_and_changes_nothing(
         "to continue it, --overwrite to delete it and start over, or set output_dir=... to another folder"
     ]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
-    both = subprocess.run(TRAIN + [str(cfg), f"output_dir={out}", "--resume", "--overwrite"], capture_output=True, text=True, timeout=300)
+    both = subprocess.run(
+        TRAIN + [str(cfg), f"output_dir={out}", "--resume", "--overwrite"], capture_output=True, text=True, timeout=300
+    )
     assert both.returncode == 2 and "give one of them" in both.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
 
@@ -391,8 +453,13 @@ def test_overwrite_removes_the_earlier_run_first(tmp_path, standin_imagenet_r18)
     out = tmp_path / "out"
     _earlier_run(out)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(TRAIN + [str(cfg), f"output_dir={out}", "solver.max_iter=2", "--overwrite"],
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        TRAIN + [str(cfg), f"output_dir={out}", "solver.max_iter=2", "--overwrite"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     assert not (out / "model_0000050.pth").exists() and (out / "notes.md").read_bytes() == b"the user's own file"
     assert (out / "last_checkpoint").read_text() == "model_final.pth\n"

@@ -63,7 +63,8 @@ class BoxStatistics:
     def summary(self) -> dict:
         sizes = {name: int(sum(size_name(a) == name for a in self.areas)) for name in SIZE_RANGES}
         return {
-            "images": int(self.boxes_per_image.size), "boxes": int(self.widths.size),
+            "images": int(self.boxes_per_image.size),
+            "boxes": int(self.widths.size),
             "images_without_boxes": int((self.boxes_per_image == 0).sum()),
             "boxes_per_image_mean": float(self.boxes_per_image.mean()) if self.boxes_per_image.size else 0.0,
             "boxes_per_image_max": int(self.boxes_per_image.max()) if self.boxes_per_image.size else 0,
@@ -85,14 +86,22 @@ def box_statistics(gt: dict) -> BoxStatistics:
     return BoxStatistics(
         boxes_per_image=np.array(list(per_image.values()), dtype=np.int64),
         category_index=np.array([index[o["category_id"]] for o in objects], dtype=np.int64),
-        widths=boxes[:, 2], heights=boxes[:, 3],
+        widths=boxes[:, 2],
+        heights=boxes[:, 3],
         areas=np.array([o["area"] for o in objects], dtype=np.float64),
         class_names=[names[c] for c in category_ids],
     )
 
 
-def best_anchor_iou(boxes_xyxy: torch.Tensor, image_sizes_hw: torch.Tensor, *, sizes: Sequence[float],
-                    aspect_ratios: Sequence[float], stride: int, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def best_anchor_iou(
+    boxes_xyxy: torch.Tensor,
+    image_sizes_hw: torch.Tensor,
+    *,
+    sizes: Sequence[float],
+    aspect_ratios: Sequence[float],
+    stride: int,
+    offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Best IoU of each box with any anchor of its image's grid, and that anchor's shape index.
 
     boxes_xyxy: (G, 4) at the network's input scale; image_sizes_hw: (G, 2) the (resized) size of
@@ -145,12 +154,26 @@ class AnchorCoverage:
         groups += [(name, self.category_index == k) for k, name in enumerate(self.class_names)]
         sizes = np.array([size_name(a) for a in self.areas])
         groups += [(f"size {name}", sizes == name) for name in SIZE_RANGES]
-        return [{"group": name, "boxes": int(mask.sum()),
-                 **{f"IoU>={t:g}": self.share_at(t, mask) * 100 for t in thresholds}} for name, mask in groups]
+        return [
+            {
+                "group": name,
+                "boxes": int(mask.sum()),
+                **{f"IoU>={t:g}": self.share_at(t, mask) * 100 for t in thresholds},
+            }
+            for name, mask in groups
+        ]
 
 
-def anchor_coverage(gt: dict, *, sizes: Sequence[float], aspect_ratios: Sequence[float], stride: int,
-                    min_size: int, max_size: int, offset: float = 0.0) -> AnchorCoverage:
+def anchor_coverage(
+    gt: dict,
+    *,
+    sizes: Sequence[float],
+    aspect_ratios: Sequence[float],
+    stride: int,
+    min_size: int,
+    max_size: int,
+    offset: float = 0.0,
+) -> AnchorCoverage:
     """Best anchor IoU of every non-crowd box after the test resize (module docstring)."""
     stats = box_statistics(gt)
     images = {img["id"]: img for img in gt["images"]}
@@ -165,14 +188,24 @@ def anchor_coverage(gt: dict, *, sizes: Sequence[float], aspect_ratios: Sequence
         boxes.append([x * sx, y * sy, (x + w) * sx, (y + h) * sy])
         image_hw.append([new_h, new_w])
     boxes_t = torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)
-    best, which = best_anchor_iou(boxes_t, torch.tensor(image_hw, dtype=torch.float64).reshape(-1, 2),
-                                  sizes=sizes, aspect_ratios=aspect_ratios, stride=stride, offset=offset)
+    best, which = best_anchor_iou(
+        boxes_t,
+        torch.tensor(image_hw, dtype=torch.float64).reshape(-1, 2),
+        sizes=sizes,
+        aspect_ratios=aspect_ratios,
+        stride=stride,
+        offset=offset,
+    )
     cells = cell_anchors(sizes, aspect_ratios).numpy()
     return AnchorCoverage(
-        best_iou=best.numpy(), best_anchor=which.numpy(), boxes_xyxy=boxes_t.numpy(),
-        category_index=stats.category_index, areas=stats.areas,
-        image_ids=np.array([o["image_id"] for o in objects], dtype=np.int64), class_names=stats.class_names,
+        best_iou=best.numpy(),
+        best_anchor=which.numpy(),
+        boxes_xyxy=boxes_t.numpy(),
+        category_index=stats.category_index,
+        areas=stats.areas,
+        image_ids=np.array([o["image_id"] for o in objects], dtype=np.int64),
+        class_names=stats.class_names,
         anchor_wh=np.stack([cells[:, 2] - cells[:, 0], cells[:, 3] - cells[:, 1]], axis=1),
         scale_note=f"boxes resized as the test transform does (short side {min_size}, long side <= {max_size}); "
-                   f"anchors sizes {list(sizes)}, ratios {list(aspect_ratios)}, stride {stride}",
+        f"anchors sizes {list(sizes)}, ratios {list(aspect_ratios)}, stride {stride}",
     )

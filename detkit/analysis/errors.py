@@ -78,13 +78,20 @@ def _cocoeval_class():
     return _IgnoringCOCOeval
 
 
-def _run_cocoeval(gt: dict, predictions: Sequence[dict], iou_thresholds: Sequence[float] | np.ndarray,
-                  max_dets: Sequence[int] = (MAX_DETS,), category_ids: Sequence[int] | None = None,
-                  image_ids: Sequence[int] | None = None):
+def _run_cocoeval(
+    gt: dict,
+    predictions: Sequence[dict],
+    iou_thresholds: Sequence[float] | np.ndarray,
+    max_dets: Sequence[int] = (MAX_DETS,),
+    category_ids: Sequence[int] | None = None,
+    image_ids: Sequence[int] | None = None,
+):
     """pycocotools COCOeval after evaluate() and accumulate(), on copies of the inputs."""
     coco_gt = _make_coco("pycocotools", gt)
-    coco_dt = _make_coco("pycocotools", {"images": gt["images"], "categories": gt["categories"],
-                                         "annotations": [dict(p) for p in predictions]})
+    coco_dt = _make_coco(
+        "pycocotools",
+        {"images": gt["images"], "categories": gt["categories"], "annotations": [dict(p) for p in predictions]},
+    )
     coco_eval = _cocoeval_class()(coco_gt, coco_dt, iouType="bbox")
     coco_eval.params.iouThrs = np.asarray(iou_thresholds, dtype=np.float64)
     coco_eval.params.maxDets = list(max_dets)
@@ -145,15 +152,21 @@ def analyze_curves(gt: dict, predictions: Sequence[dict]) -> AnalyzeCurves:
             for ann in gt["annotations"]:
                 ann = dict(ann)
                 other = ann["category_id"] != category_id
-                if other and (not same_group or (supercategory[ann["category_id"]] is not None
-                                                 and supercategory[ann["category_id"]] == supercategory[category_id])):
+                if other and (
+                    not same_group
+                    or (
+                        supercategory[ann["category_id"]] is not None
+                        and supercategory[ann["category_id"]] == supercategory[category_id]
+                    )
+                ):
                     ann["category_id"] = category_id
                     ann["_analysis_ignore"] = True
                 relabelled.append(ann)
             # Only images with an object or a detection of class k change its curve; the others
             # are left out (the same numbers, much faster on 80-class datasets).
-            image_ids = sorted({a["image_id"] for a in relabelled if a["category_id"] == category_id}
-                               | {p["image_id"] for p in own})
+            image_ids = sorted(
+                {a["image_id"] for a in relabelled if a["category_id"] == category_id} | {p["image_id"] for p in own}
+            )
             if not image_ids:
                 continue  # no object of class k: its curves are undefined (NaN below)
             dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": relabelled}
@@ -163,7 +176,9 @@ def analyze_curves(gt: dict, predictions: Sequence[dict]) -> AnalyzeCurves:
     precision[5] = (precision[4] > 0).astype(np.float64)
     precision[6] = 1.0
     precision[:, undefined] = np.nan
-    return AnalyzeCurves(precision=precision, recall_thresholds=np.asarray(base.params.recThrs), category_ids=category_ids)
+    return AnalyzeCurves(
+        precision=precision, recall_thresholds=np.asarray(base.params.recThrs), category_ids=category_ids
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,8 +239,14 @@ def _by_image(entries: Iterable[dict]) -> dict[int, list[dict]]:
     return out
 
 
-def tide_errors(gt: dict, predictions: Sequence[dict], *, pos_threshold: float = 0.5,
-                bg_threshold: float = 0.1, max_dets: int = MAX_DETS) -> TideResult:
+def tide_errors(
+    gt: dict,
+    predictions: Sequence[dict],
+    *,
+    pos_threshold: float = 0.5,
+    bg_threshold: float = 0.1,
+    max_dets: int = MAX_DETS,
+) -> TideResult:
     """TIDE's error types and the dAP of each (module docstring). predictions: checked COCO results."""
     gt_by_image = _by_image(gt["annotations"])
     pred_by_image = _by_image(predictions)
@@ -256,7 +277,9 @@ def tide_errors(gt: dict, predictions: Sequence[dict], *, pos_threshold: float =
         det_boxes = [p["bbox"] for p in preds]
         if image_objs:
             gt_cls = np.array([a["category_id"] for a in image_objs])
-            iou = np.asarray(mask_utils.iou(det_boxes, [a["bbox"] for a in image_objs], [0] * len(image_objs)))  # (D, G)
+            iou = np.asarray(
+                mask_utils.iou(det_boxes, [a["bbox"] for a in image_objs], [0] * len(image_objs))
+            )  # (D, G)
             same = det_cls[:, None] == gt_cls[None, :]  # (D, G)
             cls_iou = iou * same
             buffer = cls_iou.copy()
@@ -363,8 +386,17 @@ def tide_errors(gt: dict, predictions: Sequence[dict], *, pos_threshold: float =
     delta_ap["FN"] = mean_ap(original_points + true_points, found) - ap
     error_counts = {kind: sum(e.kind == kind for e in errors) for kind in TIDE_TYPES}
     recall = {c: found.get(c, 0) / n for c, n in num_gt.items()}
-    return TideResult(ap=ap, delta_ap=delta_ap, counts=error_counts, errors=errors, detections=detections,
-                      objects=objects, recall=recall, pos_threshold=pos_threshold, bg_threshold=bg_threshold)
+    return TideResult(
+        ap=ap,
+        delta_ap=delta_ap,
+        counts=error_counts,
+        errors=errors,
+        detections=detections,
+        objects=objects,
+        recall=recall,
+        pos_threshold=pos_threshold,
+        bg_threshold=bg_threshold,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,8 +404,14 @@ def tide_errors(gt: dict, predictions: Sequence[dict], *, pos_threshold: float =
 # --------------------------------------------------------------------------------------------
 
 
-def confusion_matrix(gt: dict, predictions: Sequence[dict], category_ids: Sequence[int], *,
-                     iou_threshold: float = 0.5, score_threshold: float = 0.3) -> np.ndarray:
+def confusion_matrix(
+    gt: dict,
+    predictions: Sequence[dict],
+    category_ids: Sequence[int],
+    *,
+    iou_threshold: float = 0.5,
+    score_threshold: float = 0.3,
+) -> np.ndarray:
     """(K+1, K+1) counts: row = true class (last row: background), column = predicted class (last
     column: background, i.e. the object was missed).
 
@@ -399,7 +437,9 @@ def confusion_matrix(gt: dict, predictions: Sequence[dict], category_ids: Sequen
         if preds and objs:
             iou = np.asarray(mask_utils.iou([p["bbox"] for p in preds], [a["bbox"] for a in objs], [0] * len(objs)))
         if preds and crowd:
-            crowd_iou = np.asarray(mask_utils.iou([p["bbox"] for p in preds], [a["bbox"] for a in crowd], [1] * len(crowd)))
+            crowd_iou = np.asarray(
+                mask_utils.iou([p["bbox"] for p in preds], [a["bbox"] for a in crowd], [1] * len(crowd))
+            )
         for d, pred in enumerate(preds):
             k = index[pred["category_id"]]
             if objs:
@@ -411,8 +451,10 @@ def confusion_matrix(gt: dict, predictions: Sequence[dict], category_ids: Sequen
                     matched[g] = True
                     matrix[obj_cls[g], k] += 1
                     continue
-            if crowd and any(crowd_iou[d, j] >= iou_threshold and a["category_id"] == pred["category_id"]
-                             for j, a in enumerate(crowd)):
+            if crowd and any(
+                crowd_iou[d, j] >= iou_threshold and a["category_id"] == pred["category_id"]
+                for j, a in enumerate(crowd)
+            ):
                 continue
             matrix[bg, k] += 1
         for missed in np.flatnonzero(~matched):
@@ -452,15 +494,22 @@ def per_class_table(gt: dict, predictions: Sequence[dict], tide: TideResult) -> 
 
     rows = []
     for k, category_id in enumerate(coco_eval.params.catIds):
-        rows.append({
-            "category_id": category_id, "name": names[category_id],
-            "objects": num_objects.get(category_id, 0), "detections": num_dets.get(category_id, 0),
-            "AP": mean_valid(precision[:, :, k, 0, -1]), "AP50": mean_valid(precision[0, :, k, 0, -1]),
-            "AP75": mean_valid(precision[5, :, k, 0, -1]),
-            "APs": mean_valid(precision[:, :, k, 1, -1]), "APm": mean_valid(precision[:, :, k, 2, -1]),
-            "APl": mean_valid(precision[:, :, k, 3, -1]), "AR100": mean_valid(recall[:, k, 0, -1]),
-            f"recall@{tide.pos_threshold:g}": tide.recall.get(category_id, math.nan) * 100,
-        })
+        rows.append(
+            {
+                "category_id": category_id,
+                "name": names[category_id],
+                "objects": num_objects.get(category_id, 0),
+                "detections": num_dets.get(category_id, 0),
+                "AP": mean_valid(precision[:, :, k, 0, -1]),
+                "AP50": mean_valid(precision[0, :, k, 0, -1]),
+                "AP75": mean_valid(precision[5, :, k, 0, -1]),
+                "APs": mean_valid(precision[:, :, k, 1, -1]),
+                "APm": mean_valid(precision[:, :, k, 2, -1]),
+                "APl": mean_valid(precision[:, :, k, 3, -1]),
+                "AR100": mean_valid(recall[:, k, 0, -1]),
+                f"recall@{tide.pos_threshold:g}": tide.recall.get(category_id, math.nan) * 100,
+            }
+        )
     rows.sort(key=lambda r: (math.inf if math.isnan(r["AP"]) else r["AP"], r["name"]))
     return rows
 
@@ -479,8 +528,14 @@ class ErrorAnalysis:
     score_threshold: float
 
 
-def analyze_errors(gt: dict, predictions: Sequence[dict], *, iou_threshold: float = 0.5,
-                   score_threshold: float = 0.3, bg_threshold: float = 0.1) -> ErrorAnalysis:
+def analyze_errors(
+    gt: dict,
+    predictions: Sequence[dict],
+    *,
+    iou_threshold: float = 0.5,
+    score_threshold: float = 0.3,
+    bg_threshold: float = 0.1,
+) -> ErrorAnalysis:
     """All error analyses of checked COCO results `predictions` against ground truth `gt`
     (`load_ground_truth`'s dict). The inputs are not modified."""
     gt = copy.deepcopy(gt)
@@ -490,8 +545,9 @@ def analyze_errors(gt: dict, predictions: Sequence[dict], *, iou_threshold: floa
     return ErrorAnalysis(
         curves=analyze_curves(gt, predictions),
         tide=tide,
-        confusion=confusion_matrix(gt, predictions, category_ids, iou_threshold=iou_threshold,
-                                   score_threshold=score_threshold),
+        confusion=confusion_matrix(
+            gt, predictions, category_ids, iou_threshold=iou_threshold, score_threshold=score_threshold
+        ),
         per_class=per_class_table(gt, predictions, tide),
         category_ids=category_ids,
         class_names=[names[c] for c in category_ids],

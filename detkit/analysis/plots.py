@@ -54,8 +54,11 @@ def _readable_log_axis(axis) -> None:
 
 def metric_series(rows: Iterable[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     """(iterations (P,), values (P,)) of the rows holding a number under `key`."""
-    points = [(r["iteration"], r[key]) for r in rows
-              if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) and math.isfinite(r[key])]
+    points = [
+        (r["iteration"], r[key])
+        for r in rows
+        if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) and math.isfinite(r[key])
+    ]
     if not points:
         return np.zeros(0), np.zeros(0)
     xs, ys = zip(*points)
@@ -144,8 +147,14 @@ def plot_evaluation(rows: Sequence[dict], path: str | Path) -> Path | None:
         xs, ys = metric_series(rows, key)
         if xs.size:
             ax.plot(xs, ys, color=COLORS[i % len(COLORS)], linewidth=2.0, marker="o", label=key)
-            ax.annotate(f"{ys[-1]:.1f}" if eval_keys else f"{ys[-1]:.3g}", (xs[-1], ys[-1]),
-                        textcoords="offset points", xytext=(6, 0), va="center", fontsize=9)
+            ax.annotate(
+                f"{ys[-1]:.1f}" if eval_keys else f"{ys[-1]:.3g}",
+                (xs[-1], ys[-1]),
+                textcoords="offset points",
+                xytext=(6, 0),
+                va="center",
+                fontsize=9,
+            )
     last_iteration = max((r.get("iteration", 0) for r in rows), default=0)
     ax.set_xlim(0, max(last_iteration, 1) * 1.05)  # the whole run, so one evaluation sits where it happened
     ax.set_xlabel("iteration")
@@ -189,8 +198,9 @@ def draw_analyze_curves(ax, curves, class_index: int | None, area: int, title: s
     else:
         below = np.zeros_like(recall)
         for i, name in enumerate(ANALYZE_TYPES):
-            ax.fill_between(recall, below, values[i], color=ANALYZE_COLORS[i], linewidth=0,
-                            label=f"[{values[i].mean():.3f}] {name}")
+            ax.fill_between(
+                recall, below, values[i], color=ANALYZE_COLORS[i], linewidth=0, label=f"[{values[i].mean():.3f}] {name}"
+            )
             ax.plot(recall, values[i], color="black", linewidth=0.5)
             below = values[i]
         ax.legend(loc="lower left", fontsize=8, framealpha=0.85)
@@ -211,8 +221,15 @@ def plot_analyze_curves(curves, path: str | Path, class_index: int | None = None
 
 def _bar_labels(ax, bars, labels: Sequence[str]) -> None:
     for bar, label in zip(bars, labels):
-        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), textcoords="offset points",
-                    xytext=(0, 3), ha="center", va="bottom", fontsize=9)
+        ax.annotate(
+            label,
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            textcoords="offset points",
+            xytext=(0, 3),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+        )
 
 
 def draw_tide(ax, tide, special_ax=None) -> None:
@@ -242,8 +259,7 @@ def plot_tide(tide, path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-def draw_confusion(ax, matrix: np.ndarray, class_names: Sequence[str], *, iou_threshold: float,
-                   score_threshold: float):
+def draw_confusion(ax, matrix: np.ndarray, class_names: Sequence[str], *, iou_threshold: float, score_threshold: float):
     """(K+1, K+1) counts (errors.confusion_matrix) shown normalised per true class; cells print
     the share and the count. Returns the image (for a colorbar)."""
     from detkit.analysis.errors import normalize_rows
@@ -254,8 +270,15 @@ def draw_confusion(ax, matrix: np.ndarray, class_names: Sequence[str], *, iou_th
     if len(names) <= 30:
         for (i, j), count in np.ndenumerate(matrix):
             if count:
-                ax.text(j, i, f"{shares[i, j]:.2f}\n{count}", ha="center", va="center", fontsize=7,
-                        color="white" if shares[i, j] > 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{shares[i, j]:.2f}\n{count}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if shares[i, j] > 0.6 else "black",
+                )
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_xlabel("predicted class (background: object missed)")
@@ -264,8 +287,9 @@ def draw_confusion(ax, matrix: np.ndarray, class_names: Sequence[str], *, iou_th
     return image
 
 
-def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | Path, *, iou_threshold: float,
-                   score_threshold: float) -> Path:
+def plot_confusion(
+    matrix: np.ndarray, class_names: Sequence[str], path: str | Path, *, iou_threshold: float, score_threshold: float
+) -> Path:
     size = max(5.0, 0.55 * (len(class_names) + 1) + 2.5)
     fig = Figure(figsize=(size + 1.2, size))
     ax = fig.add_subplot()
@@ -281,8 +305,13 @@ def plot_summary(analysis, path: str | Path) -> Path:
     tide_ax, pr_ax, confusion_ax = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.15, 1, 0.9]})
     draw_tide(tide_ax, analysis.tide)
     draw_analyze_curves(pr_ax, analysis.curves, None, 0, "COCO analyze")
-    draw_confusion(confusion_ax, analysis.confusion, analysis.class_names, iou_threshold=analysis.iou_threshold,
-                   score_threshold=analysis.score_threshold)
+    draw_confusion(
+        confusion_ax,
+        analysis.confusion,
+        analysis.class_names,
+        iou_threshold=analysis.iou_threshold,
+        score_threshold=analysis.score_threshold,
+    )
     fig.tight_layout()
     return save_figure(fig, path, tight_bbox=True)  # the rotated class names can overhang the layout
 
@@ -356,8 +385,11 @@ def plot_box_statistics(stats, path: str | Path) -> Path:
     sizes.set_xlabel("pixels")
     ratio = stats.heights / np.maximum(stats.widths, 1e-6)
     if ratio.size:
-        ratios.hist(ratio, bins=np.geomspace(max(ratio.min(), 1e-2), max(ratio.max(), 1.01 * max(ratio.min(), 1e-2)), 40),
-                    color=COLORS[4])
+        ratios.hist(
+            ratio,
+            bins=np.geomspace(max(ratio.min(), 1e-2), max(ratio.max(), 1.01 * max(ratio.min(), 1e-2)), 40),
+            color=COLORS[4],
+        )
         ratios.set_xscale("log")
         ratios.xaxis.set_major_locator(ticker.FixedLocator([0.1, 0.2, 0.25, 1 / 3, 0.5, 2 / 3, 1, 1.5, 2, 3, 4, 5, 10]))
         ratios.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:.2g}"))
@@ -378,10 +410,18 @@ def plot_anchor_coverage(coverage, path: str | Path, thresholds: Sequence[float]
         points = scatter_ax.scatter(wh[:, 0], wh[:, 1], c=coverage.best_iou, cmap="RdYlGn", vmin=0, vmax=1, s=8)
         fig.colorbar(points, ax=scatter_ax, label="best anchor IoU")
         low = coverage.best_iou < min(thresholds)
-        scatter_ax.scatter(wh[low, 0], wh[low, 1], facecolors="none", edgecolors="red", s=40, linewidths=1,
-                           label=f"IoU < {min(thresholds):g}: {int(low.sum())} boxes")
-    scatter_ax.scatter(coverage.anchor_wh[:, 0], coverage.anchor_wh[:, 1], marker="x", color="black", s=60,
-                       label="anchor shapes")
+        scatter_ax.scatter(
+            wh[low, 0],
+            wh[low, 1],
+            facecolors="none",
+            edgecolors="red",
+            s=40,
+            linewidths=1,
+            label=f"IoU < {min(thresholds):g}: {int(low.sum())} boxes",
+        )
+    scatter_ax.scatter(
+        coverage.anchor_wh[:, 0], coverage.anchor_wh[:, 1], marker="x", color="black", s=60, label="anchor shapes"
+    )
     scatter_ax.set_xscale("log")
     scatter_ax.set_yscale("log")
     _readable_log_axis(scatter_ax.xaxis)
@@ -393,12 +433,18 @@ def plot_anchor_coverage(coverage, path: str | Path, thresholds: Sequence[float]
     hist_ax.hist(coverage.best_iou, bins=np.linspace(0, 1, 41), color=COLORS[0])
     for t in thresholds:
         hist_ax.axvline(t, color="black", linestyle="--", linewidth=1)
-        hist_ax.text(t, 0.98, f" {coverage.share_at(t) * 100:.1f}% >= {t:g}", transform=hist_ax.get_xaxis_transform(),
-                     va="top", fontsize=8, rotation=90)
+        hist_ax.text(
+            t,
+            0.98,
+            f" {coverage.share_at(t) * 100:.1f}% >= {t:g}",
+            transform=hist_ax.get_xaxis_transform(),
+            va="top",
+            fontsize=8,
+            rotation=90,
+        )
     hist_ax.set_xlabel("best anchor IoU")
     hist_ax.set_ylabel("boxes")
     hist_ax.set_title("best anchor IoU per box")
     fig.suptitle(coverage.scale_note, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
-

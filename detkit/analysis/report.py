@@ -57,7 +57,9 @@ class HtmlReport:
 
     def links(self, items: Sequence[tuple[str, str]]) -> None:
         """(label, relative path) links on one line."""
-        self.parts.append("<p>" + " · ".join(f'<a href="{html.escape(p)}">{html.escape(t)}</a>' for t, p in items) + "</p>")
+        self.parts.append(
+            "<p>" + " · ".join(f'<a href="{html.escape(p)}">{html.escape(t)}</a>' for t, p in items) + "</p>"
+        )
 
     def table(self, rows: Sequence[dict], columns: Sequence[str] | None = None, digits: int = 1) -> None:
         """One row per dict; columns default to the first row's keys; floats to `digits` decimals."""
@@ -66,12 +68,16 @@ class HtmlReport:
             return
         columns = list(columns or rows[0].keys())
         head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-        body = "".join("<tr>" + "".join(f"<td>{_cell(r.get(c, ''), digits)}</td>" for c in columns) + "</tr>" for r in rows)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{_cell(r.get(c, ''), digits)}</td>" for c in columns) + "</tr>" for r in rows
+        )
         self.parts.append(f"<table><tr>{head}</tr>{body}</table>")
 
     def write(self, path: str | Path) -> Path:
-        page = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(self.title)}</title>"
-                f"<style>{_STYLE}</style></head><body>\n" + "\n".join(self.parts) + "\n</body></html>\n")
+        page = (
+            f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(self.title)}</title>'
+            f"<style>{_STYLE}</style></head><body>\n" + "\n".join(self.parts) + "\n</body></html>\n"
+        )
         return write_text_atomic(path, page)
 
 

@@ -1,6 +1,6 @@
 """Accuracy and wall time of a real training run: detkit vs torchvision's FasterRCNN.
 
-    summaries = run_accuracy_comparison(cfg, output_dir)   # {"detkit": summary, "torchvision": summary}
+summaries = run_accuracy_comparison(cfg, output_dir)   # {"detkit": summary, "torchvision": summary}
 """
 
 from __future__ import annotations

@@ -135,7 +135,9 @@ def calibrate_(
     wh = 32 + torch.rand(n * rois_per_image, 2, generator=g) * (torch.tensor([w, h]) - xy - 32).clamp(min=1)
     rois = torch.cat((torch.arange(n).repeat_interleave(rois_per_image)[:, None].float(), xy, xy + wh), dim=1)
     heads = model.roi_heads
-    crops = roi_align(features, rois.to(features), heads.pooler_resolution, heads.spatial_scale, heads.sampling_ratio, heads.aligned)
+    crops = roi_align(
+        features, rois.to(features), heads.pooler_resolution, heads.spatial_scale, heads.sampling_ratio, heads.aligned
+    )
     with _frozen_bn_calibration(heads.res5):
         pooled = heads.res5(crops).mean(dim=(2, 3))  # (R, C5)
 

@@ -21,9 +21,86 @@ logger = logging.getLogger(__name__)
 
 # COCO's 80 category ids (1..90 with gaps), so the synthetic set looks like val2017 to the tools.
 COCO_CATEGORY_IDS = [
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32,
-    33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59,
-    60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    7,
+    8,
+    9,
+    10,
+    11,
+    13,
+    14,
+    15,
+    16,
+    17,
+    18,
+    19,
+    20,
+    21,
+    22,
+    23,
+    24,
+    25,
+    27,
+    28,
+    31,
+    32,
+    33,
+    34,
+    35,
+    36,
+    37,
+    38,
+    39,
+    40,
+    41,
+    42,
+    43,
+    44,
+    46,
+    47,
+    48,
+    49,
+    50,
+    51,
+    52,
+    53,
+    54,
+    55,
+    56,
+    57,
+    58,
+    59,
+    60,
+    61,
+    62,
+    63,
+    64,
+    65,
+    67,
+    70,
+    72,
+    73,
+    74,
+    75,
+    76,
+    77,
+    78,
+    79,
+    80,
+    81,
+    82,
+    84,
+    85,
+    86,
+    87,
+    88,
+    89,
+    90,
 ]
 
 
@@ -56,11 +133,21 @@ def make_synthetic_coco(num_images: int = 5000, dets_per_image: int = 100, seed:
         gt_cats = cat_ids[rng.integers(len(cat_ids), size=num_gt)]
         crowd = rng.uniform(size=num_gt) < 0.01
         for i in range(num_gt):
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": int(gt_cats[i]),
-                "bbox": [round(float(x[i]), 2), round(float(y[i]), 2), round(float(bw[i]), 2), round(float(bh[i]), 2)],
-                "area": float(bw[i] * bh[i]), "iscrowd": int(crowd[i]),
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(gt_cats[i]),
+                    "bbox": [
+                        round(float(x[i]), 2),
+                        round(float(y[i]), 2),
+                        round(float(bw[i]), 2),
+                        round(float(bh[i]), 2),
+                    ],
+                    "area": float(bw[i] * bh[i]),
+                    "iscrowd": int(crowd[i]),
+                }
+            )
         # Detections: jittered copies of the GT first, then random boxes.
         copies = rng.integers(1, 4, size=num_gt) if num_gt else np.zeros(0, dtype=np.int64)
         src = np.repeat(np.arange(num_gt), copies)[:dets_per_image]
@@ -86,8 +173,12 @@ def make_synthetic_coco(num_images: int = 5000, dets_per_image: int = 100, seed:
             {"image_id": image_id, "category_id": c, "bbox": b, "score": round(s, 5)}
             for b, c, s in zip(boxes, det_cat.tolist(), det_score.tolist())
         )
-    gt = {"info": {"description": "detkit synthetic COCO-like set"}, "images": images, "annotations": annotations,
-          "categories": categories}
+    gt = {
+        "info": {"description": "detkit synthetic COCO-like set"},
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
     return gt, predictions
 
 
@@ -129,9 +220,14 @@ def time_detkit_evaluator(gt_file: str, predictions: list[dict], backend: str) -
     return {"load_gt_s": load_gt, "eval_s": time.perf_counter() - start, "AP": float(metrics["AP"])}
 
 
-def run_eval_benchmark(num_images: int = 5000, dets_per_image: int = 100, repeats: int = 1,
-                       backends: Sequence[str] = ("pycocotools", "faster_coco_eval"), workdir: str | None = None,
-                       seed: int = 0) -> dict:
+def run_eval_benchmark(
+    num_images: int = 5000,
+    dets_per_image: int = 100,
+    repeats: int = 1,
+    backends: Sequence[str] = ("pycocotools", "faster_coco_eval"),
+    workdir: str | None = None,
+    seed: int = 0,
+) -> dict:
     """Time COCO box evaluation of a generated set (see `make_synthetic_coco`): pycocotools'
     COCOeval directly, then detkit's COCOEvaluator with each backend, `repeats` times each,
     interleaved. Returns {"settings", "rows": [{"evaluator", "eval_s_min", "eval_s_median",
@@ -148,13 +244,17 @@ def run_eval_benchmark(num_images: int = 5000, dets_per_image: int = 100, repeat
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         gt_file = str(Path(tmp) / "synthetic_gt.json")
         Path(gt_file).write_text(json.dumps(gt))
-        runs: dict[str, Callable[[], dict]] = {"pycocotools COCOeval (direct)": lambda: time_pycocotools(gt_file, predictions)}
+        runs: dict[str, Callable[[], dict]] = {
+            "pycocotools COCOeval (direct)": lambda: time_pycocotools(gt_file, predictions)
+        }
         usable = available_backends()
         for backend in backends:
             if backend not in usable:
                 logger.warning("backend %s does not import here: not timed", backend)
                 continue
-            runs[f"detkit COCOEvaluator ({backend})"] = functools.partial(time_detkit_evaluator, gt_file, predictions, backend)
+            runs[f"detkit COCOEvaluator ({backend})"] = functools.partial(
+                time_detkit_evaluator, gt_file, predictions, backend
+            )
         results: dict[str, list[dict]] = {name: [] for name in runs}
         for _ in range(repeats):
             for name, run in runs.items():
@@ -163,12 +263,27 @@ def run_eval_benchmark(num_images: int = 5000, dets_per_image: int = 100, repeat
     rows = []
     for name, rs in results.items():
         times = [r["eval_s"] for r in rs]
-        rows.append({"evaluator": name, "eval_s_min": min(times), "eval_s_median": statistics.median(times),
-                     "load_gt_s": statistics.median(r["load_gt_s"] for r in rs), "AP": rs[0]["AP"], "repeats": len(rs)})
+        rows.append(
+            {
+                "evaluator": name,
+                "eval_s_min": min(times),
+                "eval_s_median": statistics.median(times),
+                "load_gt_s": statistics.median(r["load_gt_s"] for r in rs),
+                "AP": rs[0]["AP"],
+                "repeats": len(rs),
+            }
+        )
     aps = [r["AP"] for r in rows]
     return {
-        "settings": {"num_images": num_images, "dets_per_image": dets_per_image, "num_predictions": len(predictions),
-                     "num_gt_boxes": len(gt["annotations"]), "repeats": repeats, "generate_s": generate_s, "seed": seed},
+        "settings": {
+            "num_images": num_images,
+            "dets_per_image": dets_per_image,
+            "num_predictions": len(predictions),
+            "num_gt_boxes": len(gt["annotations"]),
+            "repeats": repeats,
+            "generate_s": generate_s,
+            "seed": seed,
+        },
         "rows": rows,
         "max_ap_difference": max(aps) - min(aps) if aps else None,
     }

@@ -19,7 +19,9 @@ from detkit.config import Config, replace
 logger = logging.getLogger(__name__)
 
 
-def benchmark_loader(cfg: Config, workers: Sequence[int] = (0, 2, 4), num_batches: int = 40, warmup_batches: int = 5) -> list[dict]:
+def benchmark_loader(
+    cfg: Config, workers: Sequence[int] = (0, 2, 4), num_batches: int = 40, warmup_batches: int = 5
+) -> list[dict]:
     """[{workers, batch_size, batches, images, seconds, images_per_s, mean_hw}] per worker count."""
     from detkit.data.loader import build_train_loader
 
@@ -49,6 +51,12 @@ def benchmark_loader(cfg: Config, workers: Sequence[int] = (0, 2, 4), num_batche
             "images_per_s": images / seconds,
             "mean_hw": (pixels_h / images, pixels_w / images),
         }
-        logger.info("loader with %d workers: %.1f images/s (%d images in %.2f s)", num_workers, row["images_per_s"], images, seconds)
+        logger.info(
+            "loader with %d workers: %.1f images/s (%d images in %.2f s)",
+            num_workers,
+            row["images_per_s"],
+            images,
+            seconds,
+        )
         rows.append(row)
     return rows

@@ -74,8 +74,17 @@ def _mean_or_none(values: Sequence[int]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
-def time_res5(res5: nn.Module, num_rois: int, in_channels: int, resolution: int, precision: str, train: bool,
-              device: torch.device, channels_last: bool, repeats: int = 5) -> float:
+def time_res5(
+    res5: nn.Module,
+    num_rois: int,
+    in_channels: int,
+    resolution: int,
+    precision: str,
+    train: bool,
+    device: torch.device,
+    channels_last: bool,
+    repeats: int = 5,
+) -> float:
     """Median seconds of res5 alone on (num_rois, C4, 14, 14) random crops: forward (inference) or
     forward + backward (training)."""
     x = torch.randn(num_rois, in_channels, resolution, resolution, device=device)
@@ -121,8 +130,14 @@ def run_speed_benchmark(options: SpeedOptions) -> dict:
     height, width = options.image_size
     cfg = load_config(
         None,
-        [f"model.depth={options.depth}", f"model.num_classes={options.num_classes}", "model.roi_heads.aligned=false",
-         *options.overrides, "model.channels_last=false", "model.compile=false"],
+        [
+            f"model.depth={options.depth}",
+            f"model.num_classes={options.num_classes}",
+            "model.roi_heads.aligned=false",
+            *options.overrides,
+            "model.channels_last=false",
+            "model.compile=false",
+        ],
     )
     seed_all(options.seed)
     model = build_model(cfg, device=device)
@@ -157,12 +172,20 @@ def run_speed_benchmark(options: SpeedOptions) -> dict:
                     outputs[name] = steps[name]()
                     synchronize(device)
                     runner.counter.active = False
-                logger.info("%s batch %d %s: first round done; timing %d + %d rounds", mode, batch_size, precision,
-                            max(options.warmup - 1, 0), options.repeats)
+                logger.info(
+                    "%s batch %d %s: first round done; timing %d + %d rounds",
+                    mode,
+                    batch_size,
+                    precision,
+                    max(options.warmup - 1, 0),
+                    options.repeats,
+                )
                 timed = time_interleaved(steps, device, max(options.warmup - 1, 0), options.repeats)
                 if options.profile_dir:
                     for name in runners:
-                        profile_step(steps[name], device, options.profile_dir, f"{name}_{mode}_b{batch_size}_{precision}")
+                        profile_step(
+                            steps[name], device, options.profile_dir, f"{name}_{mode}_b{batch_size}_{precision}"
+                        )
                 for name, runner in runners.items():
                     optimizer = getattr(steps[name], "optimizer", None)
                     static = state_bytes(runner.model, optimizer)
@@ -171,29 +194,57 @@ def run_speed_benchmark(options: SpeedOptions) -> dict:
                         step_peak = cpu_step_peak_bytes(steps[name])
                     counts = runner.counter.values
                     row = {
-                        "model": name, "mode": mode, "batch_size": batch_size, "precision": precision,
-                        "image_size": [height, width], "channels_last": options.channels_last, "compile": options.compile,
+                        "model": name,
+                        "mode": mode,
+                        "batch_size": batch_size,
+                        "precision": precision,
+                        "image_size": [height, width],
+                        "channels_last": options.channels_last,
+                        "compile": options.compile,
                         **summarize_times(timed[name]["times_s"], batch_size),
                         "peak_mem_mb": (static + step_peak) / 2**20 if step_peak is not None else None,
                         "state_mem_mb": static / 2**20,
                         "times_s": timed[name]["times_s"],
-                        "rois_per_image": _mean_or_none(counts.get("rois_infer" if mode == "infer" else "rois_train", [])),
+                        "rois_per_image": _mean_or_none(
+                            counts.get("rois_infer" if mode == "infer" else "rois_train", [])
+                        ),
                     }
                     if mode == "infer":
                         row["detections_per_image"] = float(np.mean([len(d["boxes"]) for d in outputs[name]]))
                     rows.append(row)
-                    logger.info("%s %s batch %d %s: %.2f images/s (median), %.1f RoIs/image", name, mode, batch_size,
-                                precision, row["ims_per_s_median"], row["rois_per_image"] or float("nan"))
+                    logger.info(
+                        "%s %s batch %d %s: %.2f images/s (median), %.1f RoIs/image",
+                        name,
+                        mode,
+                        batch_size,
+                        precision,
+                        row["ims_per_s_median"],
+                        row["rois_per_image"] or float("nan"),
+                    )
                 if mode == "infer":
                     if "detkit" in outputs and "torchvision" in outputs:
-                        agreement.append({"what": "detkit vs torchvision", "batch_size": batch_size, "precision": precision,
-                                          **compare_detections(outputs["detkit"], outputs["torchvision"])})
+                        agreement.append(
+                            {
+                                "what": "detkit vs torchvision",
+                                "batch_size": batch_size,
+                                "precision": precision,
+                                **compare_detections(outputs["detkit"], outputs["torchvision"]),
+                            }
+                        )
                     for name in outputs:
                         if precision == "fp32":
                             fp32_outputs[(name, batch_size)] = outputs[name]
                         elif (name, batch_size) in fp32_outputs:
-                            agreement.append({"what": f"{name} {precision} vs fp32", "batch_size": batch_size, "precision": precision,
-                                              **compare_detections(outputs[name], fp32_outputs[(name, batch_size)], iou_thresh=0.9)})
+                            agreement.append(
+                                {
+                                    "what": f"{name} {precision} vs fp32",
+                                    "batch_size": batch_size,
+                                    "precision": precision,
+                                    **compare_detections(
+                                        outputs[name], fp32_outputs[(name, batch_size)], iou_thresh=0.9
+                                    ),
+                                }
+                            )
                 del steps, outputs, timed
                 gc.collect()
             if options.flops and "detkit" in runners and mode not in flops:
@@ -212,7 +263,9 @@ def run_speed_benchmark(options: SpeedOptions) -> dict:
     return result
 
 
-def _flops_of(runner: DetkitRunner | TorchvisionRunner, prepared: tuple, mode: str, batch_size: int, device: torch.device) -> dict:
+def _flops_of(
+    runner: DetkitRunner | TorchvisionRunner, prepared: tuple, mode: str, batch_size: int, device: torch.device
+) -> dict:
     """FLOPs per image of one fp32 step of detkit, total and res5, with the RoIs it ran."""
     step = make_step(runner, prepared, mode, "fp32", device)
     runner.counter.reset()
@@ -240,16 +293,24 @@ def _ratios(rows: list[dict]) -> list[dict]:
         tv = by_key.get(("torchvision", mode, batch_size, precision))
         if model != "detkit" or tv is None:
             continue
-        out.append({
-            "mode": mode, "batch_size": batch_size, "precision": precision,
-            "speedup_median": dk["ims_per_s_median"] / tv["ims_per_s_median"],
-            "speedup_best": dk["ims_per_s_best"] / tv["ims_per_s_best"],
-            "memory_ratio": (dk["peak_mem_mb"] / tv["peak_mem_mb"]) if dk["peak_mem_mb"] and tv["peak_mem_mb"] else None,
-        })
+        out.append(
+            {
+                "mode": mode,
+                "batch_size": batch_size,
+                "precision": precision,
+                "speedup_median": dk["ims_per_s_median"] / tv["ims_per_s_median"],
+                "speedup_best": dk["ims_per_s_best"] / tv["ims_per_s_best"],
+                "memory_ratio": (dk["peak_mem_mb"] / tv["peak_mem_mb"])
+                if dk["peak_mem_mb"] and tv["peak_mem_mb"]
+                else None,
+            }
+        )
     return out
 
 
-def _add_flop_rates(result: dict, runners: dict, device: torch.device, res5_timing: bool, options: SpeedOptions, cfg) -> None:
+def _add_flop_rates(
+    result: dict, runners: dict, device: torch.device, res5_timing: bool, options: SpeedOptions, cfg
+) -> None:
     """Achieved TFLOP/s of each detkit row (FLOPs per image x images/s), its fraction of the GPU's
     peak, and (res5_timing) the same for res5 alone on the RoIs of that row."""
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -264,9 +325,16 @@ def _add_flop_rates(result: dict, runners: dict, device: torch.device, res5_timi
         if res5_timing and row["rois_per_image"]:
             runner = runners["detkit"]
             num_rois = round(row["rois_per_image"] * row["batch_size"])
-            seconds = time_res5(runner.res5(), num_rois, runner.model.backbone.out_channels,
-                                cfg.model.roi_heads.pooler_resolution, row["precision"], row["mode"] == "train",
-                                device, options.channels_last)
+            seconds = time_res5(
+                runner.res5(),
+                num_rois,
+                runner.model.backbone.out_channels,
+                cfg.model.roi_heads.pooler_resolution,
+                row["precision"],
+                row["mode"] == "train",
+                device,
+                options.channels_last,
+            )
             res5_tflops = counted["res5_gflops_per_roi"] * num_rois / seconds / 1e3
             row["res5_ms"] = 1000 * seconds
             row["res5_achieved_tflops"] = res5_tflops

@@ -234,12 +234,16 @@ def profile_step(step: Callable[[], object], device: torch.device, out_dir: str,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     averages = prof.key_averages()
-    text = "\n\n".join([
-        f"{tag}: ops by {sort_key}",
-        averages.table(sort_by=sort_key, row_limit=row_limit),
-        f"{tag}: ops by total time, grouped by input shape",
-        prof.key_averages(group_by_input_shape=True).table(sort_by=sort_key.replace("self_", ""), row_limit=row_limit),
-    ])
+    text = "\n\n".join(
+        [
+            f"{tag}: ops by {sort_key}",
+            averages.table(sort_by=sort_key, row_limit=row_limit),
+            f"{tag}: ops by total time, grouped by input shape",
+            prof.key_averages(group_by_input_shape=True).table(
+                sort_by=sort_key.replace("self_", ""), row_limit=row_limit
+            ),
+        ]
+    )
     path = out / f"{tag}.txt"
     path.write_text(text + "\n")
     prof.export_chrome_trace(str(out / f"{tag}.json"))
@@ -321,8 +325,8 @@ def count_flops(step: Callable[[], object], module_prefix: str) -> dict:
         step()
     counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     stages = {
-        name[len(module_prefix):]: value
+        name[len(module_prefix) :]: value
         for name, value in counts.items()
-        if name.startswith(module_prefix) and name[len(module_prefix):].count(".") <= 1
+        if name.startswith(module_prefix) and name[len(module_prefix) :].count(".") <= 1
     }
     return {"total": counts.get("Global", 0), "by_module": stages}

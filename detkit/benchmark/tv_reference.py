@@ -98,7 +98,9 @@ def _mirror_norms(detkit_module: nn.Module, tv_module: nn.Module) -> None:
         setattr(tv_modules[parent] if parent else tv_module, child, new)
 
 
-def build_torchvision_reference(model: FasterRCNN, image_size_hw: tuple[int, int] | None = None) -> TorchvisionFasterRCNN:
+def build_torchvision_reference(
+    model: FasterRCNN, image_size_hw: tuple[int, int] | None = None
+) -> TorchvisionFasterRCNN:
     """torchvision FasterRCNN with the architecture and hyper-parameters of `model`, and its weights.
 
     image_size_hw: (h, w) of the inputs it will get, already resized: checked that torchvision's
@@ -113,15 +115,22 @@ def build_torchvision_reference(model: FasterRCNN, image_size_hw: tuple[int, int
     if not isinstance(first_block.downsample, nn.Sequential):
         raise ValueError("torchvision's ResNet has projection shortcuts: use model.backbone.shortcut=B")
     if hasattr(first_block, "conv3") and first_block.conv1.stride != (1, 1):
-        raise ValueError("torchvision's Bottleneck has the stride in the 3x3 conv: use model.backbone.stride_in_1x1=false")
+        raise ValueError(
+            "torchvision's Bottleneck has the stride in the 3x3 conv: use model.backbone.stride_in_1x1=false"
+        )
 
     net = _RESNETS[depth](weights=None)
     _mirror_norms(model.backbone, net)
     _mirror_norms(model.roi_heads.res5, net.layer4)
     backbone = _Backbone(
         OrderedDict(
-            conv1=net.conv1, bn1=net.bn1, relu=net.relu, maxpool=net.maxpool,
-            layer1=net.layer1, layer2=net.layer2, layer3=net.layer3,
+            conv1=net.conv1,
+            bn1=net.bn1,
+            relu=net.relu,
+            maxpool=net.maxpool,
+            layer1=net.layer1,
+            layer2=net.layer2,
+            layer3=net.layer3,
         )
     )
     backbone.out_channels = model.backbone.out_channels
@@ -160,7 +169,9 @@ def build_torchvision_reference(model: FasterRCNN, image_size_hw: tuple[int, int
         rpn_bg_iou_thresh=rpn.matcher.low_threshold,
         rpn_batch_size_per_image=rpn.batch_size_per_image,
         rpn_positive_fraction=rpn.positive_fraction,
-        box_roi_pool=MultiScaleRoIAlign(featmap_names=["0"], output_size=heads.pooler_resolution, sampling_ratio=heads.sampling_ratio),
+        box_roi_pool=MultiScaleRoIAlign(
+            featmap_names=["0"], output_size=heads.pooler_resolution, sampling_ratio=heads.sampling_ratio
+        ),
         box_head=box_head,
         box_predictor=FastRCNNPredictor(heads.box_predictor.cls_score.in_features, k + 1),
         box_score_thresh=heads.score_thresh,
@@ -203,9 +214,9 @@ def detkit_to_torchvision_state_dict(model: FasterRCNN) -> dict[str, Tensor]:
         if key.startswith("backbone."):
             out[key] = value
         elif key.startswith("roi_heads.res5."):
-            out["roi_heads.box_head.layer4." + key[len("roi_heads.res5."):]] = value
+            out["roi_heads.box_head.layer4." + key[len("roi_heads.res5.") :]] = value
         elif key.startswith("rpn.head."):
-            layer, _, param = key[len("rpn.head."):].partition(".")
+            layer, _, param = key[len("rpn.head.") :].partition(".")
             out[f"rpn.head.{rpn_names[layer]}.{param}"] = value
         elif key.startswith("roi_heads.box_predictor.cls_score."):
             # (K + 1, ...) background last -> background first.
@@ -227,7 +238,9 @@ def copy_detkit_weights(model: FasterRCNN, reference: TorchvisionFasterRCNN) -> 
     unexpected = sorted(set(state) - set(own))
     bad_shapes = [k for k in state if k in own and own[k].shape != state[k].shape]
     if missing or unexpected or bad_shapes:
-        raise ValueError(f"weights do not map: missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {bad_shapes[:5]}")
+        raise ValueError(
+            f"weights do not map: missing {missing[:5]}, unexpected {unexpected[:5]}, shapes {bad_shapes[:5]}"
+        )
     reference.load_state_dict(state, strict=True)
 
 
@@ -273,6 +286,12 @@ class TorchvisionDetector(nn.Module):
         for det, (h, w), (oh, ow) in zip(detections, sizes, images.original_sizes.tolist()):
             boxes = det["boxes"] * torch.tensor([ow / w, oh / h, ow / w, oh / h], device=device)
             det["boxes"] = torch.stack(
-                (boxes[:, 0].clamp(0, ow), boxes[:, 1].clamp(0, oh), boxes[:, 2].clamp(0, ow), boxes[:, 3].clamp(0, oh)), dim=1
+                (
+                    boxes[:, 0].clamp(0, ow),
+                    boxes[:, 1].clamp(0, oh),
+                    boxes[:, 2].clamp(0, ow),
+                    boxes[:, 3].clamp(0, oh),
+                ),
+                dim=1,
             )
         return detections

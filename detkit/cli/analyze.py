@@ -51,9 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--predictions", help="COCO results json to analyse (leave out for a dataset report only)")
     parser.add_argument("--out", help="output folder (default: RUN/analysis in run mode; required otherwise)")
     parser.add_argument("--images", help="image folder of the ground truth: draws the worst false positives and misses")
-    parser.add_argument("--config", help="YAML config: anchors and input scale (and, alone, the training set to report)")
-    parser.add_argument("--iou", type=float, default=0.5, help="IoU of a correct detection for TIDE and the confusion matrix")
-    parser.add_argument("--score-thresh", type=float, default=0.3, help="detections scoring below are left out of the confusion matrix")
+    parser.add_argument(
+        "--config", help="YAML config: anchors and input scale (and, alone, the training set to report)"
+    )
+    parser.add_argument(
+        "--iou", type=float, default=0.5, help="IoU of a correct detection for TIDE and the confusion matrix"
+    )
+    parser.add_argument(
+        "--score-thresh", type=float, default=0.3, help="detections scoring below are left out of the confusion matrix"
+    )
     return parser
 
 
@@ -63,8 +69,15 @@ def main(argv: Sequence[str]) -> int:
     if not 0.1 < args.iou < 1.0:
         raise ConfigError(f"--iou {args.iou} must lie in (0.1, 1): TIDE's background IoU is 0.1")
     cfg, gt_path, predictions_path, image_root, out = _resolve_inputs(args)
-    written = analyze(gt_path=gt_path, predictions_path=predictions_path, out_dir=out, cfg=cfg,
-                      image_root=image_root, iou_threshold=args.iou, score_threshold=args.score_thresh)
+    written = analyze(
+        gt_path=gt_path,
+        predictions_path=predictions_path,
+        out_dir=out,
+        cfg=cfg,
+        image_root=image_root,
+        iou_threshold=args.iou,
+        score_threshold=args.score_thresh,
+    )
     print(f"report: {written}")
     return 0
 
@@ -77,7 +90,9 @@ def _resolve_inputs(args):
             raise ConfigError("choose one: RUN_DIR, or --gt [--predictions]")
         run = Path(args.run)
         if not (run / "config.yaml").is_file():
-            raise DataError(f"{run} is not a detkit output folder: it has no config.yaml (give --gt and --predictions instead)")
+            raise DataError(
+                f"{run} is not a detkit output folder: it has no config.yaml (give --gt and --predictions instead)"
+            )
         predictions = run / "predictions.json"
         if not predictions.is_file():
             raise DataError(
@@ -94,7 +109,9 @@ def _resolve_inputs(args):
         if args.predictions:
             raise ConfigError("--predictions needs --gt (the ground truth they were made on)")
         if not args.config:
-            raise ConfigError("nothing to analyse: give RUN_DIR, --gt [--predictions], or --config for its training set")
+            raise ConfigError(
+                "nothing to analyse: give RUN_DIR, --gt [--predictions], or --config for its training set"
+            )
         gt_path, image_root = _dataset_paths(cfg, "train")
         return cfg, gt_path, None, args.images or image_root, Path(args.out)
     return cfg, args.gt, args.predictions, args.images, Path(args.out)
@@ -116,8 +133,16 @@ def _file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "class"
 
 
-def analyze(*, gt_path: str, predictions_path: str | None, out_dir: Path, cfg, image_root: str | None = None,
-            iou_threshold: float = 0.5, score_threshold: float = 0.3) -> Path:
+def analyze(
+    *,
+    gt_path: str,
+    predictions_path: str | None,
+    out_dir: Path,
+    cfg,
+    image_root: str | None = None,
+    iou_threshold: float = 0.5,
+    score_threshold: float = 0.3,
+) -> Path:
     """Write the report of `predictions_path` (None: dataset report only) into `out_dir`; returns report.html."""
     from detkit.analysis import plots
     from detkit.analysis.dataset import anchor_coverage, box_statistics
@@ -135,7 +160,9 @@ def analyze(*, gt_path: str, predictions_path: str | None, out_dir: Path, cfg, i
     gt = load_ground_truth(gt_path)
     report = HtmlReport(f"detkit analysis of {Path(predictions_path).name if predictions_path else Path(gt_path).name}")
     numbers: dict = {"ground_truth": str(gt_path), "predictions": predictions_path}
-    report.paragraph(f"ground truth: {gt_path}" + (f"; predictions: {predictions_path}" if predictions_path else ""), note=True)
+    report.paragraph(
+        f"ground truth: {gt_path}" + (f"; predictions: {predictions_path}" if predictions_path else ""), note=True
+    )
 
     if predictions_path:
         raw = load_predictions(predictions_path)
@@ -154,16 +181,26 @@ def analyze(*, gt_path: str, predictions_path: str | None, out_dir: Path, cfg, i
         report.heading(f"TIDE: what each error type costs (IoU {iou_threshold:g})")
         plots.plot_tide(tide, out_dir / "tide.png")
         report.image("tide.png", "TIDE error breakdown")
-        report.table([{"type": k, "dAP": tide.delta_ap[k], "count": tide.counts.get(k, "")} for k in TIDE_TYPES + TIDE_SPECIAL], digits=2)
+        report.table(
+            [{"type": k, "dAP": tide.delta_ap[k], "count": tide.counts.get(k, "")} for k in TIDE_TYPES + TIDE_SPECIAL],
+            digits=2,
+        )
         report.paragraph(
             f"AP at IoU {iou_threshold:g} (TIDE's: top 100 detections per image over all classes) {tide.ap:.2f}. "
             "dAP = AP after fixing every error of that type alone, minus that AP (definitions of Bolya et al. 2020 "
             "as tidecv 1.0.1 computes them, re-implemented in detkit.analysis.errors). Cls: right box, wrong class; "
             f"Loc: right class, IoU {tide.bg_threshold:g}..{iou_threshold:g}; Both: wrong class and poor box; Dupe: a second box "
             f"on a found object; Bkg: a box on no object (IoU <= {tide.bg_threshold:g}); Miss: an object no detection "
-            "comes near. FP / FN: all false positives scored last / all missed objects found.", note=True)
-        numbers["tide"] = {"ap": tide.ap, "delta_ap": tide.delta_ap, "counts": tide.counts,
-                           "pos_threshold": tide.pos_threshold, "bg_threshold": tide.bg_threshold}
+            "comes near. FP / FN: all false positives scored last / all missed objects found.",
+            note=True,
+        )
+        numbers["tide"] = {
+            "ap": tide.ap,
+            "delta_ap": tide.delta_ap,
+            "counts": tide.counts,
+            "pos_threshold": tide.pos_threshold,
+            "bg_threshold": tide.bg_threshold,
+        }
 
         report.heading("COCO error-analysis curves (Hoiem et al.; the COCO API's analyze)")
         plots.plot_analyze_curves(curves, out_dir / "pr_overall.png")
@@ -173,7 +210,9 @@ def analyze(*, gt_path: str, predictions_path: str | None, out_dir: Path, cfg, i
             "Each curve forgives one more error type: C75 / C50 are PR at IoU .75 / .50; Loc at IoU .10; Sim also "
             "ignores confusions within the supercategory; Oth all class confusions; BG removes every other false "
             "positive; FN finds every object. Legend: the area under each curve (AP, 0..1). Classes without objects "
-            "of a size are left out of that size's average.", note=True)
+            "of a size are left out of that size's average.",
+            note=True,
+        )
         class_links, class_rows = [], []
         for k, name in enumerate(analysis.class_names):
             file_name = f"pr_{_file_stem(name)}.png"
@@ -190,11 +229,20 @@ def analyze(*, gt_path: str, predictions_path: str | None, out_dir: Path, cfg, i
         }
 
         report.heading("Confusion matrix")
-        plots.plot_confusion(analysis.confusion, analysis.class_names, out_dir / "confusion.png",
-                             iou_threshold=iou_threshold, score_threshold=score_threshold)
+        plots.plot_confusion(
+            analysis.confusion,
+            analysis.class_names,
+            out_dir / "confusion.png",
+            iou_threshold=iou_threshold,
+            score_threshold=score_threshold,
+        )
         report.image("confusion.png", "confusion matrix")
-        numbers["confusion"] = {"labels": analysis.class_names + ["background"], "counts": analysis.confusion,
-                                "iou_threshold": iou_threshold, "score_threshold": score_threshold}
+        numbers["confusion"] = {
+            "labels": analysis.class_names + ["background"],
+            "counts": analysis.confusion,
+            "iou_threshold": iou_threshold,
+            "score_threshold": score_threshold,
+        }
 
         report.heading("Per-class AP, worst first")
         plots.plot_per_class_ap(analysis.per_class, out_dir / "per_class_ap.png")
@@ -218,8 +266,14 @@ def analyze(*, gt_path: str, predictions_path: str | None, out_dir: Path, cfg, i
     numbers["dataset"] = summary
 
     rpn = cfg.model.rpn
-    coverage = anchor_coverage(gt, sizes=rpn.anchor_sizes, aspect_ratios=rpn.aspect_ratios, stride=rpn.anchor_stride,
-                               min_size=cfg.data.min_size_test, max_size=cfg.data.max_size_test)
+    coverage = anchor_coverage(
+        gt,
+        sizes=rpn.anchor_sizes,
+        aspect_ratios=rpn.aspect_ratios,
+        stride=rpn.anchor_stride,
+        min_size=cfg.data.min_size_test,
+        max_size=cfg.data.max_size_test,
+    )
     report.heading("Anchor coverage")
     plots.plot_anchor_coverage(coverage, out_dir / "anchor_coverage.png")
     report.image("anchor_coverage.png", "anchor coverage")
@@ -228,7 +282,9 @@ def analyze(*, gt_path: str, predictions_path: str | None, out_dir: Path, cfg, i
     report.paragraph(
         f"Share (%) of boxes whose best anchor reaches each IoU; {coverage.scale_note} (model.rpn.anchor_sizes, "
         "model.rpn.aspect_ratios, model.rpn.anchor_stride, data.min_size_test / max_size_test). The RPN calls an "
-        "anchor positive at IoU >= 0.7 (plus each box's best anchor); boxes below 0.3 rely on that rule alone.", note=True)
+        "anchor positive at IoU >= 0.7 (plus each box's best anchor); boxes below 0.3 rely on that rule alone.",
+        note=True,
+    )
     numbers["anchor_coverage"] = {"note": coverage.scale_note, "table": rows}
 
     write_json_atomic(out_dir / "analysis.json", numbers)
@@ -258,8 +314,11 @@ def _draw_examples(gt: dict, analysis, image_root: Path, out_dir: Path) -> None:
         image = read_image(image_root / images[image_id]["file_name"])
         scale = min(1.0, 400 / max(image.shape[:2]))
         if scale < 1.0:
-            image = cv2.resize(image, (int(image.shape[1] * scale + 0.5), int(image.shape[0] * scale + 0.5)),
-                               interpolation=cv2.INTER_AREA)
+            image = cv2.resize(
+                image,
+                (int(image.shape[1] * scale + 0.5), int(image.shape[0] * scale + 0.5)),
+                interpolation=cv2.INTER_AREA,
+            )
         anns = objects_by_image.get(image_id, [])
         gt_boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]).reshape(-1, 4) * scale
         names = [f"gt {n}" for n in analysis.class_names]
@@ -267,24 +326,42 @@ def _draw_examples(gt: dict, analysis, image_root: Path, out_dir: Path) -> None:
         x, y, w, h = box_xywh
         names = list(analysis.class_names)
         names[label] = text
-        return draw_detections(image, np.array([[x, y, x + w, y + h]]) * scale, [label],
-                               None if score is None else [score], names, line_width=3)
+        return draw_detections(
+            image,
+            np.array([[x, y, x + w, y + h]]) * scale,
+            [label],
+            None if score is None else [score],
+            names,
+            line_width=3,
+        )
 
-    fp_errors = sorted((e for e in tide.errors if e.pred >= 0), key=lambda e: -tide.detections[e.pred]["score"])[:NUM_EXAMPLES]
+    fp_errors = sorted((e for e in tide.errors if e.pred >= 0), key=lambda e: -tide.detections[e.pred]["score"])[
+        :NUM_EXAMPLES
+    ]
     tiles = []
     for err in fp_errors:
         det = tide.detections[err.pred]
         name = analysis.class_names[index[det["category_id"]]]
-        tiles.append((tile(det["image_id"], det["bbox"], index[det["category_id"]], det["score"], f"{err.kind}: {name}"),
-                      f"{err.kind}: {name} {det['score']:.2f} (image {det['image_id']})"))
+        tiles.append(
+            (
+                tile(det["image_id"], det["bbox"], index[det["category_id"]], det["score"], f"{err.kind}: {name}"),
+                f"{err.kind}: {name} {det['score']:.2f} (image {det['image_id']})",
+            )
+        )
     plots.plot_image_grid(tiles, out_dir / "false_positives.png", title="highest-scoring false positives (TIDE type)")
-    missed = sorted((e for e in tide.errors if e.kind == "Miss"), key=lambda e: -tide.objects[e.gt]["area"])[:NUM_EXAMPLES]
+    missed = sorted((e for e in tide.errors if e.kind == "Miss"), key=lambda e: -tide.objects[e.gt]["area"])[
+        :NUM_EXAMPLES
+    ]
     tiles = []
     for err in missed:
         obj = tide.objects[err.gt]
         name = analysis.class_names[index[obj["category_id"]]]
-        tiles.append((tile(obj["image_id"], obj["bbox"], index[obj["category_id"]], None, f"missed {name}"),
-                      f"missed {name} {obj['bbox'][2]:.0f}x{obj['bbox'][3]:.0f} px (image {obj['image_id']})"))
+        tiles.append(
+            (
+                tile(obj["image_id"], obj["bbox"], index[obj["category_id"]], None, f"missed {name}"),
+                f"missed {name} {obj['bbox'][2]:.0f}x{obj['bbox'][3]:.0f} px (image {obj['image_id']})",
+            )
+        )
     plots.plot_image_grid(tiles, out_dir / "missed.png", title="largest missed objects")
 
 

@@ -37,60 +37,145 @@ logger = logging.getLogger("detkit.benchmark")
 
 
 # The help ends with the examples: the docstring's explanation first, then its command lines.
-_EPILOG = __doc__.split("\n\n", 2)[2].rstrip() + "\n\nexamples:\n" + "\n".join(
-    "  " + line.strip() for line in __doc__.split("\n\n")[1].splitlines())
+_EPILOG = (
+    __doc__.split("\n\n", 2)[2].rstrip()
+    + "\n\nexamples:\n"
+    + "\n".join("  " + line.strip() for line in __doc__.split("\n\n")[1].splitlines())
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="detkit benchmark", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="detkit benchmark",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_EPILOG,
     )
-    parser.add_argument("--mode", choices=("speed", "eval", "loader", "accuracy", "export"), default="speed", help="what to time (default: speed)")
-    parser.add_argument("--json", metavar="PATH", help="write the results as JSON here (default: print them after the table)")
+    parser.add_argument(
+        "--mode",
+        choices=("speed", "eval", "loader", "accuracy", "export"),
+        default="speed",
+        help="what to time (default: speed)",
+    )
+    parser.add_argument(
+        "--json", metavar="PATH", help="write the results as JSON here (default: print them after the table)"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the inputs and the calibrated weights (default 0)")
     speed = parser.add_argument_group("speed mode")
     speed.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto: cuda when visible)")
     speed.add_argument("--depth", type=int, default=101, help="ResNet depth (default 101)")
-    speed.add_argument("--image-size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"), help="input size (default 800 1333)")
-    speed.add_argument("--batch-size", type=int, nargs="+", default=[1], help="images per step; several values = several rows (default 1)")
-    speed.add_argument("--step", choices=("infer", "train"), nargs="+", default=["infer", "train"], help="which steps to time (default both)")
-    speed.add_argument("--precision", choices=("fp32", "bf16", "fp16"), nargs="+", default=["fp32"], help="autocast precision(s) (default fp32)")
+    speed.add_argument(
+        "--image-size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"), help="input size (default 800 1333)"
+    )
+    speed.add_argument(
+        "--batch-size",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="images per step; several values = several rows (default 1)",
+    )
+    speed.add_argument(
+        "--step",
+        choices=("infer", "train"),
+        nargs="+",
+        default=["infer", "train"],
+        help="which steps to time (default both)",
+    )
+    speed.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        nargs="+",
+        default=["fp32"],
+        help="autocast precision(s) (default fp32)",
+    )
     speed.add_argument("--channels-last", action="store_true", help="both models in channels_last memory format")
-    speed.add_argument("--compile", action="store_true", help="torch.compile the trunk and the res5 head of both models")
+    speed.add_argument(
+        "--compile", action="store_true", help="torch.compile the trunk and the res5 head of both models"
+    )
     speed.add_argument("--iters", type=int, default=10, help="timed repeats per model (default 10)")
     speed.add_argument("--warmup", type=int, default=3, help="untimed rounds first, the first counts RoIs (default 3)")
     speed.add_argument("--num-classes", type=int, default=80, help="foreground classes K (default 80)")
-    speed.add_argument("--models", choices=("detkit", "torchvision"), nargs="+", default=["detkit", "torchvision"], help="which models (default both)")
-    speed.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one more detkit step per step kind)")
-    speed.add_argument("--res5-timing", choices=("auto", "on", "off"), default="auto", help="time res5 alone for its fraction of peak (auto: on for cuda)")
-    speed.add_argument("--profile", metavar="DIR", help="also write a torch.profiler table and Chrome trace of one step of each model and row to DIR")
-    speed.add_argument("--no-memory", action="store_true", help="skip the CPU memory measurement (one more profiled step per model on the CPU)")
-    export = parser.add_argument_group("export mode (detkit.export.benchmark; also uses --depth --image-size --iters "
-                                       "--warmup --num-classes --models --threads)")
-    export.add_argument("--export-dir", metavar="DIR", help="keep the exported .onnx / .pt here (default: a temporary folder)")
-    export.add_argument("--int8", action="store_true",
-                        help="also quantize res5 to int8 (detkit export --int8-res5) and time that file")
-    export.add_argument("--int8-images", type=int, default=16, metavar="N", help="calibration images for --int8 (default 16)")
-    export.add_argument("--int8-calibration", metavar="DIR",
-                        help="calibrate --int8 on images of DIR (default: images generated like the timed one)")
+    speed.add_argument(
+        "--models",
+        choices=("detkit", "torchvision"),
+        nargs="+",
+        default=["detkit", "torchvision"],
+        help="which models (default both)",
+    )
+    speed.add_argument(
+        "--no-flops", action="store_true", help="skip the FLOP count (one more detkit step per step kind)"
+    )
+    speed.add_argument(
+        "--res5-timing",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="time res5 alone for its fraction of peak (auto: on for cuda)",
+    )
+    speed.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="also write a torch.profiler table and Chrome trace of one step of each model and row to DIR",
+    )
+    speed.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the CPU memory measurement (one more profiled step per model on the CPU)",
+    )
+    export = parser.add_argument_group(
+        "export mode (detkit.export.benchmark; also uses --depth --image-size --iters "
+        "--warmup --num-classes --models --threads)"
+    )
+    export.add_argument(
+        "--export-dir", metavar="DIR", help="keep the exported .onnx / .pt here (default: a temporary folder)"
+    )
+    export.add_argument(
+        "--int8", action="store_true", help="also quantize res5 to int8 (detkit export --int8-res5) and time that file"
+    )
+    export.add_argument(
+        "--int8-images", type=int, default=16, metavar="N", help="calibration images for --int8 (default 16)"
+    )
+    export.add_argument(
+        "--int8-calibration",
+        metavar="DIR",
+        help="calibrate --int8 on images of DIR (default: images generated like the timed one)",
+    )
     evaluation = parser.add_argument_group("eval mode")
     evaluation.add_argument("--eval-images", type=int, default=5000, help="generated images (default 5000)")
     evaluation.add_argument("--dets-per-image", type=int, default=100, help="detections per image (default 100)")
     evaluation.add_argument("--eval-repeats", type=int, default=1, help="timed runs of each evaluator (default 1)")
-    evaluation.add_argument("--backends", nargs="+", default=["pycocotools", "faster_coco_eval"], help="detkit evaluator backends to time")
-    loader = parser.add_argument_group("loader mode (detkit.benchmark.loader, as python -m benchmarks.loader) and accuracy mode")
-    loader.add_argument("--config", help="loader: time this config's training data instead of generated shapes images; "
-                        "accuracy: the config to train with both models (e.g. configs/shapes_r101.yaml)")
-    loader.add_argument("--output-dir", default="output/benchmark_accuracy", help="accuracy: runs go to DIR/detkit and DIR/torchvision")
+    evaluation.add_argument(
+        "--backends", nargs="+", default=["pycocotools", "faster_coco_eval"], help="detkit evaluator backends to time"
+    )
+    loader = parser.add_argument_group(
+        "loader mode (detkit.benchmark.loader, as python -m benchmarks.loader) and accuracy mode"
+    )
+    loader.add_argument(
+        "--config",
+        help="loader: time this config's training data instead of generated shapes images; "
+        "accuracy: the config to train with both models (e.g. configs/shapes_r101.yaml)",
+    )
+    loader.add_argument(
+        "--output-dir", default="output/benchmark_accuracy", help="accuracy: runs go to DIR/detkit and DIR/torchvision"
+    )
     loader.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4], help="worker counts (default 0 2 4)")
     loader.add_argument("--batches", type=int, default=40, help="timed batches per worker count (default 40)")
     loader.add_argument("--loader-batch-size", type=int, default=2, help="images per batch (default 2)")
     loader.add_argument("--num-images", type=int, default=256, help="shapes images to generate (default 256)")
-    loader.add_argument("--shapes-size", type=int, nargs=2, default=[480, 640], metavar=("H", "W"), help="shapes image size (default 480 640)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted detkit config overrides (speed and loader modes), anywhere on the line")
+    loader.add_argument(
+        "--shapes-size",
+        type=int,
+        nargs=2,
+        default=[480, 640],
+        metavar=("H", "W"),
+        help="shapes image size (default 480 640)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted detkit config overrides (speed and loader modes), anywhere on the line",
+    )
     return parser
 
 
@@ -103,7 +188,9 @@ def environment(device_name: str) -> dict:
 
     def git(*args: str) -> str | None:
         try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return None
 
@@ -164,7 +251,8 @@ def speed_table(result: dict) -> str:
             frac = r.get("res5_fraction_of_peak")
             parts.append(
                 f"res5 alone ({r['mode']}, batch {r['batch_size']}, {r['precision']}): {r['res5_ms']:.1f} ms, "
-                f"{r['res5_achieved_tflops']:.2f} TFLOP/s" + (f", {100 * frac:.1f}% of peak" if frac is not None else "")
+                f"{r['res5_achieved_tflops']:.2f} TFLOP/s"
+                + (f", {100 * frac:.1f}% of peak" if frac is not None else "")
             )
     return "\n\n".join(parts)
 
@@ -178,12 +266,17 @@ def eval_table(result: dict) -> str:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for r in result["rows"]:
-        lines.append(f"| {r['evaluator']} | {r['eval_s_min']:.2f} | {r['eval_s_median']:.2f} | {r['load_gt_s']:.2f} | {r['AP']:.3f} |")
+        lines.append(
+            f"| {r['evaluator']} | {r['eval_s_min']:.2f} | {r['eval_s_median']:.2f} | {r['load_gt_s']:.2f} | {r['AP']:.3f} |"
+        )
     return "\n".join(lines)
 
 
 def accuracy_table(summaries: dict) -> str:
-    lines = ["| model | iterations | train wall s | s/iter | AP | AP50 | AP75 |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| model | iterations | train wall s | s/iter | AP | AP50 | AP75 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for name, s in summaries.items():
         ev = s.get("eval", {})
         lines.append(
@@ -202,13 +295,23 @@ def run_loader(args: argparse.Namespace) -> dict:
         cfg = load_config(args.config, args.overrides)
     else:
         shapes = DatasetConfig(
-            type="shapes", name="shapes_bench", root="datasets/shapes", split="bench", num_images=args.num_images,
-            image_size=tuple(args.shapes_size), num_classes=6, max_objects=10, seed=0,
+            type="shapes",
+            name="shapes_bench",
+            root="datasets/shapes",
+            split="bench",
+            num_images=args.num_images,
+            image_size=tuple(args.shapes_size),
+            num_classes=6,
+            max_objects=10,
+            seed=0,
         )
         cfg = replace(load_config(None, args.overrides), **{"data.train": (shapes,), "model.num_classes": 6})
     cfg = replace(cfg, **{"solver.ims_per_batch": args.loader_batch_size, "device": "cpu"})
     rows = benchmark_loader(cfg, workers=args.workers, num_batches=args.batches, warmup_batches=5)
-    return {"settings": {"config": args.config, "batch_size": args.loader_batch_size, "batches": args.batches}, "rows": rows}
+    return {
+        "settings": {"config": args.config, "batch_size": args.loader_batch_size, "batches": args.batches},
+        "rows": rows,
+    }
 
 
 def main(argv: Sequence[str]) -> int:
@@ -236,19 +339,40 @@ def _run(args: argparse.Namespace) -> int:
         from detkit.benchmark.speed import SpeedOptions, run_speed_benchmark
         from detkit.utils.env import resolve_device
 
-        for name, value in (("--iters", args.iters), ("--batch-size", min(args.batch_size)), ("--image-size", min(args.image_size))):
+        for name, value in (
+            ("--iters", args.iters),
+            ("--batch-size", min(args.batch_size)),
+            ("--image-size", min(args.image_size)),
+        ):
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
         device = resolve_device(args.device)
         if "fp16" in args.precision and device.type != "cuda":
             raise ConfigError("--precision fp16 needs --device cuda (CPU autocast: fp32 or bf16)")
-        env = environment(torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})")
+        env = environment(
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"cpu ({platform.processor() or platform.machine()})"
+        )
         options = SpeedOptions(
-            device=str(device.type), depth=args.depth, image_size=tuple(args.image_size), batch_sizes=tuple(args.batch_size),
-            modes=tuple(args.step), precisions=tuple(args.precision), channels_last=args.channels_last, compile=args.compile,
-            warmup=args.warmup, repeats=args.iters, num_classes=args.num_classes, overrides=tuple(args.overrides),
-            models=tuple(args.models), flops=not args.no_flops,
-            res5_timing={"auto": None, "on": True, "off": False}[args.res5_timing], memory=not args.no_memory, profile_dir=args.profile, seed=args.seed,
+            device=str(device.type),
+            depth=args.depth,
+            image_size=tuple(args.image_size),
+            batch_sizes=tuple(args.batch_size),
+            modes=tuple(args.step),
+            precisions=tuple(args.precision),
+            channels_last=args.channels_last,
+            compile=args.compile,
+            warmup=args.warmup,
+            repeats=args.iters,
+            num_classes=args.num_classes,
+            overrides=tuple(args.overrides),
+            models=tuple(args.models),
+            flops=not args.no_flops,
+            res5_timing={"auto": None, "on": True, "off": False}[args.res5_timing],
+            memory=not args.no_memory,
+            profile_dir=args.profile,
+            seed=args.seed,
         )
         result = run_speed_benchmark(options)
         table = speed_table(result)
@@ -257,10 +381,19 @@ def _run(args: argparse.Namespace) -> int:
 
         env = environment(f"cpu ({platform.processor() or platform.machine()})")
         options = ExportBenchOptions(
-            depth=args.depth, num_classes=args.num_classes, image_size=tuple(args.image_size), warmup=args.warmup,
-            repeats=args.iters, threads=args.threads, overrides=tuple(args.overrides),
-            torchvision="torchvision" in args.models, seed=args.seed, keep_dir=args.export_dir,
-            int8=args.int8, int8_calibration=args.int8_calibration, int8_images=args.int8_images,
+            depth=args.depth,
+            num_classes=args.num_classes,
+            image_size=tuple(args.image_size),
+            warmup=args.warmup,
+            repeats=args.iters,
+            threads=args.threads,
+            overrides=tuple(args.overrides),
+            torchvision="torchvision" in args.models,
+            seed=args.seed,
+            keep_dir=args.export_dir,
+            int8=args.int8,
+            int8_calibration=args.int8_calibration,
+            int8_images=args.int8_images,
         )
         result = run_export_benchmark(options)
         table = export_table(result)
@@ -268,29 +401,42 @@ def _run(args: argparse.Namespace) -> int:
         from detkit.benchmark.eval_speed import run_eval_benchmark
 
         env = environment("cpu")
-        result = run_eval_benchmark(args.eval_images, args.dets_per_image, args.eval_repeats, args.backends, seed=args.seed)
+        result = run_eval_benchmark(
+            args.eval_images, args.dets_per_image, args.eval_repeats, args.backends, seed=args.seed
+        )
         table = eval_table(result)
     elif args.mode == "accuracy":
         from detkit.benchmark.accuracy import run_accuracy_comparison
         from detkit.config import load_config
 
         if not args.config:
-            raise ConfigError("--mode accuracy needs --config (e.g. configs/shapes_r101.yaml) and optionally key=value overrides")
+            raise ConfigError(
+                "--mode accuracy needs --config (e.g. configs/shapes_r101.yaml) and optionally key=value overrides"
+            )
         cfg = load_config(args.config, args.overrides)
         env = environment(torch.cuda.get_device_name(0) if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
         summaries = run_accuracy_comparison(cfg, args.output_dir)
-        result = {"settings": {"config": args.config, "overrides": args.overrides, "output_dir": args.output_dir}, "runs": summaries}
+        result = {
+            "settings": {"config": args.config, "overrides": args.overrides, "output_dir": args.output_dir},
+            "runs": summaries,
+        }
         table = accuracy_table(summaries)
     else:
         env = environment("cpu")
         result = run_loader(args)
-        table = "\n".join(["| workers | images/s | ms/batch |", "| ---: | ---: | ---: |"] + [
-            f"| {r['workers']} | {r['images_per_s']:.1f} | {1000 * r['seconds'] / r['batches']:.1f} |" for r in result["rows"]
-        ])
+        table = "\n".join(
+            ["| workers | images/s | ms/batch |", "| ---: | ---: | ---: |"]
+            + [
+                f"| {r['workers']} | {r['images_per_s']:.1f} | {1000 * r['seconds'] / r['batches']:.1f} |"
+                for r in result["rows"]
+            ]
+        )
     env["load_average_end"] = list(os.getloadavg())
     result = {"environment": env, **result}
-    print(f"\n{env['date']}, commit {env['commit']}, {env['device']}, torch {env['torch']} ({env['torch_threads']} threads), "
-          f"load average {env['load_average_start'][0]:.1f} -> {env['load_average_end'][0]:.1f}\n{env['command']}\n")
+    print(
+        f"\n{env['date']}, commit {env['commit']}, {env['device']}, torch {env['torch']} ({env['torch_threads']} threads), "
+        f"load average {env['load_average_start'][0]:.1f} -> {env['load_average_end'][0]:.1f}\n{env['command']}\n"
+    )
     print(table)
     text = json.dumps(result, indent=2, default=str)
     if args.json:

@@ -53,17 +53,30 @@ def build_parser() -> argparse.ArgumentParser:
         "  detkit convert-weights --from msra R-101.pkl weights/R-101.pth\n"
         "  detkit convert-weights --from detectron2 model_final_298dad.pkl init.pth --num-classes 6",
     )
-    parser.add_argument("--from", dest="src", required=True, choices=SOURCE_FORMATS,
-                        help="layout of IN (auto: recognise it from the tensor names)")
+    parser.add_argument(
+        "--from",
+        dest="src",
+        required=True,
+        choices=SOURCE_FORMATS,
+        help="layout of IN (auto: recognise it from the tensor names)",
+    )
     parser.add_argument("input", metavar="IN", help="weights file to convert (.pkl or .pth)")
     parser.add_argument("output", metavar="OUT", help="detkit checkpoint to write (.pth)")
     parser.add_argument("overrides", nargs="*", help="with --config: config overrides key=value")
-    parser.add_argument("--num-classes", type=int, default=None, metavar="K",
-                        help="foreground classes of the target model; a box predictor for another K is dropped "
-                        "(fine-tuning re-initialises it). Default: the --config's model.num_classes, else keep it")
-    parser.add_argument("--config", default=None,
-                        help="check the weights against the model of this YAML config and, when they make the "
-                        "whole model, store the config and class names in OUT (ready for eval/infer)")
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        metavar="K",
+        help="foreground classes of the target model; a box predictor for another K is dropped "
+        "(fine-tuning re-initialises it). Default: the --config's model.num_classes, else keep it",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="check the weights against the model of this YAML config and, when they make the "
+        "whole model, store the config and class names in OUT (ready for eval/infer)",
+    )
     return parser
 
 
@@ -93,19 +106,31 @@ def main(argv: Sequence[str]) -> int:
     weights = read_weights(args.input, args.src)
     logger.info(
         "read %s as %s weights: %d tensors renamed to detkit's names, %d unused%s, %d ignored%s",
-        args.input, weights.format, len(weights.state_dict), len(weights.unused), _some(weights.unused),
-        len(weights.ignored), _some(weights.ignored),
+        args.input,
+        weights.format,
+        len(weights.state_dict),
+        len(weights.unused),
+        _some(weights.unused),
+        len(weights.ignored),
+        _some(weights.ignored),
     )
     if weights.unused:
-        logger.warning("%s: %d tensors have no place in detkit's R-C4 model and are left out: %s",
-                       args.input, len(weights.unused), ", ".join(weights.unused))
+        logger.warning(
+            "%s: %d tensors have no place in detkit's R-C4 model and are left out: %s",
+            args.input,
+            len(weights.unused),
+            ", ".join(weights.unused),
+        )
     file_classes = weights.num_classes
     dropped: list[str] = []
     if file_classes is not None and num_classes is not None and file_classes != num_classes:
         dropped = weights.drop_box_predictor()
         logger.warning(
             "%s has a box predictor for %d classes, the target has %d: dropped %s (fine-tuning initialises it anew)",
-            args.input, file_classes, num_classes, ", ".join(dropped),
+            args.input,
+            file_classes,
+            num_classes,
+            ", ".join(dropped),
         )
 
     state: dict = {
@@ -136,14 +161,19 @@ def main(argv: Sequence[str]) -> int:
             state.setdefault("iteration", 0)
             _add_class_names(state, cfg, args.config)
         else:
-            logger.info("%s covers %s only: OUT is for model.weights / model.backbone.weights, not for eval/infer",
-                        args.input, "the backbone" if backbone_only else "part of the model")
+            logger.info(
+                "%s covers %s only: OUT is for model.weights / model.backbone.weights, not for eval/infer",
+                args.input,
+                "the backbone" if backbone_only else "part of the model",
+            )
 
     save_checkpoint(state, args.output)
     usage = "model.backbone.weights" if not any(k.startswith("rpn.") for k in state["model"]) else "model.weights"
-    print(f"wrote {args.output}: {len(state['model'])} tensors from {weights.format} weights "
-          f"({len(weights.unused)} unused, {len(weights.ignored)} ignored, {len(dropped)} dropped); "
-          f"use it as {usage}" + (" or with detkit eval / detkit infer --weights" if "class_names" in state else ""))
+    print(
+        f"wrote {args.output}: {len(state['model'])} tensors from {weights.format} weights "
+        f"({len(weights.unused)} unused, {len(weights.ignored)} ignored, {len(dropped)} dropped); "
+        f"use it as {usage}" + (" or with detkit eval / detkit infer --weights" if "class_names" in state else "")
+    )
     return 0
 
 
@@ -168,12 +198,16 @@ def _add_class_names(state: dict, cfg, config_path: str) -> None:
             logger.warning(
                 "class names: COCO's 80 (person, bicycle, ..., toothbrush; category ids 1..90) stored, as the model "
                 "has 80 classes and the test annotation file of %s is not there (%s); for other names run the "
-                "conversion again with a config whose data.test names their annotation file", config_path, missing,
+                "conversion again with a config whose data.test names their annotation file",
+                config_path,
+                missing,
             )
             return
         logger.warning(
             "no class names stored (cannot read the test dataset of %s: %s); detkit eval and detkit infer need "
-            "them, so run the conversion again once the dataset is in place", config_path, exc,
+            "them, so run the conversion again once the dataset is in place",
+            config_path,
+            exc,
         )
         return
     state["class_names"] = list(info.class_names)

@@ -49,8 +49,10 @@ def default_config(checkout: Path | None = None) -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise ConfigError(f"{DEMO_CONFIG} not found in {Path.cwd()} (nor in a detkit checkout): run the demo from a "
-                      "detkit checkout, or give --config PATH/TO/shapes_r18.yaml")
+    raise ConfigError(
+        f"{DEMO_CONFIG} not found in {Path.cwd()} (nor in a detkit checkout): run the demo from a "
+        "detkit checkout, or give --config PATH/TO/shapes_r18.yaml"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  detkit demo                                        # configs/shapes_r18.yaml -> output/demo\n"
         "  detkit demo --fresh --output output/demo_seed1 seed=1",
     )
-    parser.add_argument("--config", default=None,
-                        help=f"demo config (default: {DEMO_CONFIG} here, else in the detkit checkout)")
+    parser.add_argument(
+        "--config", default=None, help=f"demo config (default: {DEMO_CONFIG} here, else in the detkit checkout)"
+    )
     parser.add_argument("--output", default="output/demo", help="output folder (default output/demo)")
     parser.add_argument("--fresh", action="store_true", help="delete --output first instead of continuing in it")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
@@ -95,7 +98,9 @@ def main(argv: Sequence[str], checkout: Path | None = None) -> int:
     print(f"val:   {test_info.num_images} images in {Path(test_info.ann_file).parent}")
     print(f"classes: {', '.join(train_info.class_names)}  ({time.perf_counter() - t:.0f} s)")
 
-    _say(f"2/4 training {config.name}: {cfg.solver.max_iter} iterations of {cfg.solver.ims_per_batch} images, then evaluation on val")
+    _say(
+        f"2/4 training {config.name}: {cfg.solver.max_iter} iterations of {cfg.solver.ims_per_batch} images, then evaluation on val"
+    )
     t = time.perf_counter()
     code = train(cfg, resume=True)
     if code:
@@ -109,8 +114,19 @@ def main(argv: Sequence[str], checkout: Path | None = None) -> int:
         shutil.copy2(path, samples / path.name)
     drawings = out / "drawings"
     code = infer_main(
-        ["--weights", str(out / "model_final.pth"), "--input", str(samples), "--output", str(drawings),
-         "--overwrite", "--workers", "0", "--score-thresh", str(DRAW_SCORE)]
+        [
+            "--weights",
+            str(out / "model_final.pth"),
+            "--input",
+            str(samples),
+            "--output",
+            str(drawings),
+            "--overwrite",
+            "--workers",
+            "0",
+            "--score-thresh",
+            str(DRAW_SCORE),
+        ]
     )
     if code:
         return code
@@ -127,7 +143,9 @@ def main(argv: Sequence[str], checkout: Path | None = None) -> int:
     ap, ap50 = ev.get("bbox/AP", float("nan")), ev.get("bbox/AP50", float("nan"))
     total = time.perf_counter() - start
     print(f"box AP {ap:.1f}, AP50 {ap50:.1f} on {test_info.num_images} val images (COCO metrics, percent)")
-    print(f"training + evaluation: {train_seconds:.0f} s; whole demo: {total:.0f} s ({summary['device']}, {os.cpu_count()} CPUs)")
+    print(
+        f"training + evaluation: {train_seconds:.0f} s; whole demo: {total:.0f} s ({summary['device']}, {os.cpu_count()} CPUs)"
+    )
     print(f"drawings:   {drawings}/")
     print(f"metrics:    {out / 'metrics.jsonl'}, {out / 'summary.json'}")
     print(f"curves:     {', '.join(str(p) for p in curves)}")

@@ -42,13 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("config", nargs="?", help="model mode: YAML config (default: the checkpoint's config)")
     parser.add_argument("overrides", nargs="*", help="model mode: config overrides key=value")
     parser.add_argument("--weights", help="model mode: detkit checkpoint (.pth)")
-    parser.add_argument("--model", help="model mode: an exported model (.onnx: ONNX Runtime, .pt: TorchScript) "
-                        "written by detkit export, instead of --weights")
+    parser.add_argument(
+        "--model",
+        help="model mode: an exported model (.onnx: ONNX Runtime, .pt: TorchScript) "
+        "written by detkit export, instead of --weights",
+    )
     parser.add_argument("--gt", help="file mode: COCO instances json (ground truth)")
     parser.add_argument("--predictions", help="file mode: COCO results json to evaluate")
     parser.add_argument("--out", help="file mode: write metrics.json here (default: only print)")
     parser.add_argument(
-        "--backend", choices=_BACKEND_CHOICES, default=None,
+        "--backend",
+        choices=_BACKEND_CHOICES,
+        default=None,
         help="evaluation backend (default: test.eval_backend in model mode, auto in file mode)",
     )
     return parser
@@ -95,8 +100,11 @@ def _file_mode(args: argparse.Namespace) -> int:
     predictions = load_predictions(args.predictions)
     evaluator = COCOEvaluator(args.gt, backend=args.backend or "auto")
     metrics = evaluator.run(predictions, source=args.predictions).metrics
-    _print_metrics(metrics, f"{len(predictions)} predictions on {len(evaluator.image_ids)} images of {args.gt} "
-                            f"(backend {evaluator.backend}):")
+    _print_metrics(
+        metrics,
+        f"{len(predictions)} predictions on {len(evaluator.image_ids)} images of {args.gt} "
+        f"(backend {evaluator.backend}):",
+    )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         dump_metrics(metrics, args.out)
@@ -130,8 +138,11 @@ def _model_mode(args: argparse.Namespace) -> int:
         from detkit.export.runtime import ExportedPredictor
 
         exported = ExportedPredictor(args.model)
-        state = {"config": config_to_dict(exported.cfg), "class_names": exported.class_names,
-                 "category_ids": exported.category_ids}
+        state = {
+            "config": config_to_dict(exported.cfg),
+            "class_names": exported.class_names,
+            "category_ids": exported.category_ids,
+        }
         args.weights = args.model  # the name used in messages below
     else:
         state = load_checkpoint(args.weights)
@@ -172,8 +183,9 @@ def _model_mode(args: argparse.Namespace) -> int:
     metrics = evaluator.run(predictions, source=f"the predictions of {args.weights}").metrics
     dump_metrics(metrics, out_dir / "metrics.json")
     dump_config(cfg, out_dir / "eval_config.yaml")
-    _print_metrics(metrics, f"{args.weights} on {info.ann_file} ({len(predictions)} detections, "
-                            f"backend {evaluator.backend}):")
+    _print_metrics(
+        metrics, f"{args.weights} on {info.ann_file} ({len(predictions)} detections, backend {evaluator.backend}):"
+    )
     print(f"predictions and metrics written to {out_dir}/predictions.json, {out_dir}/metrics.json")
     return 0
 

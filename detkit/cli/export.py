@@ -43,18 +43,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--weights", required=True, help="detkit checkpoint (.pth); brings config and class names")
     parser.add_argument("--format", dest="fmt", choices=("onnx", "torchscript"), default="onnx", help="onnx (default)")
-    parser.add_argument("--output", required=True, help="file to write (.onnx, or .pt for TorchScript); an existing file is kept unless --overwrite")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="file to write (.onnx, or .pt for TorchScript); an existing file is kept unless --overwrite",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --output when it exists")
     parser.add_argument("--config", help="YAML config replacing the checkpoint's (e.g. another test size)")
-    parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. model.roi_heads.score_thresh=0.3")
-    parser.add_argument("--check", metavar="HxW,...", default="",
-                        help="after exporting, compare with the PyTorch model on images of these sizes")
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides key=value, e.g. model.roi_heads.score_thresh=0.3"
+    )
+    parser.add_argument(
+        "--check",
+        metavar="HxW,...",
+        default="",
+        help="after exporting, compare with the PyTorch model on images of these sizes",
+    )
     int8 = parser.add_argument_group("int8 (ONNX only; README, Export: measured speed and AP)")
-    int8.add_argument("--int8-res5", action="store_true",
-                      help="quantize res5 (the per-RoI head) to int8 with ONNX Runtime's static quantization")
+    int8.add_argument(
+        "--int8-res5",
+        action="store_true",
+        help="quantize res5 (the per-RoI head) to int8 with ONNX Runtime's static quantization",
+    )
     int8.add_argument("--calibration", metavar="DIR", help="folder of images to calibrate the int8 ranges on")
-    int8.add_argument("--num-calibration", type=int, default=300, metavar="N",
-                      help="calibrate on the first N images of --calibration (default 300)")
+    int8.add_argument(
+        "--num-calibration",
+        type=int,
+        default=300,
+        metavar="N",
+        help="calibrate on the first N images of --calibration (default 300)",
+    )
     return parser
 
 
@@ -86,10 +104,14 @@ def main(argv: Sequence[str]) -> int:
         if args.fmt != "onnx":
             raise ConfigError("--int8-res5 needs --format onnx (the quantized file runs in ONNX Runtime)")
         if not args.calibration:
-            raise ConfigError("--int8-res5 needs --calibration DIR, a folder of images like the ones the model will see")
+            raise ConfigError(
+                "--int8-res5 needs --calibration DIR, a folder of images like the ones the model will see"
+            )
         if sizes:
-            raise ConfigError("--check compares with the float32 PyTorch model, which int8 does not claim to match; "
-                              "measure an int8 file with tools/eval.py --model FILE instead")
+            raise ConfigError(
+                "--check compares with the float32 PyTorch model, which int8 does not claim to match; "
+                "measure an int8 file with tools/eval.py --model FILE instead"
+            )
         from detkit.export.quantize import calibration_images
 
         calibration_images(args.calibration, args.num_calibration)  # a bad folder fails before the export

@@ -67,37 +67,61 @@ def build_parser() -> argparse.ArgumentParser:
         "  detkit infer --backend onnxruntime --model model.onnx --input 'photos/*.jpg' --output out_onnx/",
     )
     parser.add_argument("--weights", help="detkit checkpoint (.pth); brings config and class names (--backend pytorch)")
-    parser.add_argument("--backend", choices=("pytorch", "onnxruntime", "torchscript"), default="pytorch",
-                        help="pytorch: the checkpoint in --weights; onnxruntime / torchscript: the file in --model "
-                        "written by detkit export (README, Export)")
+    parser.add_argument(
+        "--backend",
+        choices=("pytorch", "onnxruntime", "torchscript"),
+        default="pytorch",
+        help="pytorch: the checkpoint in --weights; onnxruntime / torchscript: the file in --model "
+        "written by detkit export (README, Export)",
+    )
     parser.add_argument("--model", help="exported model (.onnx, .pt) for --backend onnxruntime / torchscript")
-    parser.add_argument("--input", required=True,
-                        help="an image or video file, a folder, a glob such as 'photos/*.jpg', a camera index (0) "
-                             "or a stream URL (rtsp://..., http://...)")
-    parser.add_argument("--output", required=True,
-                        help="folder for the drawn images and videos, predictions.json, <video>.jsonl, summary.json")
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="an image or video file, a folder, a glob such as 'photos/*.jpg', a camera index (0) "
+        "or a stream URL (rtsp://..., http://...)",
+    )
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="folder for the drawn images and videos, predictions.json, <video>.jsonl, summary.json",
+    )
     parser.add_argument("--config", help="YAML config replacing the checkpoint's (e.g. another test size)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. data.min_size_test=600")
     parser.add_argument("--score-thresh", type=float, default=0.5, help="keep detections scoring >= this (0.5)")
     parser.add_argument("--batch-size", type=int, default=8, help="images or video frames per forward pass (8)")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                        help="auto: cuda when a GPU is visible")
+    parser.add_argument(
+        "--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: cuda when a GPU is visible"
+    )
     parser.add_argument("--recursive", action="store_true", help="also look in sub-folders (and let ** match in globs)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the outputs of a previous detkit-infer run in --output")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="image decoding processes (0: in this process); a video is decoded in one thread")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the outputs of a previous detkit-infer run in --output"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="image decoding processes (0: in this process); a video is decoded in one thread",
+    )
     video = parser.add_argument_group("videos, cameras and streams")
-    video.add_argument("--every", type=int, default=1,
-                       help="run the model on every N-th frame; the frames between show the last detections (1)")
+    video.add_argument(
+        "--every",
+        type=int,
+        default=1,
+        help="run the model on every N-th frame; the frames between show the last detections (1)",
+    )
     video.add_argument("--max-frames", type=int, help="stop after reading this many frames of each video")
     video.add_argument("--start", type=float, default=0.0, help="first second of each video to read (0)")
     video.add_argument("--end", type=float, help="stop at this second of each video")
     video.add_argument("--no-video", action="store_true", help="write only <name>.jsonl, no drawn video")
-    video.add_argument("--codec", help="four-character code of the drawn video (default: avc1 if this OpenCV can "
-                                       "write it, else mp4v; MJPG writes .avi)")
-    video.add_argument("--timeout", type=float, default=10.0,
-                       help="seconds a stream may take to answer or to deliver a frame (10)")
+    video.add_argument(
+        "--codec",
+        help="four-character code of the drawn video (default: avc1 if this OpenCV can "
+        "write it, else mp4v; MJPG writes .avi)",
+    )
+    video.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds a stream may take to answer or to deliver a frame (10)"
+    )
     return parser
 
 
@@ -127,8 +151,10 @@ class InputSet:
         videos of one folder share a stem (clip.avi and clip.mp4 would both write clip.jsonl)."""
         rels = [self.relative(p) for p in self.videos]
         counts = Counter(rel.with_suffix("") for rel in rels)
-        return [rel.with_suffix("") if counts[rel.with_suffix("")] == 1 else rel.with_name(f"{rel.stem}_{rel.suffix[1:]}")
-                for rel in rels]
+        return [
+            rel.with_suffix("") if counts[rel.with_suffix("")] == 1 else rel.with_name(f"{rel.stem}_{rel.suffix[1:]}")
+            for rel in rels
+        ]
 
 
 def _is_image_name(path: Path) -> bool:
@@ -157,8 +183,10 @@ def collect_inputs(spec: str, recursive: bool = False) -> InputSet:
             files = [p for p in candidates if p.is_file()]
         elif path.is_file():
             if not (_is_image_name(path) or is_video_name(path)):
-                raise DataError(f"--input {spec} is not an image or video file (extensions: "
-                                f"{' '.join(IMAGE_EXTENSIONS)} {' '.join(VIDEO_EXTENSIONS)})")
+                raise DataError(
+                    f"--input {spec} is not an image or video file (extensions: "
+                    f"{' '.join(IMAGE_EXTENSIONS)} {' '.join(VIDEO_EXTENSIONS)})"
+                )
             root, files = path.parent, [path]
         elif source is not None:  # a video name that is not there
             raise VideoReadError(source.description, "no such file")
@@ -174,8 +202,13 @@ def collect_inputs(spec: str, recursive: bool = False) -> InputSet:
             f"--input {spec}: no image files or videos ({len(ignored)} other files; image extensions are "
             f"{' '.join(IMAGE_EXTENSIONS)}, video extensions {' '.join(VIDEO_EXTENSIONS)}){hint}"
         )
-    return InputSet(root=root, images=images, ignored=ignored, videos=videos,
-                    single=not glob.has_magic(spec) and Path(spec).is_file())
+    return InputSet(
+        root=root,
+        images=images,
+        ignored=ignored,
+        videos=videos,
+        single=not glob.has_magic(spec) and Path(spec).is_file(),
+    )
 
 
 def prepare_output_dir(output: Path, inputs: InputSet, recursive: bool, overwrite: bool) -> None:
@@ -185,11 +218,14 @@ def prepare_output_dir(output: Path, inputs: InputSet, recursive: bool, overwrit
     if inputs.live is not None:
         pass  # a camera or stream: no input folder to protect
     elif out == root:
-        raise ConfigError(f"--output {output} is the input folder; the drawings would replace the images. "
-                          "Choose another folder")
+        raise ConfigError(
+            f"--output {output} is the input folder; the drawings would replace the images. Choose another folder"
+        )
     if recursive and root in out.parents:
-        raise ConfigError(f"--output {output} is inside the input folder {inputs.root} searched with --recursive; "
-                          "the drawings would become inputs of the next run. Choose a folder outside it")
+        raise ConfigError(
+            f"--output {output} is inside the input folder {inputs.root} searched with --recursive; "
+            "the drawings would become inputs of the next run. Choose a folder outside it"
+        )
     if not out.exists():
         return
     if not out.is_dir():
@@ -198,14 +234,18 @@ def prepare_output_dir(output: Path, inputs: InputSet, recursive: bool, overwrit
         return
     if not overwrite:
         count = sum(1 for _ in out.iterdir())
-        raise ConfigError(f"--output {output} is not empty ({count} entries); choose a new folder, or pass "
-                          "--overwrite to replace the results of a previous detkit-infer run there")
+        raise ConfigError(
+            f"--output {output} is not empty ({count} entries); choose a new folder, or pass "
+            "--overwrite to replace the results of a previous detkit-infer run there"
+        )
     _remove_previous_run(out)
     leftovers = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     if leftovers:
         shown = ", ".join(leftovers[:5]) + (", ..." if len(leftovers) > 5 else "")
-        raise ConfigError(f"--output {output} holds {len(leftovers)} files that detkit-infer did not write "
-                          f"({shown}); --overwrite only replaces its own outputs. Choose another folder")
+        raise ConfigError(
+            f"--output {output} holds {len(leftovers)} files that detkit-infer did not write "
+            f"({shown}); --overwrite only replaces its own outputs. Choose another folder"
+        )
 
 
 def _remove_previous_run(out: Path) -> None:
@@ -261,7 +301,10 @@ def _build_loader(paths: Sequence[Path], preprocessor, batch_size: int, workers:
     import torch
 
     return torch.utils.data.DataLoader(
-        _ImageFiles(paths, preprocessor), batch_size=batch_size, shuffle=False, num_workers=workers,
+        _ImageFiles(paths, preprocessor),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
         collate_fn=list,
     )
 
@@ -297,7 +340,10 @@ def main(argv: Sequence[str]) -> int:
         "score_thresh": predictor.score_thresh,
         "device": str(predictor.device),
         "batch_size": args.batch_size,
-        "images": 0, "detections": 0, "seconds": 0.0, "images_per_second": 0.0,
+        "images": 0,
+        "detections": 0,
+        "seconds": 0.0,
+        "images_per_second": 0.0,
         "videos": [],
         "skipped": [],
         "ignored": [inputs.relative(p).as_posix() for p in inputs.ignored],
@@ -325,17 +371,29 @@ def build_predictor(args: argparse.Namespace):
     """A Predictor (--backend pytorch) or an ExportedPredictor: the same predict interface."""
     if args.backend == "pytorch":
         if not args.weights or args.model:
-            raise ConfigError("--backend pytorch runs a checkpoint: give --weights CKPT (--model is for exported files)")
+            raise ConfigError(
+                "--backend pytorch runs a checkpoint: give --weights CKPT (--model is for exported files)"
+            )
         from detkit.engine.predictor import Predictor
 
-        return Predictor(args.weights, config=args.config, overrides=args.overrides, device=args.device,
-                         score_thresh=args.score_thresh, batch_size=args.batch_size)
+        return Predictor(
+            args.weights,
+            config=args.config,
+            overrides=args.overrides,
+            device=args.device,
+            score_thresh=args.score_thresh,
+            batch_size=args.batch_size,
+        )
     if not args.model or args.weights or args.config or args.overrides:
-        raise ConfigError(f"--backend {args.backend} runs an exported model: give --model FILE (written by "
-                          "tools/export.py) and no --weights, --config or overrides (the file carries its config)")
+        raise ConfigError(
+            f"--backend {args.backend} runs an exported model: give --model FILE (written by "
+            "tools/export.py) and no --weights, --config or overrides (the file carries its config)"
+        )
     from detkit.export.runtime import ExportedPredictor
 
-    return ExportedPredictor(args.model, backend=args.backend, score_thresh=args.score_thresh, batch_size=args.batch_size)
+    return ExportedPredictor(
+        args.model, backend=args.backend, score_thresh=args.score_thresh, batch_size=args.batch_size
+    )
 
 
 def _video_options(args):
@@ -354,10 +412,19 @@ def _video_options(args):
     if not args.no_video:
         codec = check_codec_name(args.codec) if args.codec else default_codec()
         if args.codec and not can_write(codec):
-            raise ConfigError(f"--codec {codec}: this OpenCV build cannot write it (the default here is "
-                              f"{default_codec()}; MJPG in .avi always works)")
-    return VideoOptions(every=args.every, max_frames=args.max_frames, start_s=args.start, end_s=args.end,
-                        timeout_s=args.timeout, batch_size=args.batch_size, codec=codec)
+            raise ConfigError(
+                f"--codec {codec}: this OpenCV build cannot write it (the default here is "
+                f"{default_codec()}; MJPG in .avi always works)"
+            )
+    return VideoOptions(
+        every=args.every,
+        max_frames=args.max_frames,
+        start_s=args.start,
+        end_s=args.end,
+        timeout_s=args.timeout,
+        batch_size=args.batch_size,
+        codec=codec,
+    )
 
 
 def _run_images(inputs: InputSet, out: Path, predictor, args, summary: dict) -> None:
@@ -386,7 +453,8 @@ def _run_images(inputs: InputSet, out: Path, predictor, args, summary: dict) -> 
                     logger.warning("skipped %s: %s", inputs.images[index], reason)
             if readable:
                 detections = predictor.predict_preprocessed(
-                    [item[2] for item in readable], [item[1].shape[:2] for item in readable])
+                    [item[2] for item in readable], [item[1].shape[:2] for item in readable]
+                )
                 for (index, image, _, _), dets in zip(readable, detections):
                     rel = inputs.relative(inputs.images[index])
                     for pred in dets.to_coco(index + 1, predictor.category_ids):
@@ -402,8 +470,12 @@ def _run_images(inputs: InputSet, out: Path, predictor, args, summary: dict) -> 
             bar.update(len(batch))
     seconds = time.perf_counter() - start
     dump_predictions(predictions, out / PREDICTIONS_NAME)
-    summary.update(images=num_done, detections=len(predictions), seconds=round(seconds, 3),
-                   images_per_second=round(num_done / max(seconds, 1e-9), 3))
+    summary.update(
+        images=num_done,
+        detections=len(predictions),
+        seconds=round(seconds, 3),
+        images_per_second=round(num_done / max(seconds, 1e-9), 3),
+    )
 
 
 def _run_videos(inputs: InputSet, out: Path, predictor, options, summary: dict) -> int:
@@ -418,8 +490,10 @@ def _run_videos(inputs: InputSet, out: Path, predictor, options, summary: dict) 
     if inputs.live is not None:
         jobs = [(inputs.live, Path(inputs.live.name))]
     else:
-        jobs = [(VideoSource(spec=str(path), kind="file", name=path.stem), stem)
-                for path, stem in zip(inputs.videos, inputs.video_stems())]
+        jobs = [
+            (VideoSource(spec=str(path), kind="file", name=path.stem), stem)
+            for path, stem in zip(inputs.videos, inputs.video_stems())
+        ]
     with logging_redirect_tqdm(loggers=[logging.getLogger("detkit")]):
         for source, stem in jobs:
             try:

@@ -67,14 +67,16 @@ class VideoResult:
 
 def json_line(frame_index: int, timestamp_ms: float, dets) -> str:
     """One line of <name>.jsonl for `dets` (a `Detections`)."""
-    return json.dumps({
-        "frame": int(frame_index),
-        "timestamp_ms": round(float(timestamp_ms), 3),
-        "boxes": [[round(v, 3) for v in box] for box in dets.boxes.tolist()],
-        "scores": [round(v, 5) for v in dets.scores.tolist()],
-        "labels": dets.labels.tolist(),
-        "class_names": list(dets.class_names),
-    })
+    return json.dumps(
+        {
+            "frame": int(frame_index),
+            "timestamp_ms": round(float(timestamp_ms), 3),
+            "boxes": [[round(v, 3) for v in box] for box in dets.boxes.tolist()],
+            "scores": [round(v, 5) for v in dets.scores.tolist()],
+            "labels": dets.labels.tolist(),
+            "class_names": list(dets.class_names),
+        }
+    )
 
 
 @contextmanager
@@ -82,8 +84,10 @@ def deferred_interrupt():
     """A Ctrl-C inside the block raises KeyboardInterrupt when the block ends, not inside it, so
     what the block writes is written whole. Only where Python's own SIGINT handler is installed (in
     the main thread, SIGINT not ignored); elsewhere the block runs as it is."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
         yield
         return
     received = []
@@ -108,9 +112,17 @@ def run_video(source: VideoSource, out: Path, stem: Path, predictor, options: Vi
     from detkit.utils.visualization import draw_detections
 
     capture, info = open_video(source, timeout_s=options.timeout_s)
-    reader = FrameReader(capture, info, source, every=options.every, start_s=options.start_s, end_s=options.end_s,
-                         max_frames=options.max_frames, retrieve_all=options.codec is not None,
-                         preprocess=predictor.preprocessor)
+    reader = FrameReader(
+        capture,
+        info,
+        source,
+        every=options.every,
+        start_s=options.start_s,
+        end_s=options.end_s,
+        max_frames=options.max_frames,
+        retrieve_all=options.codec is not None,
+        preprocess=predictor.preprocessor,
+    )
     detector = FrameDetector(predictor, batch_size=options.batch_size)
     jsonl_rel = stem.with_name(stem.name + ".jsonl")
     video_rel = stem.with_name(stem.name + codec_extension(options.codec)) if options.codec else None
@@ -139,8 +151,9 @@ def run_video(source: VideoSource, out: Path, stem: Path, predictor, options: Vi
                         tic = time.perf_counter()
                         if writer is None:  # the decoded size, which a stream may not announce
                             height, width = frame.image.shape[:2]
-                            writer = VideoFileWriter(out / video_rel, fps=fps_out, size_wh=(width, height),
-                                                     codec=options.codec)
+                            writer = VideoFileWriter(
+                                out / video_rel, fps=fps_out, size_wh=(width, height), codec=options.codec
+                            )
                         writer.write(drawn)
                         draw_seconds += time.perf_counter() - tic
                     first_done = frame.index if first_done is None else first_done
@@ -166,8 +179,11 @@ def run_video(source: VideoSource, out: Path, stem: Path, predictor, options: Vi
         if result.error is not None:
             raise result.error
         window = "" if not (options.start_s or options.end_s) else " between --start and --end"
-        raise VideoReadError(source.description, f"it opened, but no frame could be decoded{window} "
-                             f"({stats.stop_reason}); check that it plays, e.g. with ffprobe")
+        raise VideoReadError(
+            source.description,
+            f"it opened, but no frame could be decoded{window} "
+            f"({stats.stop_reason}); check that it plays, e.g. with ffprobe",
+        )
 
     result.outputs = [jsonl_rel.as_posix()] + ([video_rel.as_posix()] if writer is not None else [])
     stopped = stop_reason or stats.stop_reason
@@ -198,8 +214,12 @@ def run_video(source: VideoSource, out: Path, stem: Path, predictor, options: Vi
         "processed_per_second": round(jsonl.lines_written / max(seconds, 1e-9), 3),
         # Where the time went: decoding + resizing (reader thread), the model, drawing + encoding,
         # and how long the model side waited for decoded frames (~0: the model is the bottleneck).
-        "timing": {"decode_s": round(stats.decode_seconds, 3), "model_s": round(detector.model_seconds, 3),
-                   "draw_write_s": round(draw_seconds, 3), "waited_for_decoder_s": round(detector.waited_seconds, 3)},
+        "timing": {
+            "decode_s": round(stats.decode_seconds, 3),
+            "model_s": round(detector.model_seconds, 3),
+            "draw_write_s": round(draw_seconds, 3),
+            "waited_for_decoder_s": round(detector.waited_seconds, 3),
+        },
     }
     if stats.warning:
         logger.warning("%s", stats.warning)

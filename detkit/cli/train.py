@@ -72,20 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("config", help="YAML config, e.g. configs/frcnn_r101.yaml (inherits configs/base.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (see below)")
     parser.add_argument(
-        "--resume", action="store_true",
+        "--resume",
+        action="store_true",
         help="continue from the checkpoint named by output_dir/last_checkpoint: model, optimizer, "
         "iteration, RNG and data position (starts from scratch when there is none)",
     )
     parser.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="output_dir holds an earlier run: delete its checkpoints, metrics, logs and summary, then start over",
     )
     parser.add_argument(
-        "--accept-config-changes", action="store_true",
+        "--accept-config-changes",
+        action="store_true",
         help="with --resume: continue although the config changes the run (model, data, solver, seed, processes)",
     )
     parser.add_argument(
-        "--eval-only", action="store_true",
+        "--eval-only",
+        action="store_true",
         help="no training: evaluate --weights on the config's test set (writes predictions.json and "
         "metrics.json to output_dir)",
     )

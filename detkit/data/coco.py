@@ -100,7 +100,9 @@ class DetectionRecords:
         self.box_offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.asarray(box_counts, dtype=np.int64), out=self.box_offsets[1:])
         if self.box_offsets[-1] != len(self.boxes) or len(self.labels) != len(self.boxes):
-            raise ValueError(f"box_counts sum to {self.box_offsets[-1]} but there are {len(self.boxes)} boxes and {len(self.labels)} labels")
+            raise ValueError(
+                f"box_counts sum to {self.box_offsets[-1]} but there are {len(self.boxes)} boxes and {len(self.labels)} labels"
+            )
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -233,7 +235,9 @@ def read_coco_dict(ann_file: str | os.PathLike, what: str = "annotation") -> dic
     """A COCO instances json with 'images' and 'categories' lists ('annotations' may be absent)."""
     data = read_json(ann_file, what)
     if not isinstance(data, dict):
-        raise DataError(f"{ann_file}: a COCO annotation file is a JSON object with images, annotations and categories; got a {type(data).__name__}")
+        raise DataError(
+            f"{ann_file}: a COCO annotation file is a JSON object with images, annotations and categories; got a {type(data).__name__}"
+        )
     for key in ("images", "categories"):
         if not isinstance(data.get(key), list):
             raise DataError(f"{ann_file}: the COCO key {key!r} is missing or not a list")
@@ -316,9 +320,13 @@ def check_coco(data: dict) -> CocoIndex:
     if not data["images"]:
         errors.append("no images: the 'images' list is empty")
     if dup_ids:
-        errors.append(f"{len(dup_ids)} duplicate image ids (first: {_first(dup_ids)}); every entry of 'images' needs its own id")
+        errors.append(
+            f"{len(dup_ids)} duplicate image ids (first: {_first(dup_ids)}); every entry of 'images' needs its own id"
+        )
     if bad_images:
-        errors.append(f"{len(bad_images)} images without an integer id, a file_name or a positive height/width (first: {_first(bad_images)})")
+        errors.append(
+            f"{len(bad_images)} images without an integer id, a file_name or a positive height/width (first: {_first(bad_images)})"
+        )
 
     # --- annotations
     anns = data["annotations"]
@@ -346,23 +354,43 @@ def check_coco(data: dict) -> CocoIndex:
             except (TypeError, ValueError):
                 pass  # stays NaN: degenerate
     if unknown_cat:
-        errors.append(f"{len(unknown_cat)} annotations with unknown category ids (first: {_first(unknown_cat)}); the categories are {_first(sorted(cat_names), 20)}")
+        errors.append(
+            f"{len(unknown_cat)} annotations with unknown category ids (first: {_first(unknown_cat)}); the categories are {_first(sorted(cat_names), 20)}"
+        )
     if unknown_img:
-        errors.append(f"{len(unknown_img)} annotations of image ids that are not in 'images' (first: {_first(unknown_img)})")
+        errors.append(
+            f"{len(unknown_img)} annotations of image ids that are not in 'images' (first: {_first(unknown_img)})"
+        )
     degenerate = ~np.isfinite(raw).all(axis=1) | ~(raw[:, 2] > 0) | ~(raw[:, 3] > 0)
-    return CocoIndex(cat_names, index_of, image_ids, heights, widths, file_names, raw, ann_image_idx, ann_category_ids, degenerate, errors)
+    return CocoIndex(
+        cat_names,
+        index_of,
+        image_ids,
+        heights,
+        widths,
+        file_names,
+        raw,
+        ann_image_idx,
+        ann_category_ids,
+        degenerate,
+        errors,
+    )
 
 
 def raise_coco_errors(errors: Sequence[str], where: str) -> None:
     """One DataError listing every problem of a file, or nothing when there is none."""
     if errors:
         listing = "\n  - ".join(errors)
-        raise DataError(f"{where}: {len(errors)} problem(s) must be fixed before this dataset can be used:\n  - {listing}")
+        raise DataError(
+            f"{where}: {len(errors)} problem(s) must be fixed before this dataset can be used:\n  - {listing}"
+        )
 
 
 def degenerate_box_examples(anns: Sequence, degenerate: np.ndarray) -> list[str]:
-    return [f"annotation {anns[j].get('id', f'#{j}') if isinstance(anns[j], dict) else f'#{j}'} bbox {anns[j].get('bbox')}"
-            for j in np.flatnonzero(degenerate)[:MAX_LISTED]]
+    return [
+        f"annotation {anns[j].get('id', f'#{j}') if isinstance(anns[j], dict) else f'#{j}'} bbox {anns[j].get('bbox')}"
+        for j in np.flatnonzero(degenerate)[:MAX_LISTED]
+    ]
 
 
 def _missing_files(image_root: Path, file_names: Sequence[str]) -> list[str]:
@@ -381,7 +409,9 @@ def _missing_files(image_root: Path, file_names: Sequence[str]) -> list[str]:
     return missing
 
 
-def load_coco_json(ann_file: str | os.PathLike, image_root: str | os.PathLike, *, name: str = "", check_image_files: bool = True) -> CocoDataset:
+def load_coco_json(
+    ann_file: str | os.PathLike, image_root: str | os.PathLike, *, name: str = "", check_image_files: bool = True
+) -> CocoDataset:
     """Load and validate a COCO-format detection json; see the module docstring for the rules.
 
     Raises DataError listing every problem that must be fixed by the user.
@@ -399,8 +429,12 @@ def load_coco_json(ann_file: str | os.PathLike, image_root: str | os.PathLike, *
     num_anns = len(anns)
     raw = index.bboxes_xywh
     ann_image_idx = index.ann_image_idx
-    ann_label = np.array([label_of.get(c, -1) if not isinstance(c, bool) else -1 for c in index.ann_category_ids], dtype=np.int64).reshape(num_anns)
-    ann_crowd = np.array([bool(a.get("iscrowd", 0)) if isinstance(a, dict) else False for a in anns], dtype=bool).reshape(num_anns)
+    ann_label = np.array(
+        [label_of.get(c, -1) if not isinstance(c, bool) else -1 for c in index.ann_category_ids], dtype=np.int64
+    ).reshape(num_anns)
+    ann_crowd = np.array(
+        [bool(a.get("iscrowd", 0)) if isinstance(a, dict) else False for a in anns], dtype=bool
+    ).reshape(num_anns)
 
     if check_image_files and file_names:
         if not root.is_dir():
@@ -408,14 +442,20 @@ def load_coco_json(ann_file: str | os.PathLike, image_root: str | os.PathLike, *
         else:
             missing = _missing_files(root, file_names)
             if missing:
-                errors.append(f"{len(missing)} of {len(file_names)} image files missing under {root} (first: {_first(missing)})")
+                errors.append(
+                    f"{len(missing)} of {len(file_names)} image files missing under {root} (first: {_first(missing)})"
+                )
 
     where = f"dataset {name!r} ({ann_path})" if name else str(ann_path)
     raise_coco_errors(errors, where)
 
     # --- boxes: drop degenerate, clip to the image, keep crowd out (all vectorized over annotations)
     report = AnnotationReport(num_images=len(image_ids), num_annotations=num_anns)
-    aid_text = np.array([str(a.get("id", f"#{j}")) for j, a in enumerate(anns)], dtype=object) if num_anns else np.zeros(0, object)
+    aid_text = (
+        np.array([str(a.get("id", f"#{j}")) for j, a in enumerate(anns)], dtype=object)
+        if num_anns
+        else np.zeros(0, object)
+    )
     img_h = np.asarray(heights, dtype=np.float64)[ann_image_idx] if num_anns else np.zeros(0)
     img_w = np.asarray(widths, dtype=np.float64)[ann_image_idx] if num_anns else np.zeros(0)
     x, y, w, h = raw.T
@@ -423,7 +463,12 @@ def load_coco_json(ann_file: str | os.PathLike, image_root: str | os.PathLike, *
     with np.errstate(invalid="ignore"):
         xyxy = np.stack([x, y, x + w, y + h], axis=1)
         clipped_xyxy = np.stack(
-            [np.clip(xyxy[:, 0], 0, img_w), np.clip(xyxy[:, 1], 0, img_h), np.clip(xyxy[:, 2], 0, img_w), np.clip(xyxy[:, 3], 0, img_h)],
+            [
+                np.clip(xyxy[:, 0], 0, img_w),
+                np.clip(xyxy[:, 1], 0, img_h),
+                np.clip(xyxy[:, 2], 0, img_w),
+                np.clip(xyxy[:, 3], 0, img_h),
+            ],
             axis=1,
         )
         outside = ~degenerate & ~((clipped_xyxy[:, 2] > clipped_xyxy[:, 0]) & (clipped_xyxy[:, 3] > clipped_xyxy[:, 1]))
@@ -481,12 +526,21 @@ _CACHE: OrderedDict[tuple, CocoDataset] = OrderedDict()
 _CACHE_SIZE = 4
 
 
-def load_coco_json_cached(ann_file: str | os.PathLike, image_root: str | os.PathLike, *, name: str = "", check_image_files: bool = True) -> CocoDataset:
+def load_coco_json_cached(
+    ann_file: str | os.PathLike, image_root: str | os.PathLike, *, name: str = "", check_image_files: bool = True
+) -> CocoDataset:
     """`load_coco_json`, reusing the result while the file's size and mtime are unchanged."""
     ann_path = Path(ann_file)
     try:
         st = ann_path.stat()
-        key: tuple | None = (str(ann_path.resolve()), st.st_mtime_ns, st.st_size, str(Path(image_root).resolve()), name, check_image_files)
+        key: tuple | None = (
+            str(ann_path.resolve()),
+            st.st_mtime_ns,
+            st.st_size,
+            str(Path(image_root).resolve()),
+            name,
+            check_image_files,
+        )
     except OSError:
         key = None
     if key is not None and key in _CACHE:

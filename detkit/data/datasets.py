@@ -71,7 +71,9 @@ def dataset_files(ds: DatasetConfig) -> tuple[str, str]:
 def load_dataset(ds: DatasetConfig) -> CocoDataset:
     """Load (or generate and load) one dataset entry, validated; cached while the json is unchanged."""
     ann_file, image_root = dataset_files(ds)
-    return load_coco_json_cached(ann_file, image_root, name=ds.name or (f"shapes_{ds.split}" if ds.type == "shapes" else ""))
+    return load_coco_json_cached(
+        ann_file, image_root, name=ds.name or (f"shapes_{ds.split}" if ds.type == "shapes" else "")
+    )
 
 
 def _entries(cfg: Config, split: str) -> Sequence[DatasetConfig]:
@@ -117,7 +119,9 @@ def check_num_classes(cfg: Config, num_dataset_classes: int, what: str) -> None:
         )
 
 
-def load_split(cfg: Config, split: Literal["train", "test"], dataset: DatasetConfig | None = None) -> tuple[list[CocoDataset], DetectionRecords]:
+def load_split(
+    cfg: Config, split: Literal["train", "test"], dataset: DatasetConfig | None = None
+) -> tuple[list[CocoDataset], DetectionRecords]:
     """The datasets of a split and their records (train: all concatenated; test: the first, or `dataset`).
 
     Checks the category tables against each other and against model.num_classes.

@@ -71,7 +71,9 @@ def decode_image(data: bytes, input_format: Literal["RGB", "BGR"] = "RGB", name:
         raise ImageReadError(name, f"OpenCV cannot decode it ({str(exc).strip().splitlines()[-1]})") from None
     if image is None or image.size == 0:
         head = data[:8]
-        raise ImageReadError(name, f"not a readable image (corrupt, truncated or an unknown format; first bytes {head!r})")
+        raise ImageReadError(
+            name, f"not a readable image (corrupt, truncated or an unknown format; first bytes {head!r})"
+        )
     return to_uint8_3ch(image, input_format=input_format)
 
 

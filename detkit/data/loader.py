@@ -112,7 +112,9 @@ class TrainingBatchSampler:
         if num_images < 1:
             raise ValueError("TrainingBatchSampler needs at least one image")
         if batch_size < 1 or not 0 <= rank < world_size or start_iter < 0:
-            raise ValueError(f"bad sampler arguments: batch_size={batch_size}, rank={rank}, world_size={world_size}, start_iter={start_iter}")
+            raise ValueError(
+                f"bad sampler arguments: batch_size={batch_size}, rank={rank}, world_size={world_size}, start_iter={start_iter}"
+            )
         if group_ids is not None and len(group_ids) != num_images:
             raise ValueError(f"group_ids has {len(group_ids)} entries for {num_images} images")
         self.num_images = num_images
@@ -174,7 +176,15 @@ class InferenceBatchSampler:
     batch is never padded to a square of its longest sides.
     """
 
-    def __init__(self, *, num_images: int, batch_size: int, rank: int = 0, world_size: int = 1, group_ids: np.ndarray | None = None):
+    def __init__(
+        self,
+        *,
+        num_images: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        group_ids: np.ndarray | None = None,
+    ):
         if batch_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad sampler arguments: batch_size={batch_size}, rank={rank}, world_size={world_size}")
         per_rank, extra = divmod(num_images, world_size)
@@ -220,7 +230,9 @@ class DetectionDataset(Dataset):
     an unreadable image gives a BadImage instead.
     """
 
-    def __init__(self, records: DetectionRecords, transform: DetectionTransform, *, input_format: Literal["RGB", "BGR"] = "RGB"):
+    def __init__(
+        self, records: DetectionRecords, transform: DetectionTransform, *, input_format: Literal["RGB", "BGR"] = "RGB"
+    ):
         self.records = records
         self.transform = transform
         self.input_format = input_format
@@ -257,7 +269,9 @@ class DetectionDataset(Dataset):
         }
 
 
-def pad_images(images: Sequence[torch.Tensor], original_sizes: Sequence[tuple[int, int]], size_divisibility: int) -> ImageBatch:
+def pad_images(
+    images: Sequence[torch.Tensor], original_sizes: Sequence[tuple[int, int]], size_divisibility: int
+) -> ImageBatch:
     """(3, H_i, W_i) uint8 CPU tensors -> ImageBatch (N, 3, Hp, Wp) zero padded at the bottom/right.
 
     The same result as ImageBatch.from_tensors, padded with numpy: torch's copy kernels start
@@ -295,12 +309,18 @@ class BatchCollator:
     def __init__(self, size_divisibility: int = 32):
         self.size_divisibility = size_divisibility
 
-    def __call__(self, samples: Sequence[dict | BadImage]) -> tuple[ImageBatch | None, list[dict], list[dict], list[BadImage]]:
+    def __call__(
+        self, samples: Sequence[dict | BadImage]
+    ) -> tuple[ImageBatch | None, list[dict], list[dict], list[BadImage]]:
         bad = [s for s in samples if isinstance(s, BadImage)]
         good = [s for s in samples if not isinstance(s, BadImage)]
         if not good:
             return None, [], [], bad
-        images = pad_images([s["image"] for s in good], [(s["meta"]["height"], s["meta"]["width"]) for s in good], self.size_divisibility)
+        images = pad_images(
+            [s["image"] for s in good],
+            [(s["meta"]["height"], s["meta"]["width"]) for s in good],
+            self.size_divisibility,
+        )
         targets = [{"boxes": s["boxes"], "labels": s["labels"]} for s in good]
         return images, targets, [s["meta"] for s in good], bad
 
@@ -359,7 +379,13 @@ class TrainLoader:
             return
         self.num_bad += len(bad)
         for item in bad:
-            logger.warning("skipping unreadable training image %s: %s (%d of %d images read so far were bad)", item.file_name, item.reason, self.num_bad, self.num_seen)
+            logger.warning(
+                "skipping unreadable training image %s: %s (%d of %d images read so far were bad)",
+                item.file_name,
+                item.reason,
+                self.num_bad,
+                self.num_seen,
+            )
         n = len(self.dataset)
         fraction = self.num_bad / self.num_seen
         min_seen = min(n, math.ceil(1.0 / self.max_bad_fraction)) if self.max_bad_fraction > 0 else 1
@@ -399,14 +425,22 @@ class TestLoader:
 def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1, start_iter: int = 0) -> TrainLoader:
     """The infinite, deterministic training loader of this rank; see the module docstring."""
     if cfg.solver.ims_per_batch % world_size:
-        raise ConfigError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} must be divisible by the number of processes ({world_size})")
+        raise ConfigError(
+            f"solver.ims_per_batch={cfg.solver.ims_per_batch} must be divisible by the number of processes ({world_size})"
+        )
     _, records = load_split(cfg, "train")
     if cfg.data.filter_empty:
         has_boxes = records.box_counts > 0
         if not has_boxes.any():
-            raise DataError("no training image has a usable box (all are empty, crowd-only or degenerate); nothing to train on")
+            raise DataError(
+                "no training image has a usable box (all are empty, crowd-only or degenerate); nothing to train on"
+            )
         if not has_boxes.all():
-            logger.info("training on %d images; %d without usable boxes left out (data.filter_empty)", int(has_boxes.sum()), int((~has_boxes).sum()))
+            logger.info(
+                "training on %d images; %d without usable boxes left out (data.filter_empty)",
+                int(has_boxes.sum()),
+                int((~has_boxes).sum()),
+            )
             records = records.subset(np.flatnonzero(has_boxes))
     dataset = DetectionDataset(records, build_train_transform(cfg), input_format=cfg.model.input_format)
     sampler = TrainingBatchSampler(
@@ -421,7 +455,9 @@ def build_train_loader(cfg: Config, rank: int = 0, world_size: int = 1, start_it
     return TrainLoader(dataset, sampler, cfg)
 
 
-def build_test_loader(cfg: Config, dataset: DatasetConfig | None = None, rank: int = 0, world_size: int = 1) -> TestLoader:
+def build_test_loader(
+    cfg: Config, dataset: DatasetConfig | None = None, rank: int = 0, world_size: int = 1
+) -> TestLoader:
     """Every image of the (first) test dataset, or of `dataset`, exactly once across ranks."""
     _, records = load_split(cfg, "test", dataset)
     data = DetectionDataset(records, build_test_transform(cfg), input_format=cfg.model.input_format)

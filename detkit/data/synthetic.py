@@ -138,7 +138,9 @@ def _star(points: int = 5, inner: float = 0.42) -> np.ndarray:
 def _cross(arm: float = 0.34) -> np.ndarray:
     a, b = arm, 1.0 / math.sqrt(1 + arm * arm)  # arm tips on the unit circle
     a *= b
-    return np.array([[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a], [a, b], [-a, b], [-a, a], [-b, a], [-b, -a], [-a, -a]])
+    return np.array(
+        [[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a], [a, b], [-a, b], [-a, a], [-b, a], [-b, -a], [-a, -a]]
+    )
 
 
 def _arrow() -> np.ndarray:
@@ -334,11 +336,17 @@ def generate_shapes(params: ShapesParams, out_dir: str | os.PathLike, workers: i
                 }
             )
     coco = {
-        "info": {"description": "detkit synthetic shapes", "version": GENERATOR_VERSION, "params": _params_dict(params)},
+        "info": {
+            "description": "detkit synthetic shapes",
+            "version": GENERATOR_VERSION,
+            "params": _params_dict(params),
+        },
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": k + 1, "name": SHAPE_NAMES[k], "supercategory": "shape"} for k in range(params.num_classes)],
+        "categories": [
+            {"id": k + 1, "name": SHAPE_NAMES[k], "supercategory": "shape"} for k in range(params.num_classes)
+        ],
     }
     ann_file = out / ANN_FILE_NAME
     ann_file.write_text(json.dumps(coco))
@@ -363,7 +371,9 @@ def shapes_dir(params: ShapesParams, root: str | os.PathLike) -> Path:
     return Path(root) / f"{params.split}_{params.cache_key()}"
 
 
-def ensure_shapes_dataset(params: ShapesParams, root: str | os.PathLike = "datasets/shapes", workers: int | None = None) -> tuple[str, str]:
+def ensure_shapes_dataset(
+    params: ShapesParams, root: str | os.PathLike = "datasets/shapes", workers: int | None = None
+) -> tuple[str, str]:
     """Generate the split on first use, reuse it afterwards. Returns (ann_file, image_root)."""
     params = params.validated()
     final = shapes_dir(params, root)
@@ -371,7 +381,13 @@ def ensure_shapes_dataset(params: ShapesParams, root: str | os.PathLike = "datas
     if ann_file.is_file():
         return str(ann_file), str(image_root)
     final.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("generating %d shapes images (%s split, %dx%d) into %s", params.num_images, params.split, *params.image_size, final)
+    logger.info(
+        "generating %d shapes images (%s split, %dx%d) into %s",
+        params.num_images,
+        params.split,
+        *params.image_size,
+        final,
+    )
     # A folder, not a file, so not detkit.utils.files.atomic_output: os.rename cannot replace a
     # non-empty folder, and a failed rename onto a folder that another process completed first
     # is success here, not an error.

@@ -68,7 +68,9 @@ def resize_image(image: np.ndarray, height: int, width: int, method: str = "cv2"
         from PIL import Image
 
         if image.ndim == 3 and image.shape[2] == 1:
-            return np.asarray(Image.fromarray(image[:, :, 0], mode="L").resize((width, height), Image.Resampling.BILINEAR))[:, :, None]
+            return np.asarray(
+                Image.fromarray(image[:, :, 0], mode="L").resize((width, height), Image.Resampling.BILINEAR)
+            )[:, :, None]
         return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
     raise ConfigError(f"data.resize_method={method!r}: use one of {', '.join(RESIZE_METHODS)}")
 
@@ -109,7 +111,9 @@ class ResizeShortestEdge(A.DualTransform):
     def apply_to_bboxes(self, bboxes: np.ndarray, **params: Any) -> np.ndarray:
         return bboxes  # normalized coordinates do not change under a resize
 
-    def apply_to_keypoints(self, keypoints: np.ndarray, target_hw: tuple[int, int] = (0, 0), **params: Any) -> np.ndarray:
+    def apply_to_keypoints(
+        self, keypoints: np.ndarray, target_hw: tuple[int, int] = (0, 0), **params: Any
+    ) -> np.ndarray:
         height, width = params["shape"][:2]
         out = keypoints.copy()
         out[:, 0] *= target_hw[1] / width
@@ -126,15 +130,23 @@ def build_augmentation(spec: dict, where: str = "data.augment") -> A.BasicTransf
     A `transforms` list inside an entry (for OneOf, SomeOf, Sequential) is built recursively.
     """
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-        raise ConfigError(f"{where} = {spec!r}: each entry must be a mapping with a 'name', e.g. {{name: ColorJitter, p: 0.5}}")
+        raise ConfigError(
+            f"{where} = {spec!r}: each entry must be a mapping with a 'name', e.g. {{name: ColorJitter, p: 0.5}}"
+        )
     kwargs = dict(spec)
     name = kwargs.pop("name")
     cls: type[Any] | None = getattr(A, name, None)
     if not (isinstance(cls, type) and issubclass(cls, (A.BasicTransform, A.BaseCompose))):
-        known = [n for n in dir(A) if isinstance(getattr(A, n), type) and issubclass(getattr(A, n), (A.BasicTransform, A.BaseCompose))]
+        known = [
+            n
+            for n in dir(A)
+            if isinstance(getattr(A, n), type) and issubclass(getattr(A, n), (A.BasicTransform, A.BaseCompose))
+        ]
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" Did you mean {' or '.join(close)}?" if close else ""
-        raise ConfigError(f"{where}: {name!r} is not an albumentations transform (albumentations {A.__version__}).{hint}")
+        raise ConfigError(
+            f"{where}: {name!r} is not an albumentations transform (albumentations {A.__version__}).{hint}"
+        )
     if "transforms" in kwargs:
         children = kwargs["transforms"]
         if not isinstance(children, (list, tuple)):
@@ -145,12 +157,16 @@ def build_augmentation(spec: dict, where: str = "data.augment") -> A.BasicTransf
         unknown = [k for k in kwargs if k not in params]
         if unknown:
             valid = ", ".join(k for k in params if k != "self")
-            raise ConfigError(f"{where}: {name} has no argument(s) {', '.join(map(repr, unknown))}; its arguments are: {valid}")
+            raise ConfigError(
+                f"{where}: {name} has no argument(s) {', '.join(map(repr, unknown))}; its arguments are: {valid}"
+            )
     try:
         return cls(**kwargs)
     except Exception as exc:  # noqa: BLE001 - pydantic ValidationError, TypeError for unknown arguments, ...
         message = " ".join(str(exc).split())
-        raise ConfigError(f"{where}: cannot build {name}({', '.join(f'{k}={v!r}' for k, v in spec.items() if k != 'name')}): {message}") from None
+        raise ConfigError(
+            f"{where}: cannot build {name}({', '.join(f'{k}={v!r}' for k, v in spec.items() if k != 'name')}): {message}"
+        ) from None
 
 
 @dataclass
@@ -165,16 +181,18 @@ class TransformOutput:
 class DetectionTransform:
     """A seeded albumentations pipeline over an image and its xyxy boxes.
 
-        tf = build_test_transform(cfg)
-        out = tf(image)                    # out.image resized; out.boxes empty
-        out = tf(image, boxes, labels, seed=1234)
+    tf = build_test_transform(cfg)
+    out = tf(image)                    # out.image resized; out.boxes empty
+    out = tf(image, boxes, labels, seed=1234)
     """
 
     def __init__(self, transforms: Sequence[A.BasicTransform]):
         self.transforms = list(transforms)
         self.compose = A.Compose(
             self.transforms,
-            bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], clip=True, filter_invalid_bboxes=True),
+            bbox_params=A.BboxParams(
+                format="pascal_voc", label_fields=["labels"], clip=True, filter_invalid_bboxes=True
+            ),
             seed=0,
         )
 

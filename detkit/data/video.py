@@ -49,8 +49,18 @@ logger = logging.getLogger(__name__)
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
 # The container each codec is written into; other four-character codes go into Matroska, which
 # accepts nearly every codec FFmpeg can encode.
-CODEC_EXTENSIONS = {"avc1": ".mp4", "H264": ".mp4", "hev1": ".mp4", "mp4v": ".mp4", "MJPG": ".avi",
-                    "XVID": ".avi", "DIVX": ".avi", "FMP4": ".avi", "VP80": ".webm", "VP90": ".webm"}
+CODEC_EXTENSIONS = {
+    "avc1": ".mp4",
+    "H264": ".mp4",
+    "hev1": ".mp4",
+    "mp4v": ".mp4",
+    "MJPG": ".avi",
+    "XVID": ".avi",
+    "DIVX": ".avi",
+    "FMP4": ".avi",
+    "VP80": ".webm",
+    "VP90": ".webm",
+}
 # Probed in this order by `default_codec`: H.264 plays everywhere but most pip OpenCV builds cannot
 # encode it; MPEG-4 part 2 in .mp4 and Motion-JPEG in .avi can always be written.
 CODEC_PREFERENCE = ("avc1", "mp4v", "MJPG")
@@ -166,13 +176,19 @@ def open_video(source: VideoSource, timeout_s: float = 10.0) -> tuple[cv2.VideoC
 
 def _open_hint(source: VideoSource, timeout_s: float) -> str:
     if source.kind == "camera":
-        return (f"no such camera, or it is busy (check that /dev/video{int(source.spec)} exists and is "
-                "readable: ls -l /dev/video*; camera indices start at 0)")
+        return (
+            f"no such camera, or it is busy (check that /dev/video{int(source.spec)} exists and is "
+            "readable: ls -l /dev/video*; camera indices start at 0)"
+        )
     if source.kind == "stream":
-        return (f"no answer within {timeout_s:g} s (check the address and port, that the server is up and "
-                "reachable from here, or allow more time with --timeout)")
-    return ("OpenCV cannot open it: not a video, a container or codec this OpenCV build cannot read, or a "
-            "file cut off before its index (check it plays, e.g. with ffprobe)")
+        return (
+            f"no answer within {timeout_s:g} s (check the address and port, that the server is up and "
+            "reachable from here, or allow more time with --timeout)"
+        )
+    return (
+        "OpenCV cannot open it: not a video, a container or codec this OpenCV build cannot read, or a "
+        "file cut off before its index (check it plays, e.g. with ffprobe)"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,10 +239,20 @@ class FrameReader:
     queue_size: frames decoded ahead.
     """
 
-    def __init__(self, capture: cv2.VideoCapture, info: VideoInfo, source: VideoSource, *, every: int = 1,
-                 start_s: float = 0.0, end_s: float | None = None, max_frames: int | None = None,
-                 retrieve_all: bool = True, preprocess: Callable[[np.ndarray], Any] | None = None,
-                 queue_size: int = 16):
+    def __init__(
+        self,
+        capture: cv2.VideoCapture,
+        info: VideoInfo,
+        source: VideoSource,
+        *,
+        every: int = 1,
+        start_s: float = 0.0,
+        end_s: float | None = None,
+        max_frames: int | None = None,
+        retrieve_all: bool = True,
+        preprocess: Callable[[np.ndarray], Any] | None = None,
+        queue_size: int = 16,
+    ):
         if every < 1:
             raise ConfigError(f"every={every}: must be at least 1")
         if max_frames is not None and max_frames < 1:
@@ -343,7 +369,9 @@ class FrameReader:
             if self.source.live or fps <= 0:
                 now = time.monotonic()
                 live_t0 = now if live_t0 is None else live_t0
-                timestamp_ms = (now - live_t0) * 1000.0 if self.source.live else float(capture.get(cv2.CAP_PROP_POS_MSEC))
+                timestamp_ms = (
+                    (now - live_t0) * 1000.0 if self.source.live else float(capture.get(cv2.CAP_PROP_POS_MSEC))
+                )
             else:
                 timestamp_ms = index * 1000.0 / fps
             if timestamp_ms < self.start_s * 1000.0:  # a file that could not seek, or a live source
@@ -367,7 +395,9 @@ class FrameReader:
             stats.frames_read += 1
             stats.first_index = index if stats.first_index is None else stats.first_index
             stats.last_index = index
-            if not self._put(Frame(index=index, timestamp_ms=timestamp_ms, image=image, tensor=tensor, process=process)):
+            if not self._put(
+                Frame(index=index, timestamp_ms=timestamp_ms, image=image, tensor=tensor, process=process)
+            ):
                 stats.frames_dropped += 1
             index += 1
 
@@ -382,8 +412,10 @@ class FrameReader:
             stats.stop_reason = "end of stream"
         elif count is not None and index < count - 1:
             stats.stop_reason = f"truncated: no frame after {index - 1} (the header says {count} frames)"
-            stats.warning = (f"{self.source.description}: stopped after frame {index - 1} although the header "
-                             f"says {count} frames: the file is truncated or its next frame cannot be decoded")
+            stats.warning = (
+                f"{self.source.description}: stopped after frame {index - 1} although the header "
+                f"says {count} frames: the file is truncated or its next frame cannot be decoded"
+            )
         else:
             stats.stop_reason = "end of video"
 
@@ -424,8 +456,10 @@ def default_codec() -> str:
     for codec in CODEC_PREFERENCE:
         if can_write(codec):
             return codec
-    raise ConfigError(f"this OpenCV build can write none of {', '.join(CODEC_PREFERENCE)}; "
-                      "pass --no-video, or --codec with one it can write")
+    raise ConfigError(
+        f"this OpenCV build can write none of {', '.join(CODEC_PREFERENCE)}; "
+        "pass --no-video, or --codec with one it can write"
+    )
 
 
 class VideoFileWriter:
@@ -444,12 +478,15 @@ class VideoFileWriter:
         self._output = AtomicOutput(self.path, temp_name=f".{self.path.stem}.partial{self.path.suffix}")
         self.temp_path = self._output.temp_path
         with _QuietOpenCV():
-            self._writer = cv2.VideoWriter(str(self.temp_path), cv2.VideoWriter_fourcc(*check_codec_name(codec)),
-                                           float(fps), self.size_wh)
+            self._writer = cv2.VideoWriter(
+                str(self.temp_path), cv2.VideoWriter_fourcc(*check_codec_name(codec)), float(fps), self.size_wh
+            )
         if not self._writer.isOpened():
             self._output.discard()
-            raise ConfigError(f"--codec {codec}: this OpenCV build cannot write it into {self.path.suffix} "
-                              f"(the default here is {default_codec()})")
+            raise ConfigError(
+                f"--codec {codec}: this OpenCV build cannot write it into {self.path.suffix} "
+                f"(the default here is {default_codec()})"
+            )
         self.frames_written = 0
 
     def write(self, image_rgb: np.ndarray) -> None:
@@ -478,7 +515,9 @@ class JsonLinesWriter:
 
     def __post_init__(self):
         self.path = Path(self.path)
-        self._output = AtomicOutput(self.path, temp_name=f".{self.path.name}.partial")  # a fixed name: see VideoFileWriter
+        self._output = AtomicOutput(
+            self.path, temp_name=f".{self.path.name}.partial"
+        )  # a fixed name: see VideoFileWriter
         self.temp_path = self._output.temp_path
         self._file = open(self.temp_path, "w", encoding="utf-8")  # noqa: SIM115 - open for the writer's lifetime, closed by close()
 

@@ -117,7 +117,9 @@ def restore_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
     nps = state["numpy"]
-    np.random.set_state((nps["kind"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["gauss"]))
+    np.random.set_state(
+        (nps["kind"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["gauss"])
+    )
     torch.set_rng_state(state["torch"])
     cuda_states = state.get("cuda") or []
     if cuda_states and torch.cuda.is_available():
@@ -191,7 +193,11 @@ class Checkpointer:
             # atomic_write removed its temporary file: `target` and the pointer are as they were.
             pointer = self.output_dir / LAST_CHECKPOINT
             previous = pointer.read_text().strip() if pointer.is_file() else ""
-            kept = f"the previous checkpoint {self.output_dir / previous} is intact and last_checkpoint still names it" if previous else "no earlier checkpoint exists"
+            kept = (
+                f"the previous checkpoint {self.output_dir / previous} is intact and last_checkpoint still names it"
+                if previous
+                else "no earlier checkpoint exists"
+            )
             raise CheckpointError(
                 f"cannot write checkpoint {target}: {describe_write_error(exc)}; {kept}. Free space in "
                 f"{self.output_dir}, then continue with --resume"

@@ -49,7 +49,9 @@ def _env_int(name: str, default: int) -> int:
 
 def dist_info_from_env() -> DistInfo:
     """Rank, world size and local rank from the torchrun environment (defaults: 0, 1, 0)."""
-    return DistInfo(rank=_env_int("RANK", 0), world_size=_env_int("WORLD_SIZE", 1), local_rank=_env_int("LOCAL_RANK", 0))
+    return DistInfo(
+        rank=_env_int("RANK", 0), world_size=_env_int("WORLD_SIZE", 1), local_rank=_env_int("LOCAL_RANK", 0)
+    )
 
 
 def init_distributed(device_type: str, timeout_minutes: float = 30.0) -> DistInfo:
@@ -72,7 +74,9 @@ def init_distributed(device_type: str, timeout_minutes: float = 30.0) -> DistInf
         return info
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if name not in os.environ:
-            raise ConfigError(f"WORLD_SIZE={info.world_size} but {name} is not set: start multi-process runs with torchrun")
+            raise ConfigError(
+                f"WORLD_SIZE={info.world_size} but {name} is not set: start multi-process runs with torchrun"
+            )
     backend = "nccl" if device_type == "cuda" else "gloo"
     kwargs: dict[str, Any] = {}
     if device_type == "cuda":
@@ -84,7 +88,9 @@ def init_distributed(device_type: str, timeout_minutes: float = 30.0) -> DistInf
         timeout=datetime.timedelta(minutes=timeout_minutes),
         **kwargs,
     )
-    logger.info("process group: backend %s, rank %d of %d (local rank %d)", backend, info.rank, info.world_size, info.local_rank)
+    logger.info(
+        "process group: backend %s, rank %d of %d (local rank %d)", backend, info.rank, info.world_size, info.local_rank
+    )
     return info
 
 

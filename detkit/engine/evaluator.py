@@ -163,7 +163,9 @@ def load_ground_truth(ann_file: str | Path) -> dict:
     if index.degenerate.any():
         logger.warning(
             "%s: %d boxes with w or h <= 0 or non-finite values dropped (first: %s)",
-            ann_file, int(index.degenerate.sum()), ", ".join(degenerate_box_examples(annotations, index.degenerate)),
+            ann_file,
+            int(index.degenerate.sum()),
+            ", ".join(degenerate_box_examples(annotations, index.degenerate)),
         )
         annotations = [ann for ann, bad in zip(annotations, index.degenerate) if not bad]
     filled_area = 0
@@ -243,8 +245,15 @@ def check_predictions(
         x, y, w, h = (float(v) for v in pred["bbox"])
         # The fields pycocotools' loadRes sets for bbox results (the polygon is not needed for boxes).
         checked.append(
-            {"image_id": image_id, "category_id": category_id, "bbox": [x, y, w, h],
-             "score": float(pred["score"]), "area": w * h, "id": len(checked) + 1, "iscrowd": 0}
+            {
+                "image_id": image_id,
+                "category_id": category_id,
+                "bbox": [x, y, w, h],
+                "score": float(pred["score"]),
+                "area": w * h,
+                "id": len(checked) + 1,
+                "iscrowd": 0,
+            }
         )
     if malformed:
         shown = "; ".join(malformed[:_MAX_EXAMPLES])
@@ -263,8 +272,7 @@ def check_predictions(
         valid = sorted(known_categories)
         hint = ""
         if all(0 <= c < len(valid) for c in unknown_categories):
-            hint = (" They look like contiguous labels 0..K-1: map label k to the dataset's category id "
-                    "category_ids[k].")
+            hint = " They look like contiguous labels 0..K-1: map label k to the dataset's category id category_ids[k]."
         raise DataError(
             f"{source}: {sum(unknown_categories.values())} predictions have category ids that are not in "
             f"the ground truth (e.g. {shown}; valid: {_short_list(valid)}).{hint}"
@@ -322,9 +330,7 @@ class COCOEvaluator:
         start = time.perf_counter()
         checked = check_predictions(predictions, self.image_ids, self.category_ids, source)
         if not checked:
-            logger.warning(
-                "%s: no predictions; every AP and AR is 0 where %s has ground truth", source, self.ann_file
-            )
+            logger.warning("%s: no predictions; every AP and AR is 0 where %s has ground truth", source, self.ann_file)
         dt_dataset = {
             "images": self._gt_dataset["images"],
             "categories": self._gt_dataset["categories"],
@@ -346,8 +352,12 @@ class COCOEvaluator:
         metrics["per_class"] = self._per_class_ap(precision, list(coco_eval.params.catIds))
         logger.info(
             "Evaluated %d predictions on %d images with %s in %.2f s: AP %.3f, AP50 %.3f",
-            len(checked), len(self.image_ids), self.backend, time.perf_counter() - start,
-            metrics["AP"], metrics["AP50"],
+            len(checked),
+            len(self.image_ids),
+            self.backend,
+            time.perf_counter() - start,
+            metrics["AP"],
+            metrics["AP50"],
         )
         return EvalResult(metrics=metrics, stats=stats, precision=precision, backend=self.backend)
 
@@ -445,9 +455,7 @@ def format_metrics(metrics: dict, columns: int = 3) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def detections_to_coco(
-    detections: dict, image_id: int, category_ids: Sequence[int]
-) -> list[dict]:
+def detections_to_coco(detections: dict, image_id: int, category_ids: Sequence[int]) -> list[dict]:
     """One image's model output -> COCO result dicts.
 
     detections: {"boxes": (D, 4) xyxy original pixels, "scores": (D,), "labels": (D,) in [0, K)},
@@ -507,8 +515,11 @@ def inference_on_dataset(
     total_seconds = time.perf_counter() - start
     logger.info(
         "Inference on %d images: %.2f s (%.2f images/s), model alone %.2f s (%.2f images/s)",
-        num_images, total_seconds, num_images / max(total_seconds, 1e-9),
-        model_seconds, num_images / max(model_seconds, 1e-9),
+        num_images,
+        total_seconds,
+        num_images / max(total_seconds, 1e-9),
+        model_seconds,
+        num_images / max(model_seconds, 1e-9),
     )
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():

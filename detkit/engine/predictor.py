@@ -60,10 +60,16 @@ class Detections:
     def to_coco(self, image_id: int, category_ids: Sequence[int]) -> list[dict]:
         """COCO result dicts (bbox [x, y, w, h]) with the dataset's original category ids."""
         return [
-            {"image_id": int(image_id), "category_id": int(category_ids[label]), "category_name": name,
-             "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)], "score": float(score)}
-            for (x1, y1, x2, y2), score, label, name in zip(self.boxes.tolist(), self.scores.tolist(),
-                                                            self.labels.tolist(), self.class_names)
+            {
+                "image_id": int(image_id),
+                "category_id": int(category_ids[label]),
+                "category_name": name,
+                "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+                "score": float(score),
+            }
+            for (x1, y1, x2, y2), score, label, name in zip(
+                self.boxes.tolist(), self.scores.tolist(), self.labels.tolist(), self.class_names
+            )
         ]
 
 
@@ -78,7 +84,9 @@ def detections_from_arrays(
     keep = np.flatnonzero(scores >= score_thresh)
     keep = keep[np.argsort(-scores[keep], kind="stable")]
     return Detections(
-        boxes=boxes[keep], scores=scores[keep], labels=labels[keep],
+        boxes=boxes[keep],
+        scores=scores[keep],
+        labels=labels[keep],
         class_names=[class_names[k] for k in labels[keep].tolist()],
     )
 
@@ -172,7 +180,9 @@ class Preprocessor:
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
-            desc = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+            desc = (
+                f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+            )
             raise ConfigError(f"Predictor takes RGB (H, W, 3) uint8 images (detkit.data.read_image), got a {desc}")
         resized = self.transform(image).image  # (h, w, 3)
         if self.bgr:
@@ -232,8 +242,13 @@ class Predictor:
         self.iteration = int(state.get("iteration", 0))
         logger.info(
             "Loaded %s (iteration %d, %d classes, ResNet-%d) on %s, amp %s, score >= %.2f",
-            weights, self.iteration, len(self.class_names), cfg.model.depth, self.device,
-            {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype], self.score_thresh,
+            weights,
+            self.iteration,
+            len(self.class_names),
+            cfg.model.depth,
+            self.device,
+            {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype],
+            self.score_thresh,
         )
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
@@ -241,7 +256,9 @@ class Predictor:
         return self.preprocessor(image)
 
     @torch.no_grad()
-    def predict_preprocessed(self, tensors: Sequence[torch.Tensor], original_sizes: Sequence[Sequence[int]]) -> list[Detections]:
+    def predict_preprocessed(
+        self, tensors: Sequence[torch.Tensor], original_sizes: Sequence[Sequence[int]]
+    ) -> list[Detections]:
         """One forward pass over (3, h_i, w_i) tensors from `preprocess`; original_sizes (N, 2) (h, w)."""
         batch = ImageBatch.from_tensors(list(tensors), self.cfg.data.size_divisibility, original_sizes)
         if self.device.type == "cuda":
@@ -251,8 +268,13 @@ class Predictor:
             outputs = self.model(batch)
         # One device->host copy per tensor.
         return [
-            detections_from_arrays(out["boxes"].float().cpu().numpy(), out["scores"].float().cpu().numpy(),
-                                   out["labels"].cpu().numpy(), self.score_thresh, self.class_names)
+            detections_from_arrays(
+                out["boxes"].float().cpu().numpy(),
+                out["scores"].float().cpu().numpy(),
+                out["labels"].cpu().numpy(),
+                self.score_thresh,
+                self.class_names,
+            )
             for out in outputs
         ]
 
@@ -268,9 +290,17 @@ class Predictor:
     def __call__(self, image: np.ndarray) -> Detections:
         return self.predict([image])[0]
 
-    def predict_video(self, source: str | int | Path, *, every: int = 1, batch_size: int | None = None,
-                      start_s: float = 0.0, end_s: float | None = None, max_frames: int | None = None,
-                      timeout_s: float = 10.0) -> Iterator[tuple[int, float, Detections]]:
+    def predict_video(
+        self,
+        source: str | int | Path,
+        *,
+        every: int = 1,
+        batch_size: int | None = None,
+        start_s: float = 0.0,
+        end_s: float | None = None,
+        max_frames: int | None = None,
+        timeout_s: float = 10.0,
+    ) -> Iterator[tuple[int, float, Detections]]:
         """Yield (frame index, timestamp in ms, Detections) for every `every`-th frame of a video
         file, a camera index (0, "0") or a stream URL ("rtsp://...", "http://...").
 
@@ -280,8 +310,16 @@ class Predictor:
         Raises VideoReadError when the source cannot be opened (a stream: within timeout_s); a
         file that ends early just ends the iteration (see detkit.data.video).
         """
-        return iter_video_detections(self, source, every=every, batch_size=batch_size, start_s=start_s, end_s=end_s,
-                                     max_frames=max_frames, timeout_s=timeout_s)
+        return iter_video_detections(
+            self,
+            source,
+            every=every,
+            batch_size=batch_size,
+            start_s=start_s,
+            end_s=end_s,
+            max_frames=max_frames,
+            timeout_s=timeout_s,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,8 +341,12 @@ class Predictor:
 
 def empty_detections() -> Detections:
     """No detection: what a frame shows before the first processed one."""
-    return Detections(boxes=np.zeros((0, 4), np.float32), scores=np.zeros((0,), np.float32),
-                      labels=np.zeros((0,), np.int64), class_names=[])
+    return Detections(
+        boxes=np.zeros((0, 4), np.float32),
+        scores=np.zeros((0,), np.float32),
+        labels=np.zeros((0,), np.int64),
+        class_names=[],
+    )
 
 
 class FrameDetector:
@@ -351,8 +393,9 @@ class FrameDetector:
         """Detect on the processed frames of `pending`, yield them all in order; return the last dets."""
         processed = [f for f in pending if f.process]
         tic = time.perf_counter()
-        results = self.predictor.predict_preprocessed([f.tensor for f in processed],
-                                                      [f.image.shape[:2] for f in processed])
+        results = self.predictor.predict_preprocessed(
+            [f.tensor for f in processed], [f.image.shape[:2] for f in processed]
+        )
         self.model_seconds += time.perf_counter() - tic
         self.frames_processed += len(processed)
         by_index = {f.index: dets for f, dets in zip(processed, results)}
@@ -362,10 +405,17 @@ class FrameDetector:
         return last
 
 
-def iter_video_detections(predictor, source: str | int | Path, *, every: int = 1,
-                          batch_size: int | None = None, start_s: float = 0.0, end_s: float | None = None,
-                          max_frames: int | None = None, timeout_s: float = 10.0
-                          ) -> Iterator[tuple[int, float, Detections]]:
+def iter_video_detections(
+    predictor,
+    source: str | int | Path,
+    *,
+    every: int = 1,
+    batch_size: int | None = None,
+    start_s: float = 0.0,
+    end_s: float | None = None,
+    max_frames: int | None = None,
+    timeout_s: float = 10.0,
+) -> Iterator[tuple[int, float, Detections]]:
     """(frame index, timestamp in ms, Detections) of every `every`-th frame of a video file, a
     camera index or a stream URL; see `Predictor.predict_video`."""
     from detkit.data.video import FrameReader, VideoSource, open_video, parse_source
@@ -376,8 +426,17 @@ def iter_video_detections(predictor, source: str | int | Path, *, every: int = 1
         video = VideoSource(spec=spec, kind="file", name=Path(spec).stem)
     capture, info = open_video(video, timeout_s=timeout_s)  # here, so a bad source fails at the call
     try:
-        reader = FrameReader(capture, info, video, every=every, start_s=start_s, end_s=end_s,
-                             max_frames=max_frames, retrieve_all=False, preprocess=predictor.preprocessor)
+        reader = FrameReader(
+            capture,
+            info,
+            video,
+            every=every,
+            start_s=start_s,
+            end_s=end_s,
+            max_frames=max_frames,
+            retrieve_all=False,
+            preprocess=predictor.preprocessor,
+        )
     except ConfigError:
         capture.release()
         raise

@@ -76,7 +76,9 @@ class PreemptionWatcher:
 
     def __enter__(self) -> PreemptionWatcher:
         if self.signals and threading.current_thread() is not threading.main_thread():
-            logger.warning("not in the main thread: %s will not checkpoint before stopping", "/".join(s.name for s in self.signals))
+            logger.warning(
+                "not in the main thread: %s will not checkpoint before stopping", "/".join(s.name for s in self.signals)
+            )
             return self
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)

@@ -103,9 +103,23 @@ def isolated_rng(cuda: bool = False):
 # run takes every tensor from its checkpoint). Prefixes end with ".". Any other change needs
 # --accept-config-changes.
 RESUME_HARMLESS = (
-    "output_dir", "device", "cudnn_benchmark", "model.compile", "model.weights", "model.weights_format",
-    "model.backbone.weights", "model.backbone.weights_format", "solver.log_period", "solver.checkpoint_period",
-    "solver.max_to_keep", "solver.preempt_signals", "test.", "data.test", "data.num_workers", "data.pin_memory", "data.persistent_workers",
+    "output_dir",
+    "device",
+    "cudnn_benchmark",
+    "model.compile",
+    "model.weights",
+    "model.weights_format",
+    "model.backbone.weights",
+    "model.backbone.weights_format",
+    "solver.log_period",
+    "solver.checkpoint_period",
+    "solver.max_to_keep",
+    "solver.preempt_signals",
+    "test.",
+    "data.test",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.persistent_workers",
 )
 
 
@@ -123,7 +137,11 @@ def config_changes(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
     Both are `config_to_dict` trees; tuples and lists compare equal (a checkpoint stores lists)."""
     old, new = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(current)))
     missing = "(not set)"  # a key one of the two configs does not have (another detkit version)
-    return [(k, old.get(k, missing), new.get(k, missing)) for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
+    return [
+        (k, old.get(k, missing), new.get(k, missing))
+        for k in sorted(set(old) | set(new))
+        if old.get(k, missing) != new.get(k, missing)
+    ]
 
 
 def is_harmless_on_resume(key: str) -> bool:
@@ -266,7 +284,9 @@ class Trainer:
         state = load_checkpoint(path, map_location="cpu")
         missing = [k for k in ("model", "optimizer", "iteration") if k not in state]
         if missing:
-            raise CheckpointError(f"{path} is not a training checkpoint (no {', '.join(missing)}); use model.weights=... to start from it")
+            raise CheckpointError(
+                f"{path} is not a training checkpoint (no {', '.join(missing)}); use model.weights=... to start from it"
+            )
         self.check_resumed_config(state, path, accept=accept_config_changes)
         try:
             unwrap(self.model).load_state_dict(state["model"])
@@ -288,7 +308,9 @@ class Trainer:
         else:
             logger.warning(
                 "%s holds RNG states of %d processes, this run has %d: sampling will differ from an uninterrupted run",
-                path, len(rng), self.dist.world_size,
+                path,
+                len(rng),
+                self.dist.world_size,
             )
         self.metrics.truncate_after(self.start_iter)
         logger.info("resumed from %s at iteration %d", path, self.start_iter)
@@ -390,8 +412,13 @@ class Trainer:
             dump_config(cfg, self.output_dir / "config.yaml")
         logger.info(
             "training on %s x%d, amp %s, %d images/iteration (%d per process), iterations %d..%d",
-            self.device, self.dist.world_size, self.amp.name, solver.ims_per_batch,
-            solver.ims_per_batch // self.dist.world_size, self.start_iter + 1, solver.max_iter,
+            self.device,
+            self.dist.world_size,
+            self.amp.name,
+            solver.ims_per_batch,
+            solver.ims_per_batch // self.dist.world_size,
+            self.start_iter + 1,
+            solver.max_iter,
         )
         self.model.train()
         # The handlers go in before the loader's workers start, so that workers inherit them: a
@@ -490,7 +517,9 @@ class Trainer:
         else:
             values = dist.all_reduce_mean(values).tolist()
             # One process (or a group without the check): the local flag, no collective.
-            self.preempt_agreed = self.preemption is not None and self.preemption.requested and not self.dist.distributed
+            self.preempt_agreed = (
+                self.preemption is not None and self.preemption.requested and not self.dist.distributed
+            )
         losses = dict(zip(["total_loss"] + names, values[:-1]))
         if not all(math.isfinite(v) for v in values[:-1]):
             self._stop_non_finite(losses)
@@ -526,9 +555,15 @@ class Trainer:
             self.save_checkpoint(saved)
         dist.barrier()
         saved = str(self.output_dir / saved)
-        name = self.preemption.signal_name if self.preemption is not None and self.preemption.requested else "another rank's signal"
+        name = (
+            self.preemption.signal_name
+            if self.preemption is not None and self.preemption.requested
+            else "another rank's signal"
+        )
         if self.is_main:
-            logger.info("preempted at iteration %d, checkpoint %s (%s); continue with --resume", self.iteration, saved, name)
+            logger.info(
+                "preempted at iteration %d, checkpoint %s (%s); continue with --resume", self.iteration, saved, name
+            )
         self.metrics.close()
         raise TrainingPreempted(self.iteration, saved, name)
 
@@ -546,7 +581,9 @@ class Trainer:
         saved = ""
         if self.iteration > 0:
             model = unwrap(self.model)
-            weights_finite = all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+            weights_finite = all(
+                bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point()
+            )
             if weights_finite:
                 path = self.save_checkpoint(checkpoint_name(self.iteration))
                 saved = f" The last good state (iteration {self.iteration}) is saved as {path or self.output_dir / checkpoint_name(self.iteration)}."
@@ -574,13 +611,26 @@ class Trainer:
         if self.is_main:
             logger.info(
                 format_progress(
-                    self.iteration, solver.max_iter, losses, lr=lr, time=seconds,
-                    data_time=data_times.median(), eta_seconds=eta, max_mem_mb=mem,
+                    self.iteration,
+                    solver.max_iter,
+                    losses,
+                    lr=lr,
+                    time=seconds,
+                    data_time=data_times.median(),
+                    eta_seconds=eta,
+                    max_mem_mb=mem,
                 )
             )
         self.metrics.write(
             self.iteration,
-            {**losses, "lr": lr, "time": seconds, "data_time": data_times.median(), "eta_seconds": eta, "max_mem_mb": mem},
+            {
+                **losses,
+                "lr": lr,
+                "time": seconds,
+                "data_time": data_times.median(),
+                "eta_seconds": eta,
+                "max_mem_mb": mem,
+            },
         )
 
     # ---------------------------------------------------------------- evaluation --------------
@@ -619,10 +669,16 @@ class Trainer:
             (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
             logger.info(
                 "done: %d iterations in %.1f s (%s s/iter); final model %s",
-                done, wall_seconds, summary["s_per_iter"], summary["checkpoint"],
+                done,
+                wall_seconds,
+                summary["s_per_iter"],
+                summary["checkpoint"],
             )
             if summary["eval"]:
-                logger.info("evaluation: %s", ", ".join(f"{k} {v:.2f}" for k, v in summary["eval"].items() if isinstance(v, (int, float))))
+                logger.info(
+                    "evaluation: %s",
+                    ", ".join(f"{k} {v:.2f}" for k, v in summary["eval"].items() if isinstance(v, (int, float))),
+                )
         return summary
 
 
@@ -631,7 +687,9 @@ class Trainer:
 # --------------------------------------------------------------------------------------------
 
 
-def evaluate_model(cfg: Config, model: nn.Module, device: torch.device, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+def evaluate_model(
+    cfg: Config, model: nn.Module, device: torch.device, rank: int = 0, world_size: int = 1
+) -> dict[str, Any]:
     """COCO evaluation of `model` on the first test dataset, in `test.amp` precision.
 
     Returns {"bbox/AP": ..., "bbox/AP-<class>": ..., "per_class": {...}} (0..100) on rank 0, {} elsewhere.
@@ -654,7 +712,8 @@ def evaluate_model(cfg: Config, model: nn.Module, device: torch.device, rank: in
     results["per_class"] = dict(metrics.get("per_class") or {})
     logger.info(
         "evaluation of %d detections in %.1f s: %s",
-        len(predictions), time.perf_counter() - start,
+        len(predictions),
+        time.perf_counter() - start,
         "  ".join(f"{k} {metrics[k]:.2f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in metrics),
     )
     return results

@@ -65,9 +65,14 @@ def _compare(ref: dict, got: dict) -> dict:
         row["max_box_diff_px"] = diff["max_box_diff_px"]
         row["max_score_diff"] = diff["max_score_diff"]
     else:
-        row.update({"matched_iou_0.99": diff["matched"], "matched_max_box_diff_px": diff["matched_max_box_diff_px"],
-                    "matched_max_score_diff": diff["matched_max_score_diff"],
-                    "matched_iou_0.5": diff_detections(ref, got, iou_thresh=0.5)["matched"]})
+        row.update(
+            {
+                "matched_iou_0.99": diff["matched"],
+                "matched_max_box_diff_px": diff["matched_max_box_diff_px"],
+                "matched_max_score_diff": diff["matched_max_score_diff"],
+                "matched_iou_0.5": diff_detections(ref, got, iou_thresh=0.5)["matched"],
+            }
+        )
     return row
 
 
@@ -81,15 +86,29 @@ def calibrated_model(options: ExportBenchOptions) -> SimpleNamespace:
     from detkit.utils.env import seed_all
 
     height, width = options.image_size
-    cfg = load_config(None, [f"model.depth={options.depth}", f"model.num_classes={options.num_classes}",
-                             "model.roi_heads.aligned=false", *options.overrides, "model.channels_last=false",
-                             "model.compile=false", "device=cpu"])
+    cfg = load_config(
+        None,
+        [
+            f"model.depth={options.depth}",
+            f"model.num_classes={options.num_classes}",
+            "model.roi_heads.aligned=false",
+            *options.overrides,
+            "model.channels_last=false",
+            "model.compile=false",
+            "device=cpu",
+        ],
+    )
     seed_all(options.seed)
     model = build_model(cfg, device="cpu").eval()
     calibrate_(model, make_inputs(2, height, width, options.num_classes, seed=options.seed + 1).images)
     model.eval()
-    return SimpleNamespace(model=model, cfg=cfg, iteration=0, class_names=[f"class{k}" for k in range(options.num_classes)],
-                           category_ids=list(range(1, options.num_classes + 1)))
+    return SimpleNamespace(
+        model=model,
+        cfg=cfg,
+        iteration=0,
+        class_names=[f"class{k}" for k in range(options.num_classes)],
+        category_ids=list(range(1, options.num_classes + 1)),
+    )
 
 
 def benchmark_images(options: ExportBenchOptions) -> list[torch.Tensor]:
@@ -130,8 +149,11 @@ def run_export_benchmark(options: ExportBenchOptions) -> dict:
     source = calibrated_model(options)
     model = source.model
 
-    result: dict = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.__dict__.items()},
-                    "threads": threads, "export_s": {}}
+    result: dict = {
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.__dict__.items()},
+        "threads": threads,
+        "export_s": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(options.keep_dir or tmp)
         folder.mkdir(parents=True, exist_ok=True)
@@ -146,13 +168,19 @@ def run_export_benchmark(options: ExportBenchOptions) -> dict:
 
             start = time.perf_counter()
             calibration = options.int8_calibration or write_calibration_images(options, folder / "int8_calibration")
-            path = quantize_res5(folder / "model.onnx", folder / "model_int8_res5.onnx", calibration, options.int8_images)
+            path = quantize_res5(
+                folder / "model.onnx", folder / "model_int8_res5.onnx", calibration, options.int8_images
+            )
             result["export_s"]["int8 res5"] = time.perf_counter() - start
             runners["onnxruntime int8 res5"] = load_exported(path, num_threads=threads)
 
         def exported_detections(name: str, image: torch.Tensor) -> dict:
             boxes, scores, labels = runners[name](image, torch.tensor(image.shape[1:], dtype=torch.int64))
-            return {"boxes": np.asarray(boxes), "scores": np.asarray(scores), "labels": np.asarray(labels).astype(np.int64)}
+            return {
+                "boxes": np.asarray(boxes),
+                "scores": np.asarray(scores),
+                "labels": np.asarray(labels).astype(np.int64),
+            }
 
         images = benchmark_images(options)
         timed_image = images[0]
@@ -178,12 +206,19 @@ def run_export_benchmark(options: ExportBenchOptions) -> dict:
             reference = build_torchvision_reference(model, (height, width)).eval()
             tv_images = to_torchvision_images(timed_image[None])
             steps["torchvision reference"] = lambda: reference(tv_images)
-        logger.info("timing %s: %d warm-up + %d timed rounds, %d threads", ", ".join(steps), options.warmup,
-                    options.repeats, threads)
+        logger.info(
+            "timing %s: %d warm-up + %d timed rounds, %d threads",
+            ", ".join(steps),
+            options.warmup,
+            options.repeats,
+            threads,
+        )
         with torch.no_grad():
             timed = time_interleaved(steps, torch.device("cpu"), options.warmup, options.repeats)
-    rows = [{"backend": name, **summarize_times(timed[name]["times_s"], 1), "times_s": timed[name]["times_s"]}
-            for name in steps]
+    rows = [
+        {"backend": name, **summarize_times(timed[name]["times_s"], 1), "times_s": timed[name]["times_s"]}
+        for name in steps
+    ]
     eager_median = rows[0]["time_ms_median"]
     for row in rows:
         row["vs_eager_median"] = row["time_ms_median"] / eager_median
@@ -194,21 +229,30 @@ def run_export_benchmark(options: ExportBenchOptions) -> dict:
 def export_table(result: dict) -> str:
     lines = ["| backend | ms min | ms median | x eager (median) |", "| --- | ---: | ---: | ---: |"]
     for r in result["rows"]:
-        lines.append(f"| {r['backend']} | {r['time_ms_min']:.0f} | {r['time_ms_median']:.0f} | {r['vs_eager_median']:.2f} |")
+        lines.append(
+            f"| {r['backend']} | {r['time_ms_min']:.0f} | {r['time_ms_median']:.0f} | {r['vs_eager_median']:.2f} |"
+        )
     lines.append("")
-    lines.append(f"proposals per image (eager RPN): {result['proposals_per_image']}; threads {result['threads']}; "
-                 f"export s: " + ", ".join(f"{k} {v:.0f}" for k, v in result["export_s"].items()))
+    lines.append(
+        f"proposals per image (eager RPN): {result['proposals_per_image']}; threads {result['threads']}; "
+        f"export s: " + ", ".join(f"{k} {v:.0f}" for k, v in result["export_s"].items())
+    )
     lines.append("")
-    lines.append("| image (h x w) | backend | eager dets | exported dets | same count + labels (in order) | "
-                 "max box diff px | max score diff |")
+    lines.append(
+        "| image (h x w) | backend | eager dets | exported dets | same count + labels (in order) | "
+        "max box diff px | max score diff |"
+    )
     lines.append("| --- | --- | ---: | ---: | --- | ---: | ---: |")
     for p in result["parity"]:
         if p["same_count_and_labels"]:
             same, box, score = "yes", p["max_box_diff_px"], p["max_score_diff"]
         else:
-            same = (f"no: {p['matched_iou_0.99']} matched (IoU >= 0.99, same label), "
-                    f"{p['matched_iou_0.5']} at IoU >= 0.5")
+            same = (
+                f"no: {p['matched_iou_0.99']} matched (IoU >= 0.99, same label), {p['matched_iou_0.5']} at IoU >= 0.5"
+            )
             box, score = p["matched_max_box_diff_px"], p["matched_max_score_diff"]
-        lines.append(f"| {p['size'][0]} x {p['size'][1]} | {p['backend']} | {p['eager']} | {p['exported']} | {same} | "
-                     f"{box:.2e} | {score:.2e} |")
+        lines.append(
+            f"| {p['size'][0]} x {p['size'][1]} | {p['backend']} | {p['eager']} | {p['exported']} | {same} | "
+            f"{box:.2e} | {score:.2e} |"
+        )
     return "\n".join(lines)

@@ -52,7 +52,7 @@ def require_export_packages(names=EXTRA_PACKAGES) -> None:
     if missing:
         raise ExportError(
             f"{', '.join(missing)} not installed: ONNX export and ONNX Runtime inference need the export extra, "
-            "pip install \"detkit[export]\""
+            'pip install "detkit[export]"'
         )
 
 
@@ -68,15 +68,20 @@ def export_metadata(predictor) -> dict[str, str]:
         "input_format": cfg.model.input_format,
         "pixel_mean": json.dumps(list(cfg.model.pixel_mean)),
         "pixel_std": json.dumps(list(cfg.model.pixel_std)),
-        "resize": json.dumps({"min_size_test": cfg.data.min_size_test, "max_size_test": cfg.data.max_size_test,
-                              "resize_method": getattr(cfg.data, "resize_method", "cv2"),
-                              "rule": "Detectron2's ResizeShortestEdge, bilinear (README, Export)"}),
+        "resize": json.dumps(
+            {
+                "min_size_test": cfg.data.min_size_test,
+                "max_size_test": cfg.data.max_size_test,
+                "resize_method": getattr(cfg.data, "resize_method", "cv2"),
+                "rule": "Detectron2's ResizeShortestEdge, bilinear (README, Export)",
+            }
+        ),
         "size_divisibility": str(cfg.data.size_divisibility),
         "score_thresh": repr(float(cfg.model.roi_heads.score_thresh)),
         "inputs": "image: (3, h, w) uint8 resized image in input_format channel order; "
-                  "original_size: (2,) int64 (h0, w0) the size before resizing",
+        "original_size: (2,) int64 (h0, w0) the size before resizing",
         "outputs": "boxes: (D, 4) float32 xyxy in original pixels; scores: (D,) float32; "
-                   "labels: (D,) int64 index into class_names; best first",
+        "labels: (D,) int64 index into class_names; best first",
         "config": json.dumps(config_to_dict(cfg)),
         "iteration": str(predictor.iteration),
     }
@@ -127,8 +132,9 @@ def export_model(predictor, output: str | Path, fmt: str) -> Path:
             _export_onnx(detector, image, original_size, metadata, str(tmp_path))
         else:
             _export_torchscript(detector, image, original_size, metadata, str(tmp_path))
-    logger.info("exported %s (%s, %.1f MB) in %.1f s", output, fmt, output.stat().st_size / 2**20,
-                time.perf_counter() - start)
+    logger.info(
+        "exported %s (%s, %.1f MB) in %.1f s", output, fmt, output.stat().st_size / 2**20, time.perf_counter() - start
+    )
     return output
 
 
@@ -142,11 +148,14 @@ def _failing_part(exc: BaseException) -> tuple[str, BaseException]:
         current = current.__cause__ or current.__context__
     marker = f"{os.sep}detkit{os.sep}"
     for error in reversed(chain):  # the root cause first
-        frames = [f for f in traceback.extract_tb(error.__traceback__)
-                  if marker in f.filename and not f.filename.endswith(f"export{os.sep}exporter.py")]
+        frames = [
+            f
+            for f in traceback.extract_tb(error.__traceback__)
+            if marker in f.filename and not f.filename.endswith(f"export{os.sep}exporter.py")
+        ]
         if frames:
             frame = frames[-1]
-            return f"{frame.filename[frame.filename.rfind(marker) + 1:]}:{frame.lineno} in {frame.name}", error
+            return f"{frame.filename[frame.filename.rfind(marker) + 1 :]}:{frame.lineno} in {frame.name}", error
     return "the model", chain[-1]
 
 
@@ -164,8 +173,13 @@ def _export_onnx(detector, image, original_size, metadata: dict[str, str], path:
     try:
         with torch.no_grad():
             program = torch.onnx.export(
-                detector, (image, original_size), dynamo=True, dynamic_shapes=dynamic_shapes,
-                input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES), verbose=False,
+                detector,
+                (image, original_size),
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes,
+                input_names=list(INPUT_NAMES),
+                output_names=list(OUTPUT_NAMES),
+                verbose=False,
             )
     except Exception as exc:  # torch.export / onnxscript raise many kinds; name the part instead of a trace
         where, error = _failing_part(exc)
@@ -204,8 +218,17 @@ def check_metadata(metadata: dict[str, str], path: str | Path) -> dict[str, str]
 
 REQUIRED_METADATA = ("class_names", "category_ids", "input_format", "score_thresh", "config")
 # Every key export_metadata writes (TorchScript extra files are read by name).
-METADATA_KEYS = (METADATA_VERSION_KEY, *REQUIRED_METADATA, "pixel_mean", "pixel_std", "resize", "size_divisibility",
-                 "inputs", "outputs", "iteration")
+METADATA_KEYS = (
+    METADATA_VERSION_KEY,
+    *REQUIRED_METADATA,
+    "pixel_mean",
+    "pixel_std",
+    "resize",
+    "size_divisibility",
+    "inputs",
+    "outputs",
+    "iteration",
+)
 
 
 def smooth_random_image(h: int, w: int, seed: int = 0) -> np.ndarray:

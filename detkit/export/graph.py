@@ -128,7 +128,9 @@ class SingleImageDetector(nn.Module):
         boxes, keep = rpn_candidates(boxes, top_logits, image_size[None, :], self.min_box_size)  # (1, K, 4), (1, K)
         kept = torch.nonzero(keep[0]).squeeze(1)
         # Plain nms, the same algorithm at every size (module docstring).
-        survivors = kept[nms_top_k(boxes[0][kept], top_logits[0][kept], None, self.rpn_nms_thresh, self.post_nms_topk, False)]
+        survivors = kept[
+            nms_top_k(boxes[0][kept], top_logits[0][kept], None, self.rpn_nms_thresh, self.post_nms_topk, False)
+        ]
         return boxes[0][survivors]
 
     def detections(
@@ -158,6 +160,7 @@ def trace_parts_(detector: SingleImageDetector, image: Tensor, original_size: Te
     def capture(name):
         def hook(module, args):
             captured.setdefault(name, tuple(a.detach() for a in args))
+
         return hook
 
     handles = [getattr(detector, name).register_forward_pre_hook(capture(name)) for name in TRACEABLE_PARTS]

@@ -38,10 +38,14 @@ def format_parity(report: dict) -> str:
     for row in report["rows"]:
         h, w = row["size"]
         if row["same"]:
-            lines.append(f"{h}x{w}: {row['reference']} detections, same labels, max |box| diff "
-                         f"{row['max_box_diff_px']:.2e} px, max |score| diff {row['max_score_diff']:.2e}")
+            lines.append(
+                f"{h}x{w}: {row['reference']} detections, same labels, max |box| diff "
+                f"{row['max_box_diff_px']:.2e} px, max |score| diff {row['max_score_diff']:.2e}"
+            )
         else:
-            lines.append(f"{h}x{w}: DIFFERENT: {row['reference']} detections (PyTorch) vs {row['candidate']} (exported), "
-                         f"{row['matched']} matched (IoU >= 0.99, same label)")
+            lines.append(
+                f"{h}x{w}: DIFFERENT: {row['reference']} detections (PyTorch) vs {row['candidate']} (exported), "
+                f"{row['matched']} matched (IoU >= 0.99, same label)"
+            )
     lines.append("parity: " + ("same detections" if report["same_detections"] else "DETECTIONS DIFFER"))
     return "\n".join(lines)

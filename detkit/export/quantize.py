@@ -38,14 +38,16 @@ def res5_nodes(model) -> list[str]:
 
     The dynamo exporter records each node's module path in its "namespace" metadata; res5 is
     `box_head.heads.res5` (detkit.export.graph.BoxHead)."""
+
     def namespace(node) -> str:
         return next((p.value for p in node.metadata_props if p.key == "namespace"), "")
 
     return [n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS and ".res5" in namespace(n)]
 
 
-def calibration_images(folder: str | Path, num_images: int, folder_flag: str = "--calibration",
-                       count_flag: str = "--num-calibration") -> list[Path]:
+def calibration_images(
+    folder: str | Path, num_images: int, folder_flag: str = "--calibration", count_flag: str = "--num-calibration"
+) -> list[Path]:
     """The first `num_images` image files of `folder` (sorted, recursive); ConfigError naming the
     folder (as the command line's `folder_flag`) when it is missing or holds none."""
     from detkit.data.image_io import IMAGE_EXTENSIONS
@@ -59,8 +61,14 @@ def calibration_images(folder: str | Path, num_images: int, folder_flag: str = "
     if not paths:
         raise ConfigError(f"{folder_flag} {folder}: no images ({' '.join(IMAGE_EXTENSIONS)}) in it")
     if len(paths) < num_images:
-        logger.warning("%s %s has %d images, fewer than %s %d: using all of them",
-                       folder_flag, folder, len(paths), count_flag, num_images)
+        logger.warning(
+            "%s %s has %d images, fewer than %s %d: using all of them",
+            folder_flag,
+            folder,
+            len(paths),
+            count_flag,
+            num_images,
+        )
     return paths[:num_images]
 
 
@@ -91,12 +99,10 @@ class _Feeds:
         if path is None:
             return None
         image = read_image(path)
-        return {"image": self.preprocess(image).numpy(),
-                "original_size": np.array(image.shape[:2], dtype=np.int64)}
+        return {"image": self.preprocess(image).numpy(), "original_size": np.array(image.shape[:2], dtype=np.int64)}
 
 
-def quantize_res5(model_path: str | Path, output: str | Path, calibration: str | Path,
-                  num_images: int = 300) -> Path:
+def quantize_res5(model_path: str | Path, output: str | Path, calibration: str | Path, num_images: int = 300) -> Path:
     """Write `model_path` (a float32 detkit ONNX file) with res5 in int8 to `output`; returns it.
 
     Calibration: MinMax ranges of res5's activations over the first `num_images` images of the
@@ -130,22 +136,43 @@ def quantize_res5(model_path: str | Path, output: str | Path, calibration: str |
         quiet = _DropMessages("pre-processing before quantization")  # ORT's advice for image classifiers
         logging.getLogger().addFilter(quiet)
         try:
-            quantize_static(str(model_path), tmp_name, _Feeds(preprocess, paths), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                            nodes_to_quantize=nodes, op_types_to_quantize=list(QUANTIZED_OPS))
+            quantize_static(
+                str(model_path),
+                tmp_name,
+                _Feeds(preprocess, paths),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                nodes_to_quantize=nodes,
+                op_types_to_quantize=list(QUANTIZED_OPS),
+            )
         finally:
             logging.getLogger().removeFilter(quiet)
         quantized = onnx.load(tmp_name)
         del quantized.metadata_props[:]
         for prop in fp32.metadata_props:
             quantized.metadata_props.add(key=prop.key, value=prop.value)
-        quantized.metadata_props.add(key=QUANTIZATION_KEY, value=json.dumps({
-            "scheme": "int8 res5: ONNX Runtime static QDQ, per-channel int8 weights, uint8 activations",
-            "nodes": len(nodes), "calibration": str(calibration), "calibration_images": len(paths),
-            "method": "MinMax"}))
+        quantized.metadata_props.add(
+            key=QUANTIZATION_KEY,
+            value=json.dumps(
+                {
+                    "scheme": "int8 res5: ONNX Runtime static QDQ, per-channel int8 weights, uint8 activations",
+                    "nodes": len(nodes),
+                    "calibration": str(calibration),
+                    "calibration_images": len(paths),
+                    "method": "MinMax",
+                }
+            ),
+        )
         quantized.producer_name = "detkit"
         onnx.save(quantized, tmp_name)
-    logger.info("quantized %d res5 nodes of %s on %d images in %.1f s -> %s", len(nodes), model_path, len(paths),
-                time.perf_counter() - start, output)
+    logger.info(
+        "quantized %d res5 nodes of %s on %d images in %.1f s -> %s",
+        len(nodes),
+        model_path,
+        len(paths),
+        time.perf_counter() - start,
+        output,
+    )
     return output
-

@@ -58,8 +58,7 @@ class _OnnxRuntimeModel:
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, image: torch.Tensor, original_size: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        boxes, scores, labels = self.session.run(
-            None, {"image": image.numpy(), "original_size": original_size.numpy()})
+        boxes, scores, labels = self.session.run(None, {"image": image.numpy(), "original_size": original_size.numpy()})
         return boxes, scores, labels
 
 
@@ -137,8 +136,9 @@ class ExportedPredictor:
         self.amp_dtype = None
         self.iteration = int(meta.get("iteration", 0))
         self.preprocessor = Preprocessor(self.cfg)
-        logger.info("Loaded %s (%s, %d classes), score >= %.2f", model, self.backend, len(self.class_names),
-                    self.score_thresh)
+        logger.info(
+            "Loaded %s (%s, %d classes), score >= %.2f", model, self.backend, len(self.class_names), self.score_thresh
+        )
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """RGB (H, W, 3) uint8 -> (3, h, w) uint8 resized for the model, in its channel order."""
@@ -149,7 +149,9 @@ class ExportedPredictor:
         size = torch.as_tensor([int(original_size[0]), int(original_size[1])], dtype=torch.int64)
         return self.runner(image.to(torch.uint8).contiguous(), size)
 
-    def predict_preprocessed(self, tensors: Sequence[torch.Tensor], original_sizes: Sequence[Sequence[int]]) -> list[Detections]:
+    def predict_preprocessed(
+        self, tensors: Sequence[torch.Tensor], original_sizes: Sequence[Sequence[int]]
+    ) -> list[Detections]:
         """Detections of (3, h_i, w_i) tensors from `preprocess`; original_sizes (N, 2) (h, w)."""
         return [
             detections_from_arrays(*self.run(tensor, size), self.score_thresh, self.class_names)
@@ -158,8 +160,9 @@ class ExportedPredictor:
 
     def predict(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """Detections of each RGB (H, W, 3) uint8 image."""
-        return self.predict_preprocessed([self.preprocess(image) for image in images],
-                                         [image.shape[:2] for image in images])
+        return self.predict_preprocessed(
+            [self.preprocess(image) for image in images], [image.shape[:2] for image in images]
+        )
 
     def __call__(self, image: np.ndarray) -> Detections:
         return self.predict([image])[0]
@@ -179,6 +182,11 @@ class _ExportedBatchModule(nn.Module):
         outputs = []
         for tensor, (h, w), original in zip(images.tensor, images.image_sizes.tolist(), images.original_sizes.tolist()):
             boxes, scores, labels = self.predictor.run(tensor[:, :h, :w], original)  # crop the batch padding
-            outputs.append({"boxes": torch.from_numpy(boxes), "scores": torch.from_numpy(scores),
-                            "labels": torch.from_numpy(labels.astype(np.int64))})
+            outputs.append(
+                {
+                    "boxes": torch.from_numpy(boxes),
+                    "scores": torch.from_numpy(scores),
+                    "labels": torch.from_numpy(labels.astype(np.int64)),
+                }
+            )
         return outputs

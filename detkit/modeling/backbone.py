@@ -28,7 +28,9 @@ RESNET_SPECS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
 }
 
 
-def frozen_batch_norm(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:
+def frozen_batch_norm(
+    x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor, eps: float
+) -> Tensor:
     """(N, C, H, W) -> (N, C, H, W) in x's dtype, computed exactly as Detectron2's FrozenBatchNorm2d.
 
     Without grad: one `F.batch_norm(training=False)` call. With grad: `x * scale + bias`, because
@@ -71,10 +73,14 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features) - eps)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # nn.BatchNorm2d checkpoints carry a counter that has no meaning here.
         state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return frozen_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps)
@@ -119,7 +125,11 @@ GEMM_CONV_MAX_POSITIONS = 16
 
 
 def small_map_conv2d(
-    input: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...], padding: tuple[int, ...],
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
     dilation: tuple[int, ...],
 ) -> Tensor:
     """F.conv2d (groups 1, zero padding) that computes tiny maps on the CPU as an im2col GEMM.
@@ -217,7 +227,9 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, in_channels: int, channels: int, stride: int, *, norm, shortcut: str, stride_in_1x1: bool = False):
+    def __init__(
+        self, in_channels: int, channels: int, stride: int, *, norm, shortcut: str, stride_in_1x1: bool = False
+    ):
         super().__init__()
         out_channels = channels * self.expansion
         self.conv1 = Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
@@ -244,7 +256,9 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, in_channels: int, channels: int, stride: int, *, norm, shortcut: str, stride_in_1x1: bool = False):
+    def __init__(
+        self, in_channels: int, channels: int, stride: int, *, norm, shortcut: str, stride_in_1x1: bool = False
+    ):
         super().__init__()
         out_channels = channels * self.expansion
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
@@ -266,7 +280,9 @@ class Bottleneck(nn.Module):
         return F.relu_(out + identity)
 
 
-def make_stage(block_cls, in_channels: int, channels: int, num_blocks: int, first_stride: int, **block_kwargs) -> nn.Sequential:
+def make_stage(
+    block_cls, in_channels: int, channels: int, num_blocks: int, first_stride: int, **block_kwargs
+) -> nn.Sequential:
     blocks = []
     for i in range(num_blocks):
         blocks.append(block_cls(in_channels, channels, first_stride if i == 0 else 1, **block_kwargs))

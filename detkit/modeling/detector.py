@@ -47,8 +47,12 @@ class FasterRCNN(nn.Module):
         self.roi_heads = roi_heads
         self.input_format = input_format
         self.size_divisibility = size_divisibility
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
 
     @property
     def num_classes(self) -> int:
@@ -71,8 +75,13 @@ class FasterRCNN(nn.Module):
             )
             proposals, proposals_valid, rpn_losses = self.rpn(features, image_sizes, gt_boxes, gt_valid)
             roi_losses = self.roi_heads(
-                features, proposals, proposals_valid, image_sizes,
-                gt_boxes=gt_boxes, gt_labels=gt_labels, gt_valid=gt_valid,
+                features,
+                proposals,
+                proposals_valid,
+                image_sizes,
+                gt_boxes=gt_boxes,
+                gt_labels=gt_labels,
+                gt_valid=gt_valid,
             )
             return {**rpn_losses, **roi_losses}
 

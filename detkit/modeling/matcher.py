@@ -150,11 +150,15 @@ def match_boxes(
             if boxes_split:
                 best_per_gt[images, gts] = torch.maximum(best_per_gt[images, gts], tile_best)
             else:
-                is_low_quality[images, preds] |= best_prediction_of_each_gt(iou, gt_valid[images, gts], tile_best).any(dim=1)
+                is_low_quality[images, preds] |= best_prediction_of_each_gt(iou, gt_valid[images, gts], tile_best).any(
+                    dim=1
+                )
         del iou
     if low_quality and boxes_split:
         for images, gts, preds in tiles:
-            is_best = best_prediction_of_each_gt(tile_iou(images, gts, preds), gt_valid[images, gts], best_per_gt[images, gts])
+            is_best = best_prediction_of_each_gt(
+                tile_iou(images, gts, preds), gt_valid[images, gts], best_per_gt[images, gts]
+            )
             is_low_quality[images, preds] |= is_best.any(dim=1)
 
     labels = matcher.threshold_labels(matched_vals)

@@ -72,7 +72,9 @@ class Res5ROIHeads(nn.Module):
         self.spatial_scale = 1.0 / feature_stride
         self.batch_size_per_image = batch_size_per_image
         self.positive_fraction = positive_fraction
-        self.matcher = Matcher(low_threshold=iou_threshold, high_threshold=iou_threshold, allow_low_quality_matches=False)
+        self.matcher = Matcher(
+            low_threshold=iou_threshold, high_threshold=iou_threshold, allow_low_quality_matches=False
+        )
         self.pooler_resolution = pooler_resolution
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
@@ -153,7 +155,9 @@ class Res5ROIHeads(nn.Module):
         classes = torch.where(match_labels == 1, classes, torch.full_like(classes, self.num_classes))
         foreground = (match_labels == 1) & candidates_valid
         background = (match_labels == 0) & candidates_valid
-        sampled_fg, sampled_bg = sample_balanced(foreground, background, self.batch_size_per_image, self.positive_fraction)
+        sampled_fg, sampled_bg = sample_balanced(
+            foreground, background, self.batch_size_per_image, self.positive_fraction
+        )
 
         # Variable RoI count per image: one sync, so that res5 runs only on real RoIs.
         roi_image_idx, slot = torch.nonzero(sampled_fg | sampled_bg, as_tuple=True)
@@ -162,7 +166,9 @@ class Res5ROIHeads(nn.Module):
         roi_gt_boxes = gt_boxes[roi_image_idx, matched_idxs[roi_image_idx, slot]]
         return rois, roi_image_idx, roi_classes, roi_gt_boxes
 
-    def losses(self, cls_logits: Tensor, box_deltas: Tensor, rois: Tensor, roi_classes: Tensor, roi_gt_boxes: Tensor) -> dict[str, Tensor]:
+    def losses(
+        self, cls_logits: Tensor, box_deltas: Tensor, rois: Tensor, roi_classes: Tensor, roi_gt_boxes: Tensor
+    ) -> dict[str, Tensor]:
         """cls_logits (R, K + 1), box_deltas (R, 4K) or (R, 4); rois, roi_gt_boxes (R, 4);
         roi_classes (R,) in [0, K]. Both losses are sums divided by R (at least 1), as in Detectron2.
         """
@@ -219,16 +225,34 @@ class Res5ROIHeads(nn.Module):
         # so this is one call per image; the counts per image need one host-device sync.
         by_image = torch.sort(det_image, stable=True).indices  # image-major, RoI-major within an image
         keep = [
-            candidates[nms_top_k(det_boxes[candidates], det_scores[candidates], det_labels[candidates],
-                                 self.nms_thresh, self.detections_per_image, True)]
+            candidates[
+                nms_top_k(
+                    det_boxes[candidates],
+                    det_scores[candidates],
+                    det_labels[candidates],
+                    self.nms_thresh,
+                    self.detections_per_image,
+                    True,
+                )
+            ]
             for candidates in by_image.split(torch.bincount(det_image, minlength=num_images).tolist())
         ]
         keep = torch.cat(keep) if keep else by_image
-        det_boxes, det_scores, det_labels, det_image = det_boxes[keep], det_scores[keep], det_labels[keep], det_image[keep]
+        det_boxes, det_scores, det_labels, det_image = (
+            det_boxes[keep],
+            det_scores[keep],
+            det_labels[keep],
+            det_image[keep],
+        )
 
         # Rescale from the resized input to the original image, clip, drop boxes left empty.
         det_boxes, nonempty = rescale_detections(det_boxes, image_sizes[det_image], original_sizes[det_image])
-        det_boxes, det_scores, det_labels, det_image = det_boxes[nonempty], det_scores[nonempty], det_labels[nonempty], det_image[nonempty]
+        det_boxes, det_scores, det_labels, det_image = (
+            det_boxes[nonempty],
+            det_scores[nonempty],
+            det_labels[nonempty],
+            det_image[nonempty],
+        )
 
         # Split per image at the API boundary (stable sort keeps each image's score order).
         order = torch.sort(det_image, stable=True).indices

@@ -156,7 +156,9 @@ class RPN(nn.Module):
         }
 
     @torch.no_grad()
-    def predict_proposals(self, anchors: Tensor, logits: Tensor, deltas: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor]:
+    def predict_proposals(
+        self, anchors: Tensor, logits: Tensor, deltas: Tensor, image_sizes: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """anchors (M, 4); logits (N, M); deltas (N, M, 4); image_sizes (N, 2).
 
         Per image: top-k logits -> decode -> clip -> drop empty or non-finite -> NMS -> top-k, with
@@ -166,7 +168,9 @@ class RPN(nn.Module):
         n = logits.shape[0]
         mode = 0 if self.training else 1
         post_k = self.post_nms_topk[mode]
-        top_logits, top_deltas, top_anchors = rpn_top_k(anchors, logits, deltas, self.pre_nms_topk[mode])  # (N, T), (N*T, 4) x 2
+        top_logits, top_deltas, top_anchors = rpn_top_k(
+            anchors, logits, deltas, self.pre_nms_topk[mode]
+        )  # (N, T), (N*T, 4) x 2
         boxes = self.box_coder.decode(top_deltas, top_anchors).view(n, top_logits.shape[1], 4)  # (N*T, 4) -> (N, T, 4)
         boxes, keep = rpn_candidates(boxes, top_logits, image_sizes, self.min_box_size)  # (N, T, 4), (N, T)
 

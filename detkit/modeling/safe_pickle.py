@@ -101,7 +101,16 @@ def load_pickle(path: str | os.PathLike) -> Any:
             return RestrictedUnpickler(f, str(path)).load()
         except CheckpointError:
             raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as exc:
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            KeyError,
+            MemoryError,
+        ) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else ""
             raise CheckpointError(
                 f"cannot read {path} as a pickle of numpy arrays ({type(exc).__name__}: {reason}); "

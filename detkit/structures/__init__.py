@@ -9,4 +9,13 @@ from detkit.structures.boxes import (
 )
 from detkit.structures.image_batch import ImageBatch
 
-__all__ = ["BoxCoder", "ImageBatch", "batched_box_iou", "box_area", "clip_boxes", "nonempty_mask", "pad_targets", "rank_within_groups"]
+__all__ = [
+    "BoxCoder",
+    "ImageBatch",
+    "batched_box_iou",
+    "box_area",
+    "clip_boxes",
+    "nonempty_mask",
+    "pad_targets",
+    "rank_within_groups",
+]

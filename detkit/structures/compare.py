@@ -65,6 +65,13 @@ def diff_detections(reference: Any, candidate: Any, iou_thresh: float = 0.99) ->
                 matched += 1
                 matched_box = max(matched_box, float((ref_boxes[i] - cand_boxes[j]).abs().max()))
                 matched_score = max(matched_score, float((ref_scores[i] - cand_scores[j]).abs()))
-    return {"reference": num_ref, "candidate": num_cand, "same": bool(same),
-            "max_box_diff_px": box_diff, "max_score_diff": score_diff,
-            "matched": matched, "matched_max_box_diff_px": matched_box, "matched_max_score_diff": matched_score}
+    return {
+        "reference": num_ref,
+        "candidate": num_cand,
+        "same": bool(same),
+        "max_box_diff_px": box_diff,
+        "max_score_diff": score_diff,
+        "matched": matched,
+        "matched_max_box_diff_px": matched_box,
+        "matched_max_score_diff": matched_score,
+    }

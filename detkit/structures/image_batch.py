@@ -71,5 +71,9 @@ class ImageBatch:
         for i, img in enumerate(images):
             batch[i, :, : img.shape[1], : img.shape[2]].copy_(img)
         sizes = torch.tensor([[int(img.shape[1]), int(img.shape[2])] for img in images], dtype=torch.int64)
-        orig = sizes.clone() if original_sizes is None else torch.as_tensor(original_sizes, dtype=torch.int64).reshape(-1, 2)
+        orig = (
+            sizes.clone()
+            if original_sizes is None
+            else torch.as_tensor(original_sizes, dtype=torch.int64).reshape(-1, 2)
+        )
         return cls(batch, sizes, orig)

@@ -75,7 +75,9 @@ def cuda_supports_bf16(device: torch.device) -> bool:
     return major >= 8  # Ampere and newer have bf16 tensor cores
 
 
-def select_amp(amp: str, device: torch.device, bf16_supported: bool | None = None, key: str = "solver.amp") -> AmpChoice:
+def select_amp(
+    amp: str, device: torch.device, bf16_supported: bool | None = None, key: str = "solver.amp"
+) -> AmpChoice:
     """Resolve `solver.amp` or `test.amp` (auto | bf16 | fp16 | off; `key` names it in errors).
 
     auto: bf16 on GPUs that support it, fp16 + GradScaler on older GPUs, off on CPU.
@@ -93,7 +95,9 @@ def select_amp(amp: str, device: torch.device, bf16_supported: bool | None = Non
         return AmpChoice(torch.bfloat16, False) if bf16_supported else AmpChoice(torch.float16, True)
     if amp == "bf16":
         if on_gpu and not bf16_supported:
-            raise ConfigError(f"{key}=bf16 but this GPU has no bf16 support (needs compute capability 8.0+); use fp16 or auto")
+            raise ConfigError(
+                f"{key}=bf16 but this GPU has no bf16 support (needs compute capability 8.0+); use fp16 or auto"
+            )
         return AmpChoice(torch.bfloat16, False)
     if amp == "fp16":
         if not on_gpu:

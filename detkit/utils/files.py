@@ -66,7 +66,9 @@ class AtomicOutput:
             self.temp_path = self.path.with_name(temp_name)
         else:
             while True:
-                candidate = self.path.with_name(f"{TEMP_PREFIX}{self.path.name}.{secrets.token_hex(4)}{self.path.suffix}")
+                candidate = self.path.with_name(
+                    f"{TEMP_PREFIX}{self.path.name}.{secrets.token_hex(4)}{self.path.suffix}"
+                )
                 try:
                     # O_EXCL: never an existing file; mode 0o666 is reduced by the umask as for any new file.
                     os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))

@@ -51,7 +51,9 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
             except ImportError:
-                logger.debug("tensorboard is not installed: writing metrics.jsonl only (pip install 'detkit[tensorboard]')")
+                logger.debug(
+                    "tensorboard is not installed: writing metrics.jsonl only (pip install 'detkit[tensorboard]')"
+                )
             else:
                 self._tb = SummaryWriter(log_dir=str(self.path.parent))
 
@@ -68,13 +70,22 @@ class MetricsWriter:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 # A row cut short by a crash, power loss or a full disk (usually the last one).
-                logger.warning("%s: dropping line %d, which is not complete JSON (a write cut short): %.80s", self.path, number, line)
+                logger.warning(
+                    "%s: dropping line %d, which is not complete JSON (a write cut short): %.80s",
+                    self.path,
+                    number,
+                    line,
+                )
                 continue
             if row.get("iteration", 0) <= iteration:
                 kept.append(line)
         if len(kept) != len(rows):
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))  # never a half-rewritten metrics file
-            logger.info("metrics.jsonl: dropped %d rows after iteration %d (redone by this run)", len(rows) - len(kept), iteration)
+            logger.info(
+                "metrics.jsonl: dropped %d rows after iteration %d (redone by this run)",
+                len(rows) - len(kept),
+                iteration,
+            )
 
     def write(self, iteration: int, values: Mapping[str, float]) -> None:
         """Append one row {"iteration": iteration, **values}."""
@@ -108,4 +119,3 @@ def read_metrics(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             logger.warning("%s: skipping an unreadable line: %.80s", path, line)
     return rows
-

@@ -73,6 +73,14 @@ def draw_detections(
         top = y1 - text_h - baseline - 2 if y1 - text_h - baseline - 2 >= 0 else y1
         left = min(max(x1, 0), max(width - text_w - 2, 0))
         cv2.rectangle(canvas, (left, top), (left + text_w + 2, top + text_h + baseline + 2), color, cv2.FILLED)
-        cv2.putText(canvas, text, (left + 1, top + text_h + 1), font, font_scale, _text_color(color),
-                    text_thickness, lineType=cv2.LINE_AA)
+        cv2.putText(
+            canvas,
+            text,
+            (left + 1, top + text_h + 1),
+            font,
+            font_scale,
+            _text_color(color),
+            text_thickness,
+            lineType=cv2.LINE_AA,
+        )
     return canvas

@@ -14,15 +14,27 @@ CATEGORIES = [{"id": 1, "name": "cat"}, {"id": 5, "name": "dog"}]
 
 
 def make_gt(objects, image_hw=(100, 200), num_images=2):
-    anns = [{"id": i + 1, "image_id": im, "category_id": c, "bbox": list(map(float, b)), "area": float(b[2] * b[3]),
-             "iscrowd": crowd} for i, (im, c, b, crowd) in enumerate(objects)]
-    images = [{"id": i + 1, "height": image_hw[0], "width": image_hw[1], "file_name": f"{i}.jpg"} for i in range(num_images)]
+    anns = [
+        {
+            "id": i + 1,
+            "image_id": im,
+            "category_id": c,
+            "bbox": list(map(float, b)),
+            "area": float(b[2] * b[3]),
+            "iscrowd": crowd,
+        }
+        for i, (im, c, b, crowd) in enumerate(objects)
+    ]
+    images = [
+        {"id": i + 1, "height": image_hw[0], "width": image_hw[1], "file_name": f"{i}.jpg"} for i in range(num_images)
+    ]
     return {"images": images, "categories": CATEGORIES, "annotations": anns}
 
 
 def test_box_statistics_counts_classes_sizes_and_skips_crowd():
-    gt = make_gt([(1, 1, [0, 0, 10, 20], 0), (1, 5, [0, 0, 40, 40], 0), (1, 5, [0, 0, 100, 100], 0),
-                  (1, 1, [0, 0, 50, 50], 1)])
+    gt = make_gt(
+        [(1, 1, [0, 0, 10, 20], 0), (1, 5, [0, 0, 40, 40], 0), (1, 5, [0, 0, 100, 100], 0), (1, 1, [0, 0, 50, 50], 1)]
+    )
     stats = box_statistics(gt)
     np.testing.assert_array_equal(stats.boxes_per_image, [3, 0])
     np.testing.assert_array_equal(stats.class_counts, [1, 2])
@@ -33,11 +45,13 @@ def test_box_statistics_counts_classes_sizes_and_skips_crowd():
 
 
 def test_best_anchor_iou_by_hand():
-    boxes = torch.tensor([
-        [0.0, 0.0, 32.0, 32.0],   # a 32 anchor centred at (16, 16) is this box: IoU 1
-        [8.0, 8.0, 40.0, 40.0],   # centre (24, 24) halfway between grid points: 24 x 24 overlap
-        [16.0, 16.0, 80.0, 80.0], # 64 x 64: the 32 anchor inside it covers a quarter
-    ])
+    boxes = torch.tensor(
+        [
+            [0.0, 0.0, 32.0, 32.0],  # a 32 anchor centred at (16, 16) is this box: IoU 1
+            [8.0, 8.0, 40.0, 40.0],  # centre (24, 24) halfway between grid points: 24 x 24 overlap
+            [16.0, 16.0, 80.0, 80.0],  # 64 x 64: the 32 anchor inside it covers a quarter
+        ]
+    )
     sizes_hw = torch.tensor([[96.0, 96.0]] * 3)
     best, which = best_anchor_iou(boxes, sizes_hw, sizes=[32], aspect_ratios=[1.0], stride=16)
     np.testing.assert_allclose(best.numpy(), [1.0, 576 / (1024 + 1024 - 576), 1024 / 4096])
@@ -54,8 +68,13 @@ def test_best_anchor_iou_equals_a_search_over_every_anchor_of_the_grid():
     xy = rng.uniform(0, [width - 4, height - 4], (200, 2))
     wh = rng.uniform(4, 70, (200, 2))
     boxes = torch.tensor(np.concatenate([xy, np.minimum(xy + wh, [width, height])], axis=1))
-    best, _ = best_anchor_iou(boxes, torch.tensor([[height, width]] * 200, dtype=torch.float64),
-                              sizes=[16, 32, 64], aspect_ratios=[0.5, 1.0, 2.0], stride=16)
+    best, _ = best_anchor_iou(
+        boxes,
+        torch.tensor([[height, width]] * 200, dtype=torch.float64),
+        sizes=[16, 32, 64],
+        aspect_ratios=[0.5, 1.0, 2.0],
+        stride=16,
+    )
     exhaustive = box_iou(boxes, all_anchors).max(dim=1).values
     torch.testing.assert_close(best, exhaustive)
 

@@ -28,8 +28,17 @@ CATEGORIES = [
 
 def make_gt(objects, num_images=1):
     """objects: (image_id, category_id, [x, y, w, h]) tuples."""
-    anns = [{"id": i + 1, "image_id": im, "category_id": c, "bbox": list(map(float, b)), "area": float(b[2] * b[3]),
-             "iscrowd": 0} for i, (im, c, b) in enumerate(objects)]
+    anns = [
+        {
+            "id": i + 1,
+            "image_id": im,
+            "category_id": c,
+            "bbox": list(map(float, b)),
+            "area": float(b[2] * b[3]),
+            "iscrowd": 0,
+        }
+        for i, (im, c, b) in enumerate(objects)
+    ]
     images = [{"id": i + 1, "width": 200, "height": 200, "file_name": f"{i + 1}.jpg"} for i in range(num_images)]
     return {"images": images, "categories": CATEGORIES, "annotations": anns}
 
@@ -67,8 +76,9 @@ def test_shifted_box_is_a_localisation_error():
 def test_second_box_on_a_found_object_is_a_duplicate():
     # Two cats; TP (0.9), duplicate on the first cat (0.8), TP on the second (0.7).
     gt = make_gt([(1, 1, BOX), (1, 1, [50, 50, 10, 10])])
-    result = tide_errors(gt, make_preds(gt, [(1, 1, BOX, 0.9), (1, 1, [1, 0, 10, 10], 0.8),
-                                             (1, 1, [50, 50, 10, 10], 0.7)]))
+    result = tide_errors(
+        gt, make_preds(gt, [(1, 1, BOX, 0.9), (1, 1, [1, 0, 10, 10], 0.8), (1, 1, [50, 50, 10, 10], 0.7)])
+    )
     assert kinds(result) == ["Dupe"]
     # Precision envelope 1 up to recall .5 (51 of 101 points), then 2/3 (50 points).
     assert result.ap == pytest.approx((51 + 50 * 2 / 3) / 101 * 100)
@@ -129,8 +139,14 @@ def _random_case(seed):
             objects.append((image_id, c, [x, y, w, h]))
             for _ in range(rng.integers(0, 3)):
                 jitter = rng.normal(0, 0.25, 4) * [w, h, w, h]
-                dets.append((image_id, int(rng.integers(1, 4)) if rng.random() < 0.3 else c,
-                             list(np.maximum([x, y, w, h] + jitter, [0, 0, 1, 1])), float(rng.random())))
+                dets.append(
+                    (
+                        image_id,
+                        int(rng.integers(1, 4)) if rng.random() < 0.3 else c,
+                        list(np.maximum([x, y, w, h] + jitter, [0, 0, 1, 1])),
+                        float(rng.random()),
+                    )
+                )
         for _ in range(rng.integers(0, 3)):
             dets.append((image_id, int(rng.integers(1, 4)), list(rng.uniform(1, 100, 4)), float(rng.random())))
     gt = make_gt(objects, num_images=6)
@@ -167,21 +183,26 @@ def test_sim_forgives_same_supercategory_confusions_and_oth_any_confusion():
 
 def test_confusion_matrix_counts():
     gt = make_gt([(1, 1, BOX), (1, 2, [50, 50, 10, 10]), (1, 3, [100, 100, 10, 10]), (1, 3, [150, 150, 10, 10])])
-    preds = make_preds(gt, [
-        (1, 1, BOX, 0.9),                    # cat on cat
-        (1, 1, [1, 0, 10, 10], 0.8),         # a second cat box on the cat -> background row
-        (1, 1, [50, 50, 10, 10], 0.7),       # cat on dog
-        (1, 3, [100, 101, 10, 10], 0.6),     # car on car
-        (1, 2, [30, 30, 5, 5], 0.5),         # dog on nothing
-        (1, 3, [150, 150, 10, 10], 0.2),     # below the score threshold: the car counts as missed
-    ])
+    preds = make_preds(
+        gt,
+        [
+            (1, 1, BOX, 0.9),  # cat on cat
+            (1, 1, [1, 0, 10, 10], 0.8),  # a second cat box on the cat -> background row
+            (1, 1, [50, 50, 10, 10], 0.7),  # cat on dog
+            (1, 3, [100, 101, 10, 10], 0.6),  # car on car
+            (1, 2, [30, 30, 5, 5], 0.5),  # dog on nothing
+            (1, 3, [150, 150, 10, 10], 0.2),  # below the score threshold: the car counts as missed
+        ],
+    )
     matrix = confusion_matrix(gt, preds, [1, 2, 3], iou_threshold=0.5, score_threshold=0.3)
-    expected = np.array([
-        [1, 0, 0, 0],   # cat: found as cat
-        [1, 0, 0, 0],   # dog: found as cat
-        [0, 0, 1, 1],   # car: one found, one missed
-        [1, 1, 0, 0],   # background: the duplicate cat, the dog on nothing
-    ])
+    expected = np.array(
+        [
+            [1, 0, 0, 0],  # cat: found as cat
+            [1, 0, 0, 0],  # dog: found as cat
+            [0, 0, 1, 1],  # car: one found, one missed
+            [1, 1, 0, 0],  # background: the duplicate cat, the dog on nothing
+        ]
+    )
     np.testing.assert_array_equal(matrix, expected)
     np.testing.assert_allclose(normalize_rows(matrix)[2], [0, 0, 0.5, 0.5])
 

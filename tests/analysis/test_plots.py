@@ -18,16 +18,24 @@ def test_smooth_is_a_trailing_mean_that_starts_at_the_first_value():
 
 
 def test_metric_series_skips_rows_without_a_finite_number():
-    rows = [{"iteration": 1, "lr": 0.1}, {"iteration": 2}, {"iteration": 3, "lr": None},
-            {"iteration": 4, "lr": float("nan")}, {"iteration": 5, "lr": True}, {"iteration": 6, "lr": 0.2}]
+    rows = [
+        {"iteration": 1, "lr": 0.1},
+        {"iteration": 2},
+        {"iteration": 3, "lr": None},
+        {"iteration": 4, "lr": float("nan")},
+        {"iteration": 5, "lr": True},
+        {"iteration": 6, "lr": 0.2},
+    ]
     xs, ys = metric_series(rows, "lr")
     assert xs.tolist() == [1, 6] and ys.tolist() == [0.1, 0.2]
 
 
 def test_loss_axis_ticks_are_one_two_five_times_powers_of_ten():
     iterations = np.arange(20, 320, 20)
-    rows = [{"iteration": int(i), "total_loss": 2.15 * np.exp(-i / 150), "loss_rpn_loc": 0.105 * np.exp(-i / 100)}
-            for i in iterations]
+    rows = [
+        {"iteration": int(i), "total_loss": 2.15 * np.exp(-i / 150), "loss_rpn_loc": 0.105 * np.exp(-i / 100)}
+        for i in iterations
+    ]
     fig = losses_figure(rows)
     FigureCanvasAgg(fig).draw()
     ax = fig.axes[0]
@@ -48,4 +56,8 @@ def test_plot_metrics_writes_three_pngs(tmp_path):
     assert [p.name for p in written] == ["losses.png", "lr.png", "eval.png"]
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["eval.png", "losses.png", "lr.png"]  # no temp file left
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "eval.png",
+        "losses.png",
+        "lr.png",
+    ]  # no temp file left

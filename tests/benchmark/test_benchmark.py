@@ -30,7 +30,9 @@ SCORE_TOL = 1e-4
 
 def _tiny_model(post_nms_topk_test: int = 32, **extra: str):
     overrides = [
-        "model.depth=18", "model.num_classes=5", "model.roi_heads.aligned=false",
+        "model.depth=18",
+        "model.num_classes=5",
+        "model.roi_heads.aligned=false",
         f"model.rpn.post_nms_topk_test={post_nms_topk_test}",
         *(f"{k}={v}" for k, v in extra.items()),
     ]
@@ -64,9 +66,15 @@ def test_reference_mirrors_batchnorm_and_trains_behind_detkits_api():
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     # As configs/shapes_*.yaml: BatchNorm from scratch, nothing frozen.
-    model = _tiny_model(**{"model.backbone.norm": "BN", "model.backbone.freeze_at": "0",
-                           "model.rpn.post_nms_topk_train": "16", "model.roi_heads.batch_size_per_image": "8",
-                           "model.roi_heads.pooler_resolution": "4"})
+    model = _tiny_model(
+        **{
+            "model.backbone.norm": "BN",
+            "model.backbone.freeze_at": "0",
+            "model.rpn.post_nms_topk_train": "16",
+            "model.roi_heads.batch_size_per_image": "8",
+            "model.roi_heads.pooler_resolution": "4",
+        }
+    )
     reference = build_torchvision_reference(model)
     assert isinstance(reference.backbone.bn1, nn.BatchNorm2d) and reference.backbone.conv1.weight.requires_grad
     assert isinstance(reference.roi_heads.box_head.layer4[0].downsample[1], nn.BatchNorm2d)
@@ -136,19 +144,45 @@ def test_compare_detections_counts_only_same_label_overlaps():
     assert other["matched"] == 1 and other["match_fraction"] == 0.5
     assert other["max_box_diff"] == pytest.approx(0.01, abs=1e-5)
     assert other["max_score_diff"] == pytest.approx(0.1, abs=1e-6)
-    assert compare_detections([{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}] * 2,
-                              [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}] * 2)["match_fraction"] == 1.0
+    assert (
+        compare_detections(
+            [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}] * 2,
+            [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}] * 2,
+        )["match_fraction"]
+        == 1.0
+    )
 
 
 @pytest.mark.slow
 def test_benchmark_tool_tiny_run_writes_the_promised_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = benchmark_main([
-        "--device", "cpu", "--threads", "1", "--depth", "18", "--image-size", "128", "128", "--batch-size", "1",
-        "--iters", "1", "--warmup", "1", "--num-classes", "5", "--json", str(out),
-        "model.rpn.post_nms_topk_test=16", "model.rpn.post_nms_topk_train=64",
-        "model.roi_heads.batch_size_per_image=16", "model.roi_heads.pooler_resolution=7",
-    ])
+    rc = benchmark_main(
+        [
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--depth",
+            "18",
+            "--image-size",
+            "128",
+            "128",
+            "--batch-size",
+            "1",
+            "--iters",
+            "1",
+            "--warmup",
+            "1",
+            "--num-classes",
+            "5",
+            "--json",
+            str(out),
+            "model.rpn.post_nms_topk_test=16",
+            "model.rpn.post_nms_topk_train=64",
+            "model.roi_heads.batch_size_per_image=16",
+            "model.roi_heads.pooler_resolution=7",
+        ]
+    )
     assert rc == 0
     assert "| infer | 1 | fp32 | detkit |" in capsys.readouterr().out
     result = json.loads(out.read_text())

@@ -50,7 +50,10 @@ def write_coco(
 
 def images_table(sizes: Sequence[tuple[int, int]], suffix: str = ".jpg", first_id: int = 1) -> list[dict]:
     """[{id, file_name, height, width}] for (h, w) sizes."""
-    return [{"id": first_id + i, "file_name": f"img{first_id + i}{suffix}", "height": h, "width": w} for i, (h, w) in enumerate(sizes)]
+    return [
+        {"id": first_id + i, "file_name": f"img{first_id + i}{suffix}", "height": h, "width": w}
+        for i, (h, w) in enumerate(sizes)
+    ]
 
 
 def coco_config(ann_file: str, image_root: str, *, num_classes: int, test: tuple[str, str] | None = None, **changes):

@@ -124,12 +124,20 @@ def test_missing_image_files_are_an_error_listing_them(tmp_path):
 def test_all_problems_come_in_one_report(tmp_path):
     images = images_table([(30, 40)] * 3)
     images[1]["id"] = 1
-    anns = [{"image_id": 1, "category_id": 42, "bbox": [1, 1, 5, 5]}, {"image_id": 77, "category_id": 3, "bbox": [1, 1, 5, 5]}]
+    anns = [
+        {"image_id": 1, "category_id": 42, "bbox": [1, 1, 5, 5]},
+        {"image_id": 77, "category_id": 3, "bbox": [1, 1, 5, 5]},
+    ]
     with pytest.raises(DataError) as info:
         load_coco_json(*write_coco(tmp_path, images, anns, CATS, skip_files=["img3.jpg"]))
     msg = str(info.value)
     assert "4 problem(s)" in msg
-    for part in ("duplicate image ids", "unknown category ids", "image ids that are not in 'images'", "image files missing"):
+    for part in (
+        "duplicate image ids",
+        "unknown category ids",
+        "image ids that are not in 'images'",
+        "image files missing",
+    ):
         assert part in msg
 
 
@@ -172,15 +180,21 @@ def test_several_training_datasets_are_concatenated(tmp_path, tiny_coco):
 
 
 def test_concatenating_datasets_with_different_categories_is_an_error(tmp_path, tiny_coco):
-    other = write_coco(tmp_path / "other", images_table([(50, 50)]), [], [{"id": 5, "name": "five"}, {"id": 10, "name": "ten"}])
+    other = write_coco(
+        tmp_path / "other", images_table([(50, 50)]), [], [{"id": 5, "name": "five"}, {"id": 10, "name": "ten"}]
+    )
     cfg = coco_config(*tiny_coco, num_classes=2)
-    cfg = replace(cfg, **{"data.train": cfg.data.train + (DatasetConfig(type="coco", ann_file=other[0], image_root=other[1]),)})
+    cfg = replace(
+        cfg, **{"data.train": cfg.data.train + (DatasetConfig(type="coco", ann_file=other[0], image_root=other[1]),)}
+    )
     with pytest.raises(DataError, match="different categories"):
         load_split(cfg, "train")
 
 
 def test_records_subset_and_concat_keep_boxes_with_their_images():
-    recs = DetectionRecords([1, 2, 3], [10, 20, 30], [11, 21, 31], ["a", "bé", "c"], np.arange(12).reshape(3, 4), [0, 1, 2], [2, 0, 1])
+    recs = DetectionRecords(
+        [1, 2, 3], [10, 20, 30], [11, 21, 31], ["a", "bé", "c"], np.arange(12).reshape(3, 4), [0, 1, 2], [2, 0, 1]
+    )
     sub = recs.subset([2, 0])
     assert sub.image_ids.tolist() == [3, 1] and sub.file_names == ["c", "a"]
     np.testing.assert_array_equal(sub[0].boxes, [[8, 9, 10, 11]])

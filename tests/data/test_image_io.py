@@ -16,7 +16,13 @@ def jpeg_with_orientation(image_bgr: np.ndarray, orientation: int) -> bytes:
     assert ok
     data = buf.tobytes()
     # TIFF header (big endian, IFD at offset 8), one IFD entry: tag 0x0112 SHORT x1 = orientation, no next IFD
-    tiff = b"MM\x00\x2a" + struct.pack(">I", 8) + struct.pack(">H", 1) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(">I", 0)
+    tiff = (
+        b"MM\x00\x2a"
+        + struct.pack(">I", 8)
+        + struct.pack(">H", 1)
+        + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0)
+        + struct.pack(">I", 0)
+    )
     payload = b"Exif\x00\x00" + tiff
     app1 = b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
     return data[:2] + app1 + data[2:]  # right after SOI

@@ -62,7 +62,9 @@ def test_grouping_never_mixes_orientations():
     groups = rng.integers(0, 2, size=37)
     for world_size in (1, 2):
         for rank in range(world_size):
-            sampler = TrainingBatchSampler(num_images=37, batch_size=4, seed=0, rank=rank, world_size=world_size, group_ids=groups)
+            sampler = TrainingBatchSampler(
+                num_images=37, batch_size=4, seed=0, rank=rank, world_size=world_size, group_ids=groups
+            )
             for batch in take(sampler, 60):
                 assert len(batch) == 4
                 assert len({int(groups[k.index]) for k in batch}) == 1
@@ -71,7 +73,15 @@ def test_grouping_never_mixes_orientations():
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_distributed_training_shards_are_disjoint_and_cover_the_data(world_size):
     n = 10  # not a multiple of 3 or 4
-    streams = [list(islice(TrainingBatchSampler(num_images=n, batch_size=1, seed=2, rank=r, world_size=world_size).rank_stream(), 3 * n)) for r in range(world_size)]
+    streams = [
+        list(
+            islice(
+                TrainingBatchSampler(num_images=n, batch_size=1, seed=2, rank=r, world_size=world_size).rank_stream(),
+                3 * n,
+            )
+        )
+        for r in range(world_size)
+    ]
     first_epoch = [[(p, i) for p, i in s if p < n] for s in streams]
     positions = [p for shard in first_epoch for p, _ in shard]
     assert sorted(positions) == list(range(n))  # disjoint and complete
@@ -81,7 +91,9 @@ def test_distributed_training_shards_are_disjoint_and_cover_the_data(world_size)
     groups = np.arange(n) % 2
     seen = []
     for r in range(world_size):
-        sampler = TrainingBatchSampler(num_images=n, batch_size=2, seed=2, rank=r, world_size=world_size, group_ids=groups)
+        sampler = TrainingBatchSampler(
+            num_images=n, batch_size=2, seed=2, rank=r, world_size=world_size, group_ids=groups
+        )
         seen += [k.position for batch in take(sampler, 20) for k in batch]
     assert len(seen) == len(set(seen))
 
@@ -125,7 +137,9 @@ def test_collate_pads_to_size_divisibility_and_keeps_sizes():
 
 def test_numpy_padding_equals_image_batch_from_tensors():
     gen = torch.Generator().manual_seed(0)
-    images = [torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8) for h, w in [(30, 50), (41, 20), (64, 64)]]
+    images = [
+        torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8) for h, w in [(30, 50), (41, 20), (64, 64)]
+    ]
     sizes = [(15, 25), (82, 40), (64, 64)]
     for div in (0, 32):
         ours = pad_images(images, sizes, div)
@@ -173,13 +187,19 @@ def test_filter_empty_is_configurable_and_test_keeps_empty_images(tiny_coco):
 
 
 def test_train_batches_do_not_depend_on_num_workers_and_resume_exactly(tiny_coco):
-    cfg = coco_config(*tiny_coco, num_classes=2, **{"data.min_size_train": (48, 64, 80), "data.augment": ({"name": "ColorJitter", "p": 0.5},)})
+    cfg = coco_config(
+        *tiny_coco,
+        num_classes=2,
+        **{"data.min_size_train": (48, 64, 80), "data.augment": ({"name": "ColorJitter", "p": 0.5},)},
+    )
 
     def batches(c, start_iter=0, n=6):
         return list(islice(build_train_loader(c, start_iter=start_iter), n))
 
     def same(x, y):
-        return torch.equal(x[0].tensor, y[0].tensor) and all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(x[1], y[1]))
+        return torch.equal(x[0].tensor, y[0].tensor) and all(
+            torch.equal(a["boxes"], b["boxes"]) for a, b in zip(x[1], y[1])
+        )
 
     base = batches(cfg)
     assert all(same(x, y) for x, y in zip(base, batches(replace(cfg, **{"data.num_workers": 2}))))
@@ -256,8 +276,19 @@ def test_image_whose_size_disagrees_with_the_annotation_is_bad(tmp_path):
 
 
 def test_shapes_dataset_entry_loads_end_to_end(tmp_path):
-    shapes = DatasetConfig(type="shapes", root=str(tmp_path), split="train", num_images=6, image_size=(64, 80), max_objects=3, min_object_size=10, max_object_size=30)
-    cfg = coco_config("unused", "unused", num_classes=6, **{"data.train": (shapes,), "data.test": (replace(shapes, split="val"),)})
+    shapes = DatasetConfig(
+        type="shapes",
+        root=str(tmp_path),
+        split="train",
+        num_images=6,
+        image_size=(64, 80),
+        max_objects=3,
+        min_object_size=10,
+        max_object_size=30,
+    )
+    cfg = coco_config(
+        "unused", "unused", num_classes=6, **{"data.train": (shapes,), "data.test": (replace(shapes, split="val"),)}
+    )
     images, targets, _metas = next(iter(build_train_loader(cfg)))
     for target, (h, w) in zip(targets, images.image_sizes.tolist()):
         assert len(target["boxes"]) >= 1 and target["labels"].max() < 6

@@ -19,7 +19,16 @@ from detkit.data.synthetic import SHAPE_NAMES, ShapesParams, ensure_shapes_datas
 from detkit.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
-SMALL = ShapesParams(split="train", num_images=6, image_size=(96, 128), num_classes=6, max_objects=5, min_object_size=12, max_object_size=48, seed=0)
+SMALL = ShapesParams(
+    split="train",
+    num_images=6,
+    image_size=(96, 128),
+    num_classes=6,
+    max_objects=5,
+    min_object_size=12,
+    max_object_size=48,
+    seed=0,
+)
 
 
 def same_files(a: Path, b: Path) -> bool:
@@ -27,7 +36,9 @@ def same_files(a: Path, b: Path) -> bool:
     if names != sorted(os.listdir(b / "images")):
         return False
     _match, mismatch, errors = filecmp.cmpfiles(a / "images", b / "images", names, shallow=False)
-    return not mismatch and not errors and (a / "annotations.json").read_bytes() == (b / "annotations.json").read_bytes()
+    return (
+        not mismatch and not errors and (a / "annotations.json").read_bytes() == (b / "annotations.json").read_bytes()
+    )
 
 
 def test_generation_is_deterministic_from_the_seed(tmp_path):
@@ -81,7 +92,12 @@ def test_shapes_are_drawn_inside_their_boxes(tmp_path):
             continue  # hollow centre
         centre_colour = np.median(inner, axis=0)
         # the object's colour reaches (nearly) each of the four box edges
-        for edge in (image[int(y) : int(y + h), int(x) + 1], image[int(y) : int(y + h), int(x + w) - 2], image[int(y) + 1, int(x) : int(x + w)], image[int(y + h) - 2, int(x) : int(x + w)]):
+        for edge in (
+            image[int(y) : int(y + h), int(x) + 1],
+            image[int(y) : int(y + h), int(x + w) - 2],
+            image[int(y) + 1, int(x) : int(x + w)],
+            image[int(y + h) - 2, int(x) : int(x + w)],
+        ):
             assert np.abs(edge - centre_colour).sum(axis=1).min() < 60
 
 
@@ -93,7 +109,9 @@ def test_ensure_generates_once_then_reuses_the_cache(tmp_path):
     assert os.stat(ann_file).st_mtime_ns == mtime  # not regenerated
     other, _ = ensure_shapes_dataset(replace(SMALL, num_images=7), tmp_path)
     assert Path(other).parent != Path(ann_file).parent  # another parameter set, another folder
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([Path(ann_file).parent.name, Path(other).parent.name])  # no temp folders left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [Path(ann_file).parent.name, Path(other).parent.name]
+    )  # no temp folders left
 
 
 def test_invalid_parameters_are_config_errors():
@@ -104,7 +122,9 @@ def test_invalid_parameters_are_config_errors():
 
 
 def test_shapes_entry_in_a_config_gives_dataset_info(tmp_path):
-    shapes = DatasetConfig(type="shapes", root=str(tmp_path), split="val", num_images=3, image_size=(64, 64), num_classes=4)
+    shapes = DatasetConfig(
+        type="shapes", root=str(tmp_path), split="val", num_images=3, image_size=(64, 64), num_classes=4
+    )
     cfg = replace(load_config(None), **{"model.num_classes": 4, "data.test": (shapes,)})
     info = get_dataset_info(cfg, "test")
     assert info.class_names == ["circle", "square", "triangle", "star"] and info.category_ids == [1, 2, 3, 4]
@@ -140,8 +160,23 @@ def test_prepare_shapes_script_writes_a_standalone_set(tmp_path, capsys, restore
 def test_bench_loader_tool_prints_a_table(tmp_path, capsys, restore_logging):
     from benchmarks.loader import main
 
-    argv = ["--root", str(tmp_path), "--num-images", "4", "--image-size", "48", "64", "--workers", "0", "--batches", "2", "--warmup", "1",
-            "data.min_size_train=[48]", "data.max_size_train=100"]
+    argv = [
+        "--root",
+        str(tmp_path),
+        "--num-images",
+        "4",
+        "--image-size",
+        "48",
+        "64",
+        "--workers",
+        "0",
+        "--batches",
+        "2",
+        "--warmup",
+        "1",
+        "data.min_size_train=[48]",
+        "data.max_size_train=100",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "| workers | images/s |" in out and "| 0 |" in out and "48 x 64" in out

@@ -59,8 +59,12 @@ def detectron2_output_shape(oldh, oldw, short_edge_length, max_size):
 def test_resized_hw_equals_detectron2_on_every_size_up_to_1500_px():
     rng = np.random.default_rng(0)
     sizes = rng.integers(16, 1500, size=(4000, 2))
-    for (h, w), short, max_size in zip(sizes, rng.choice([640, 672, 704, 736, 768, 800, 600], 4000), rng.choice([1333, 1000, 900], 4000)):
-        assert resized_hw(int(h), int(w), int(short), int(max_size)) == detectron2_output_shape(int(h), int(w), int(short), int(max_size))
+    for (h, w), short, max_size in zip(
+        sizes, rng.choice([640, 672, 704, 736, 768, 800, 600], 4000), rng.choice([1333, 1000, 900], 4000)
+    ):
+        assert resized_hw(int(h), int(w), int(short), int(max_size)) == detectron2_output_shape(
+            int(h), int(w), int(short), int(max_size)
+        )
 
 
 @pytest.mark.parametrize("hw, target", [((480, 640), (240, 320)), ((375, 500), (800, 1067)), ((101, 203), (67, 135))])
@@ -68,13 +72,17 @@ def test_pil_resize_method_is_pillows_bilinear_bit_for_bit(hw, target):
     from PIL import Image
 
     image = np.random.default_rng(1).integers(0, 256, size=(*hw, 3), dtype=np.uint8)
-    tf = build_test_transform(cfg_with(**{"data.min_size_test": min(target), "data.max_size_test": 2000, "data.resize_method": "pil"}))
+    tf = build_test_transform(
+        cfg_with(**{"data.min_size_test": min(target), "data.max_size_test": 2000, "data.resize_method": "pil"})
+    )
     out = tf(image).image
     expected = np.asarray(Image.fromarray(image).resize((target[1], target[0]), Image.BILINEAR))
     assert out.shape == (*target, 3) and out.dtype == np.uint8
     assert np.array_equal(out, expected)
     # ... and OpenCV's INTER_LINEAR (the default "cv2") is another image: the key matters.
-    cv2_out = build_test_transform(cfg_with(**{"data.min_size_test": min(target), "data.max_size_test": 2000}))(image).image
+    cv2_out = build_test_transform(cfg_with(**{"data.min_size_test": min(target), "data.max_size_test": 2000}))(
+        image
+    ).image
     assert np.array_equal(cv2_out, cv2.resize(image, (target[1], target[0]), interpolation=cv2.INTER_LINEAR))
     assert not np.array_equal(cv2_out, expected)
 
@@ -137,7 +145,9 @@ def test_short_side_is_drawn_per_image_from_the_list():
 
 
 def test_same_seed_same_augmentation():
-    cfg = cfg_with(**{"data.augment": ({"name": "ColorJitter", "p": 1.0, "brightness": 0.5},), "data.min_size_train": (16, 24, 32)})
+    cfg = cfg_with(
+        **{"data.augment": ({"name": "ColorJitter", "p": 1.0, "brightness": 0.5},), "data.min_size_train": (16, 24, 32)}
+    )
     tf = build_train_transform(cfg)
     image, boxes = gradient_image(20, 30), np.array([[1, 2, 10, 12]])
     a, b, c = tf(image, boxes, [0], seed=7), tf(image, boxes, [0], seed=7), tf(image, boxes, [0], seed=8)
@@ -148,7 +158,9 @@ def test_same_seed_same_augmentation():
 
 def test_augment_listed_in_yaml_by_name(tmp_path):
     path = tmp_path / "aug.yaml"
-    path.write_text("data:\n  augment:\n    - {name: ColorJitter, p: 1.0, brightness: [1.5, 1.5], contrast: 0, saturation: 0, hue: 0}\n  flip_prob: 0.0\n  min_size_train: [80]\n")
+    path.write_text(
+        "data:\n  augment:\n    - {name: ColorJitter, p: 1.0, brightness: [1.5, 1.5], contrast: 0, saturation: 0, hue: 0}\n  flip_prob: 0.0\n  min_size_train: [80]\n"
+    )
     cfg = load_config(path)
     tf = build_train_transform(cfg)
     assert isinstance(tf.transforms[0], A.ColorJitter) and isinstance(tf.transforms[-1], ResizeShortestEdge)
@@ -165,7 +177,9 @@ def test_unknown_augmentation_name_or_argument_is_a_config_error():
         build_augmentation({"name": "ColorJitter", "brightnes": 0.2})
     with pytest.raises(ConfigError, match="cannot build ColorJitter"):
         build_augmentation({"name": "ColorJitter", "p": 3})
-    nested = build_augmentation({"name": "OneOf", "p": 1.0, "transforms": [{"name": "Blur"}, {"name": "ToGray", "p": 1.0}]})
+    nested = build_augmentation(
+        {"name": "OneOf", "p": 1.0, "transforms": [{"name": "Blur"}, {"name": "ToGray", "p": 1.0}]}
+    )
     assert isinstance(nested, A.OneOf) and len(nested.transforms) == 2
 
 

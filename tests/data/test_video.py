@@ -128,7 +128,9 @@ def free_port() -> int:
 def test_a_stream_that_does_not_answer_fails_within_the_timeout():
     # A closed port: refused at once.
     tic = time.perf_counter()
-    with pytest.raises(VideoReadError, match=r"cannot read stream http://127.0.0.1:\d+/live.mjpg: no answer within 1 s"):
+    with pytest.raises(
+        VideoReadError, match=r"cannot read stream http://127.0.0.1:\d+/live.mjpg: no answer within 1 s"
+    ):
         open_video(parse_source(f"http://127.0.0.1:{free_port()}/live.mjpg"), timeout_s=1.0)
     assert time.perf_counter() - tic < 1.0
     # A server that accepts the connection but never answers: the timeout ends the wait.
@@ -155,7 +157,9 @@ def test_a_live_source_drops_frames_when_the_consumer_falls_behind(tmp_path, wri
     assert stats.frames_read == 40 and stats.stop_reason == "end of stream"
     assert stats.frames_dropped > 0 and len(frames) == 40 - stats.frames_dropped
     assert [f.index for f in frames] == sorted(f.index for f in frames)
-    assert frames[0].timestamp_ms == 0.0 and all(b.timestamp_ms >= a.timestamp_ms for a, b in itertools.pairwise(frames))
+    assert frames[0].timestamp_ms == 0.0 and all(
+        b.timestamp_ms >= a.timestamp_ms for a, b in itertools.pairwise(frames)
+    )
 
 
 def test_reader_rejects_bad_limits(tmp_path, write_video):

@@ -64,7 +64,9 @@ def test_crash_mid_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatc
 
     monkeypatch.setattr(ckpt.torch, "save", crashing_save)
     # A failed write is one CheckpointError naming the file (tools print it as one line).
-    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*model_0000020\.pth: OSError: simulated crash"):
+    with pytest.raises(
+        CheckpointError, match=r"cannot write checkpoint .*model_0000020\.pth: OSError: simulated crash"
+    ):
         checkpointer.save("model_0000020.pth", _state(20, value=2.0))
     monkeypatch.undo()
 
@@ -79,7 +81,9 @@ def test_crash_mid_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatc
 def test_overwriting_an_existing_name_is_atomic_too(tmp_path, monkeypatch):
     checkpointer = Checkpointer(tmp_path)
     checkpointer.save("model_final.pth", _state(5))
-    monkeypatch.setattr(ckpt.torch, "save", lambda obj, f: (f.write(b"junk"), (_ for _ in ()).throw(KeyboardInterrupt())))
+    monkeypatch.setattr(
+        ckpt.torch, "save", lambda obj, f: (f.write(b"junk"), (_ for _ in ()).throw(KeyboardInterrupt()))
+    )
     with pytest.raises(KeyboardInterrupt):
         checkpointer.save("model_final.pth", _state(6))
     monkeypatch.undo()
@@ -159,10 +163,14 @@ def test_a_failing_write_keeps_the_previous_checkpoint_and_names_the_file(tmp_pa
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-c", _FAILING_WRITE, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", _FAILING_WRITE, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     message = result.stdout.strip()
-    assert message.startswith(f"cannot write checkpoint {tmp_path / 'model_0000020.pth'}: the file size limit was reached")
+    assert message.startswith(
+        f"cannot write checkpoint {tmp_path / 'model_0000020.pth'}: the file size limit was reached"
+    )
     assert f"the previous checkpoint {tmp_path / 'model_0000010.pth'} is intact" in message and "--resume" in message
     # Nothing half-written anywhere, and the pointer still names the complete file.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000010.pth"]

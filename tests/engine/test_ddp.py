@@ -41,7 +41,13 @@ def _free_port() -> int:
 def _worker(rank: int, cfg_path: str, out: str, port: int) -> None:
     # What torchrun sets for each process.
     os.environ.update(
-        {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD_SIZE), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(WORLD_SIZE),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
     )
     torch.set_num_threads(1)
     from detkit.config import load_config
@@ -60,7 +66,9 @@ def _worker(rank: int, cfg_path: str, out: str, port: int) -> None:
 @pytest.mark.slow
 def test_two_gloo_processes_keep_identical_weights(tmp_path, standin_imagenet_r18):
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY_CONFIG.format(base=ROOT / "configs" / "base.yaml", data=tmp_path / "shapes", weights=standin_imagenet_r18))
+    cfg.write_text(
+        TINY_CONFIG.format(base=ROOT / "configs" / "base.yaml", data=tmp_path / "shapes", weights=standin_imagenet_r18)
+    )
     mp.spawn(_worker, args=(str(cfg), str(tmp_path), _free_port()), nprocs=WORLD_SIZE, join=True)
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
@@ -78,4 +86,7 @@ def test_two_gloo_processes_keep_identical_weights(tmp_path, standin_imagenet_r1
     assert sorted(p.name for p in run.glob("*.pth")) == ["model_0000002.pth", "model_final.pth"]
     final = torch.load(run / "model_final.pth", weights_only=True)
     assert len(final["rng"]) == WORLD_SIZE and final["data"]["world_size"] == WORLD_SIZE
-    assert torch.equal(final["model"]["roi_heads.box_predictor.cls_score.weight"], ranks[1]["final"]["roi_heads.box_predictor.cls_score.weight"])
+    assert torch.equal(
+        final["model"]["roi_heads.box_predictor.cls_score.weight"],
+        ranks[1]["final"]["roi_heads.box_predictor.cls_score.weight"],
+    )

@@ -35,8 +35,15 @@ from detkit.errors import ConfigError, DataError
 from detkit.structures.image_batch import ImageBatch
 
 HAVE_FASTER = "faster_coco_eval" in ev.available_backends()
-BACKENDS = ["pycocotools", pytest.param("faster_coco_eval", marks=pytest.mark.skipif(
-    not HAVE_FASTER, reason="faster-coco-eval is not installed (pip install faster-coco-eval)"))]
+BACKENDS = [
+    "pycocotools",
+    pytest.param(
+        "faster_coco_eval",
+        marks=pytest.mark.skipif(
+            not HAVE_FASTER, reason="faster-coco-eval is not installed (pip install faster-coco-eval)"
+        ),
+    ),
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,26 +75,45 @@ def make_dataset(seed: int) -> tuple[dict, list[dict]]:
             x, y = rng.uniform(0, 640 - w), rng.uniform(0, 480 - h)
             cat = rng.choice(cat_ids)
             crowd = int(rng.random() < 0.12)
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": img["id"], "category_id": cat, "bbox": [x, y, w, h],
-                "area": w * h * rng.uniform(0.55, 0.95), "iscrowd": crowd,
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": img["id"],
+                    "category_id": cat,
+                    "bbox": [x, y, w, h],
+                    "area": w * h * rng.uniform(0.55, 0.95),
+                    "iscrowd": crowd,
+                }
+            )
             for _ in range(rng.randint(0, 3)):
                 jitter = [rng.gauss(0, side * 0.08) for _ in range(4)]
                 label = cat if rng.random() < 0.85 else rng.choice(cat_ids)
                 box = [x + jitter[0], y + jitter[1], max(1.0, w + jitter[2]), max(1.0, h + jitter[3])]
-                predictions.append({"image_id": img["id"], "category_id": label, "bbox": box,
-                                    "score": round(rng.random(), 2)})  # rounding makes ties
+                predictions.append(
+                    {"image_id": img["id"], "category_id": label, "bbox": box, "score": round(rng.random(), 2)}
+                )  # rounding makes ties
     for image_id in (4, 19):  # false positives on an empty image and on a busy one
         for _ in range(4):
-            predictions.append({"image_id": image_id, "category_id": rng.choice(cat_ids),
-                                "bbox": [rng.uniform(0, 500), rng.uniform(0, 400), 40.0, 30.0], "score": rng.random()})
+            predictions.append(
+                {
+                    "image_id": image_id,
+                    "category_id": rng.choice(cat_ids),
+                    "bbox": [rng.uniform(0, 500), rng.uniform(0, 400), 40.0, 30.0],
+                    "score": rng.random(),
+                }
+            )
     predictions.append({"image_id": 1, "category_id": 7, "bbox": [5.0, 5.0, 50.0, 50.0], "score": 0.9})
     busy = images[1]["id"]
     for _ in range(250):
         w, h = rng.uniform(4, 250), rng.uniform(4, 250)
-        predictions.append({"image_id": busy, "category_id": rng.choice(cat_ids),
-                            "bbox": [rng.uniform(0, 380), rng.uniform(0, 220), w, h], "score": rng.random()})
+        predictions.append(
+            {
+                "image_id": busy,
+                "category_id": rng.choice(cat_ids),
+                "bbox": [rng.uniform(0, 380), rng.uniform(0, 220), w, h],
+                "score": rng.random(),
+            }
+        )
     gt = {"images": images, "categories": categories, "annotations": annotations}
     return gt, predictions
 
@@ -189,10 +215,15 @@ def test_per_class_ap_is_detectron2s_mean_over_valid_precisions(tmp_path):
 
 def test_perfect_detections_give_100_and_empty_area_ranges_give_nan(tmp_path):
     # One medium object (40x40 = 1600 px^2), one large one (200x100).
-    gt = tiny_gt([{"image_id": 1, "category_id": 1, "bbox": box(10, 10, 40, 40)},
-                  {"image_id": 1, "category_id": 1, "bbox": box(300, 200, 200, 100)}])
+    gt = tiny_gt(
+        [
+            {"image_id": 1, "category_id": 1, "bbox": box(10, 10, 40, 40)},
+            {"image_id": 1, "category_id": 1, "bbox": box(300, 200, 200, 100)},
+        ]
+    )
     metrics = COCOEvaluator(write_json(tmp_path / "gt.json", gt), backend="pycocotools").evaluate(
-        [det(1, 1, box(10, 10, 40, 40), 0.9), det(1, 1, box(300, 200, 200, 100), 0.8)])
+        [det(1, 1, box(10, 10, 40, 40), 0.9), det(1, 1, box(300, 200, 200, 100), 0.8)]
+    )
     for key in ("AP", "AP50", "AP75", "APm", "APl", "AR10", "AR100"):
         assert metrics[key] == pytest.approx(100.0)
     assert metrics["AR1"] == pytest.approx(50.0)  # one detection per image finds one of the two
@@ -203,10 +234,17 @@ def test_perfect_detections_give_100_and_empty_area_ranges_give_nan(tmp_path):
 def test_a_false_positive_between_two_hits_gives_the_interpolated_ap(tmp_path):
     """Hits at ranks 1 and 3, a miss at rank 2: precision 1 up to recall 0.5 (51 of the 101 recall
     thresholds), then 2/3 up to recall 1 (50 thresholds): AP = (51 + 50 * 2/3) / 101."""
-    gt = tiny_gt([{"image_id": 1, "category_id": 1, "bbox": box(10, 10, 100, 100)},
-                  {"image_id": 1, "category_id": 1, "bbox": box(400, 300, 100, 100)}])
-    predictions = [det(1, 1, box(10, 10, 100, 100), 0.9), det(1, 1, box(200, 10, 100, 100), 0.8),
-                   det(1, 1, box(400, 300, 100, 100), 0.7)]
+    gt = tiny_gt(
+        [
+            {"image_id": 1, "category_id": 1, "bbox": box(10, 10, 100, 100)},
+            {"image_id": 1, "category_id": 1, "bbox": box(400, 300, 100, 100)},
+        ]
+    )
+    predictions = [
+        det(1, 1, box(10, 10, 100, 100), 0.9),
+        det(1, 1, box(200, 10, 100, 100), 0.8),
+        det(1, 1, box(400, 300, 100, 100), 0.7),
+    ]
     metrics = COCOEvaluator(write_json(tmp_path / "gt.json", gt), backend="pycocotools").evaluate(predictions)
     expected = (51 + 50 * 2 / 3) / 101 * 100
     assert metrics["AP"] == pytest.approx(expected, abs=1e-9)
@@ -222,13 +260,16 @@ def test_a_detection_on_a_crowd_region_is_ignored_not_a_false_positive(tmp_path,
     with_crowd = COCOEvaluator(write_json(tmp_path / "a.json", tiny_gt([person, crowd])), backend=backend)
     assert with_crowd.evaluate(predictions)["AP"] == pytest.approx(100.0)
     # The same region as a normal object: the 0.95 detection is a false positive ranked first.
-    not_crowd = COCOEvaluator(write_json(tmp_path / "b.json", tiny_gt([person, {**crowd, "iscrowd": 0}])),
-                              backend=backend)
+    not_crowd = COCOEvaluator(
+        write_json(tmp_path / "b.json", tiny_gt([person, {**crowd, "iscrowd": 0}])), backend=backend
+    )
     assert not_crowd.evaluate(predictions)["AP50"] == pytest.approx(51 * 0.5 / 101 * 100, abs=1e-9)
 
 
 def test_only_the_100_best_detections_of_an_image_count(tmp_path):
-    gt_file = write_json(tmp_path / "gt.json", tiny_gt([{"image_id": 1, "category_id": 1, "bbox": box(10, 10, 50, 50)}]))
+    gt_file = write_json(
+        tmp_path / "gt.json", tiny_gt([{"image_id": 1, "category_id": 1, "bbox": box(10, 10, 50, 50)}])
+    )
     decoys = [det(1, 1, box(500, 400, 30, 30), 0.9) for _ in range(100)]
     hit = det(1, 1, box(10, 10, 50, 50), 0.5)  # the 101st by score
     evaluator = COCOEvaluator(gt_file, backend="pycocotools")
@@ -252,9 +293,14 @@ def test_predictions_on_an_image_without_ground_truth_lower_precision(tmp_path):
 
 @pytest.fixture
 def small_evaluator(tmp_path):
-    gt = tiny_gt([{"image_id": 1, "category_id": 3, "bbox": box(10, 10, 50, 50)},
-                  {"image_id": 2, "category_id": 5, "bbox": box(100, 100, 150, 120)}],
-                 categories=({"id": 3, "name": "cat"}, {"id": 5, "name": "dog"}), n_images=3)
+    gt = tiny_gt(
+        [
+            {"image_id": 1, "category_id": 3, "bbox": box(10, 10, 50, 50)},
+            {"image_id": 2, "category_id": 5, "bbox": box(100, 100, 150, 120)},
+        ],
+        categories=({"id": 3, "name": "cat"}, {"id": 5, "name": "dog"}),
+        n_images=3,
+    )
     return COCOEvaluator(write_json(tmp_path / "gt.json", gt), backend="pycocotools")
 
 
@@ -263,20 +309,27 @@ def test_an_empty_prediction_list_gives_zeros_where_there_is_ground_truth(small_
         metrics = small_evaluator.evaluate([])
     assert "no predictions" in caplog.text
     assert {k: metrics[k] for k in ("AP", "AP50", "AP75", "APm", "APl", "AR1", "AR10", "AR100")} == dict.fromkeys(
-        ("AP", "AP50", "AP75", "APm", "APl", "AR1", "AR10", "AR100"), 0.0)
+        ("AP", "AP50", "AP75", "APm", "APl", "AR1", "AR10", "AR100"), 0.0
+    )
     assert math.isnan(metrics["APs"])  # no small ground truth
     assert metrics["per_class"] == {"cat": 0.0, "dog": 0.0}
 
 
 def test_unknown_image_ids_are_a_clear_error(small_evaluator):
-    with pytest.raises(DataError, match=r"2 predictions name 1 image ids that are not in the ground truth \(e\.g\. 42\)"):
-        small_evaluator.evaluate([det(1, 3, box(1, 1, 5, 5), 0.5), det(42, 3, box(1, 1, 5, 5), 0.5),
-                                  det(42, 3, box(1, 1, 5, 5), 0.4)])
+    with pytest.raises(
+        DataError, match=r"2 predictions name 1 image ids that are not in the ground truth \(e\.g\. 42\)"
+    ):
+        small_evaluator.evaluate(
+            [det(1, 3, box(1, 1, 5, 5), 0.5), det(42, 3, box(1, 1, 5, 5), 0.5), det(42, 3, box(1, 1, 5, 5), 0.4)]
+        )
 
 
 def test_unknown_category_ids_are_a_clear_error_with_a_hint_for_contiguous_labels(small_evaluator):
-    with pytest.raises(DataError, match=r"category ids that are not in the ground truth \(e\.g\. 0, 1; valid: 3, 5\)"
-                       r".*contiguous labels"):
+    with pytest.raises(
+        DataError,
+        match=r"category ids that are not in the ground truth \(e\.g\. 0, 1; valid: 3, 5\)"
+        r".*contiguous labels",
+    ):
         small_evaluator.evaluate([det(1, 0, box(1, 1, 5, 5), 0.5), det(1, 1, box(1, 1, 5, 5), 0.5)])
     with pytest.raises(DataError, match=r"e\.g\. 90;") as info:
         small_evaluator.evaluate([det(1, 90, box(1, 1, 5, 5), 0.5)])
@@ -305,8 +358,9 @@ def test_malformed_entries_are_named_by_index(small_evaluator, entry, message):
 
 
 def test_extra_keys_such_as_file_name_are_ignored(small_evaluator):
-    metrics = small_evaluator.evaluate([{**det(1, 3, box(10, 10, 50, 50), 0.5), "file_name": "a.jpg",
-                                         "category_name": "cat", "segmentation": []}])
+    metrics = small_evaluator.evaluate(
+        [{**det(1, 3, box(10, 10, 50, 50), 0.5), "file_name": "a.jpg", "category_name": "cat", "segmentation": []}]
+    )
     assert metrics["per_class"]["cat"] == pytest.approx(100.0)
 
 
@@ -322,7 +376,9 @@ def test_files_that_are_not_coco_give_clear_errors(tmp_path):
     with pytest.raises(DataError, match="the COCO key 'categories' is missing or not a list"):
         COCOEvaluator(write_json(tmp_path / "nocats.json", {"images": [{"id": 1}], "annotations": []}))
     bad_ann = tiny_gt([{"image_id": 9, "category_id": 1, "bbox": box(1, 1, 9, 9)}])
-    with pytest.raises(DataError, match=r"annotations of image ids that are not in 'images' \(first: annotation 1 -> image_id 9\)"):
+    with pytest.raises(
+        DataError, match=r"annotations of image ids that are not in 'images' \(first: annotation 1 -> image_id 9\)"
+    ):
         COCOEvaluator(write_json(tmp_path / "badann.json", bad_ann))
 
 
@@ -432,11 +488,13 @@ class FixedDetector(torch.nn.Module):
         self.calls += 1
         out = []
         for h, w in images.original_sizes.tolist():
-            out.append({
-                "boxes": torch.tensor([[1.0, 2.0, w - 1.0, h - 2.0], [0.0, 0.0, 10.0, 5.0]]),
-                "scores": torch.tensor([0.9, 0.3]),
-                "labels": torch.tensor([1, 0]),
-            })
+            out.append(
+                {
+                    "boxes": torch.tensor([[1.0, 2.0, w - 1.0, h - 2.0], [0.0, 0.0, 10.0, 5.0]]),
+                    "scores": torch.tensor([0.9, 0.3]),
+                    "labels": torch.tensor([1, 0]),
+                }
+            )
         return out
 
 
@@ -450,12 +508,17 @@ def fake_loader(image_ids, sizes, batch_size=2):
 
 def test_inference_on_dataset_gives_coco_results_with_original_ids():
     model = FixedDetector().train()
-    results = inference_on_dataset(model, fake_loader([30, 10, 20], [(40, 60), (50, 30), (64, 64)]),
-                                   category_ids=[7, 11], device="cpu")
+    results = inference_on_dataset(
+        model, fake_loader([30, 10, 20], [(40, 60), (50, 30), (64, 64)]), category_ids=[7, 11], device="cpu"
+    )
     assert model.training  # mode restored
     assert [r["image_id"] for r in results] == [10, 10, 20, 20, 30, 30]  # sorted by image id
-    assert results[0] == {"image_id": 10, "category_id": 11, "bbox": [1.0, 2.0, 28.0, 46.0],
-                          "score": pytest.approx(0.9)}
+    assert results[0] == {
+        "image_id": 10,
+        "category_id": 11,
+        "bbox": [1.0, 2.0, 28.0, 46.0],
+        "score": pytest.approx(0.9),
+    }
     assert results[1]["category_id"] == 7 and results[1]["bbox"] == [0.0, 0.0, 10.0, 5.0]
 
 

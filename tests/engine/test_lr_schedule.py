@@ -134,8 +134,11 @@ def test_optimizer_is_fused_on_cpu_and_matches_the_reference_update(optimizer):
     opt = build_optimizer(net, solver)
     assert all(g["fused"] for g in opt.param_groups)  # torch >= 2.4 has CPU kernels for both
     groups = build_param_groups(ref, base_lr=0.01, weight_decay=1e-2)
-    ref_opt = (torch.optim.AdamW(groups, lr=0.01, foreach=False) if optimizer == "adamw"
-               else torch.optim.SGD(groups, lr=0.01, momentum=solver.momentum, foreach=False))
+    ref_opt = (
+        torch.optim.AdamW(groups, lr=0.01, foreach=False)
+        if optimizer == "adamw"
+        else torch.optim.SGD(groups, lr=0.01, momentum=solver.momentum, foreach=False)
+    )
     x = torch.randn(16, 8)
     for _ in range(3):
         for model, o in ((net, opt), (ref, ref_opt)):

@@ -25,9 +25,14 @@ from detkit.utils.visualization import class_color, draw_detections
 CLASS_NAMES = ["circle", "square", "triangle"]
 CATEGORY_IDS = [3, 7, 9]  # original ids differ from the contiguous labels on purpose
 TINY = [
-    "device=cpu", "model.depth=18", "model.num_classes=3",
-    "model.rpn.pre_nms_topk_test=100", "model.rpn.post_nms_topk_test=16", "model.roi_heads.pooler_resolution=4",
-    "data.min_size_test=64", "data.max_size_test=96",
+    "device=cpu",
+    "model.depth=18",
+    "model.num_classes=3",
+    "model.rpn.pre_nms_topk_test=100",
+    "model.rpn.post_nms_topk_test=16",
+    "model.roi_heads.pooler_resolution=4",
+    "data.min_size_test=64",
+    "data.max_size_test=96",
 ]
 
 
@@ -38,8 +43,16 @@ def checkpoint(tmp_path_factory):
     cfg = load_config(None, TINY)
     model = build_model(cfg, load_weights=False).eval()
     path = tmp_path_factory.mktemp("predictor") / "model.pth"
-    save_checkpoint({"model": model.state_dict(), "config": config_to_dict(cfg), "class_names": CLASS_NAMES,
-                     "category_ids": CATEGORY_IDS, "iteration": 7}, path)
+    save_checkpoint(
+        {
+            "model": model.state_dict(),
+            "config": config_to_dict(cfg),
+            "class_names": CLASS_NAMES,
+            "category_ids": CATEGORY_IDS,
+            "iteration": 7,
+        },
+        path,
+    )
     return path, model, cfg
 
 
@@ -120,13 +133,27 @@ def test_score_threshold_keeps_the_same_boxes_above_it(checkpoint, predictor):
 
 
 def test_detections_carry_class_names_and_convert_to_coco_with_original_ids():
-    dets = Detections(boxes=np.array([[10, 20, 50, 80], [0, 0, 5, 5]], np.float32), scores=np.array([0.9, 0.4], np.float32),
-                      labels=np.array([2, 0]), class_names=["triangle", "circle"])
+    dets = Detections(
+        boxes=np.array([[10, 20, 50, 80], [0, 0, 5, 5]], np.float32),
+        scores=np.array([0.9, 0.4], np.float32),
+        labels=np.array([2, 0]),
+        class_names=["triangle", "circle"],
+    )
     assert dets.to_coco(5, CATEGORY_IDS) == [
-        {"image_id": 5, "category_id": 9, "category_name": "triangle", "bbox": [10.0, 20.0, 40.0, 60.0],
-         "score": pytest.approx(0.9)},
-        {"image_id": 5, "category_id": 3, "category_name": "circle", "bbox": [0.0, 0.0, 5.0, 5.0],
-         "score": pytest.approx(0.4)},
+        {
+            "image_id": 5,
+            "category_id": 9,
+            "category_name": "triangle",
+            "bbox": [10.0, 20.0, 40.0, 60.0],
+            "score": pytest.approx(0.9),
+        },
+        {
+            "image_id": 5,
+            "category_id": 3,
+            "category_name": "circle",
+            "bbox": [0.0, 0.0, 5.0, 5.0],
+            "score": pytest.approx(0.4),
+        },
     ]
 
 

@@ -52,17 +52,28 @@ def test_sigterm_saves_the_next_iteration_and_resume_matches_an_uninterrupted_ru
     second = Trainer(tiny_cfg(cut), model=TinyDetector(), train_loader_fn=tiny_loader())
     assert second.resume_or_load(resume=True) == 5
     second.train()
-    a, b = load_checkpoint(tmp_path / "full" / "model_final.pth")["model"], load_checkpoint(cut / "model_final.pth")["model"]
+    a, b = (
+        load_checkpoint(tmp_path / "full" / "model_final.pth")["model"],
+        load_checkpoint(cut / "model_final.pth")["model"],
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["total_loss"] for r in rows(cut / "metrics.jsonl")] == [r["total_loss"] for r in rows(tmp_path / "full" / "metrics.jsonl")]
+    assert [r["total_loss"] for r in rows(cut / "metrics.jsonl")] == [
+        r["total_loss"] for r in rows(tmp_path / "full" / "metrics.jsonl")
+    ]
 
 
 def test_sigusr1_on_a_checkpoint_iteration_reuses_that_checkpoint(tmp_path):
     # The signal after iteration 2 is seen in step 3, which is a periodic checkpoint: no second file.
-    trainer = Trainer(tiny_cfg(tmp_path), model=TinyDetector(), train_loader_fn=tiny_loader(), hooks=[signal_at(2, signal.SIGUSR1)])
+    trainer = Trainer(
+        tiny_cfg(tmp_path), model=TinyDetector(), train_loader_fn=tiny_loader(), hooks=[signal_at(2, signal.SIGUSR1)]
+    )
     with pytest.raises(TrainingPreempted) as stop:
         trainer.train()
-    assert (stop.value.iteration, stop.value.signal_name, stop.value.checkpoint) == (3, "SIGUSR1", str(tmp_path / "model_0000003.pth"))
+    assert (stop.value.iteration, stop.value.signal_name, stop.value.checkpoint) == (
+        3,
+        "SIGUSR1",
+        str(tmp_path / "model_0000003.pth"),
+    )
     assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["model_0000003.pth"]
 
 
@@ -87,7 +98,9 @@ class SignalDuring(Trainer):
 
 
 def test_a_signal_during_evaluation_is_honoured_after_it(tmp_path):
-    trainer = SignalDuring(tiny_cfg(tmp_path, "test.eval_period=2"), model=TinyDetector(), train_loader_fn=tiny_loader(), during="eval")
+    trainer = SignalDuring(
+        tiny_cfg(tmp_path, "test.eval_period=2"), model=TinyDetector(), train_loader_fn=tiny_loader(), during="eval"
+    )
     with pytest.raises(TrainingPreempted) as stop:
         trainer.train()
     assert stop.value.iteration == 2  # not one step later
@@ -95,8 +108,12 @@ def test_a_signal_during_evaluation_is_honoured_after_it(tmp_path):
 
 
 def test_a_signal_during_a_checkpoint_write_is_honoured_after_it(tmp_path):
-    trainer = SignalDuring(tiny_cfg(tmp_path, "solver.checkpoint_period=2"), model=TinyDetector(), train_loader_fn=tiny_loader(),
-                           during="checkpoint")
+    trainer = SignalDuring(
+        tiny_cfg(tmp_path, "solver.checkpoint_period=2"),
+        model=TinyDetector(),
+        train_loader_fn=tiny_loader(),
+        during="checkpoint",
+    )
     with pytest.raises(TrainingPreempted) as stop:
         trainer.train()
     # The write of iteration 2 completed (a whole file, named by last_checkpoint until 3 replaced it),
@@ -104,7 +121,9 @@ def test_a_signal_during_a_checkpoint_write_is_honoured_after_it(tmp_path):
     assert load_checkpoint(tmp_path / "model_0000002.pth")["iteration"] == 2
     assert stop.value.iteration == 3 and (tmp_path / "last_checkpoint").read_text().strip() == "model_0000003.pth"
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".pth" or p.name.startswith(_TMP_PREFIX)) == [
-        "model_0000002.pth", "model_0000003.pth"]  # and no temporary file left
+        "model_0000002.pth",
+        "model_0000003.pth",
+    ]  # and no temporary file left
 
 
 def test_no_preempt_signals_means_the_default_action(tmp_path):
@@ -134,6 +153,10 @@ def test_a_second_signal_exits_at_once():
 
 def test_unknown_signal_names_are_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"solver\.preempt_signals: 'SIGKILL' is not a signal that can be caught"):
-        Trainer(tiny_cfg(tmp_path, "solver.preempt_signals=[SIGTERM, SIGKILL]"), model=TinyDetector(), train_loader_fn=tiny_loader())
+        Trainer(
+            tiny_cfg(tmp_path, "solver.preempt_signals=[SIGTERM, SIGKILL]"),
+            model=TinyDetector(),
+            train_loader_fn=tiny_loader(),
+        )
     with pytest.raises(ConfigError, match="'SIGNOPE'"):
         PreemptionWatcher(["SIGNOPE"])

@@ -56,9 +56,17 @@ def tiny_cfg(tmp_path, *overrides):
     return load_config(
         None,
         [
-            f"output_dir={tmp_path}", "device=cpu", "solver.ims_per_batch=2", "solver.base_lr=0.1",
-            "solver.max_iter=6", "solver.steps=[4]", "solver.warmup_iters=2", "solver.warmup_factor=0.5",
-            "solver.log_period=1", "solver.checkpoint_period=3", *overrides,
+            f"output_dir={tmp_path}",
+            "device=cpu",
+            "solver.ims_per_batch=2",
+            "solver.base_lr=0.1",
+            "solver.max_iter=6",
+            "solver.steps=[4]",
+            "solver.warmup_iters=2",
+            "solver.warmup_factor=0.5",
+            "solver.log_period=1",
+            "solver.checkpoint_period=3",
+            *overrides,
         ],
     )
 
@@ -92,7 +100,9 @@ def test_log_period_rows_average_the_window(tmp_path):
     per_iter = tmp_path / "a"
     Trainer(tiny_cfg(per_iter), model=_seeded(TinyDetector), train_loader_fn=tiny_loader()).train()
     windowed = tmp_path / "b"
-    Trainer(tiny_cfg(windowed, "solver.log_period=4"), model=_seeded(TinyDetector), train_loader_fn=tiny_loader()).train()
+    Trainer(
+        tiny_cfg(windowed, "solver.log_period=4"), model=_seeded(TinyDetector), train_loader_fn=tiny_loader()
+    ).train()
     every = rows(per_iter / "metrics.jsonl")
     w = rows(windowed / "metrics.jsonl")
     assert [r["iteration"] for r in w] == [4, 6]  # every 4 and the last
@@ -107,7 +117,9 @@ def _seeded(cls):
 
 def test_non_finite_loss_stops_with_iteration_and_terms_after_saving_last_good_state(tmp_path):
     trainer = Trainer(
-        tiny_cfg(tmp_path, "solver.checkpoint_period=100"), model=TinyDetector(), train_loader_fn=tiny_loader(nan_at_iteration=4)
+        tiny_cfg(tmp_path, "solver.checkpoint_period=100"),
+        model=TinyDetector(),
+        train_loader_fn=tiny_loader(nan_at_iteration=4),
     )
     with pytest.raises(NonFiniteLossError) as err:
         trainer.train()
@@ -137,12 +149,16 @@ class NanGradientAt(TinyDetector):
         if self.calls == self.bad_call:
             inf = torch.tensor(float("inf"))
             # The value is 0 (the where picks the zero), the gradient of fc.weight is NaN.
-            losses["loss_b"] = losses["loss_b"] + torch.where(torch.tensor(False), self.fc.weight.sum() * inf, torch.zeros(()))
+            losses["loss_b"] = losses["loss_b"] + torch.where(
+                torch.tensor(False), self.fc.weight.sum() * inf, torch.zeros(())
+            )
         return losses
 
 
 def test_non_finite_gradient_with_finite_loss_stops_before_the_step(tmp_path):
-    trainer = Trainer(tiny_cfg(tmp_path, "solver.checkpoint_period=100"), model=NanGradientAt(4), train_loader_fn=tiny_loader())
+    trainer = Trainer(
+        tiny_cfg(tmp_path, "solver.checkpoint_period=100"), model=NanGradientAt(4), train_loader_fn=tiny_loader()
+    )
     with pytest.raises(NonFiniteLossError) as err:
         trainer.train()
     message = str(err.value)
@@ -161,7 +177,9 @@ def test_weights_already_non_finite_are_not_saved_as_the_last_good_state(tmp_pat
                 trainer.model.fc.weight.fill_(float("nan"))
 
     trainer = Trainer(
-        tiny_cfg(tmp_path, "solver.checkpoint_period=2"), model=TinyDetector(), train_loader_fn=tiny_loader(),
+        tiny_cfg(tmp_path, "solver.checkpoint_period=2"),
+        model=TinyDetector(),
+        train_loader_fn=tiny_loader(),
         hooks=[poison_after_second_iteration],
     )
     with pytest.raises(NonFiniteLossError) as err:
@@ -171,7 +189,9 @@ def test_weights_already_non_finite_are_not_saved_as_the_last_good_state(tmp_pat
     assert "not saved" in message and "model_0000002.pth" in message
     assert not (tmp_path / "model_0000003.pth").exists()
     assert (tmp_path / "last_checkpoint").read_text().strip() == "model_0000002.pth"
-    assert all(torch.isfinite(v.float()).all() for v in load_checkpoint(tmp_path / "model_0000002.pth")["model"].values())
+    assert all(
+        torch.isfinite(v.float()).all() for v in load_checkpoint(tmp_path / "model_0000002.pth")["model"].values()
+    )
 
 
 def test_inference_precision_is_its_own_key_and_defaults_to_fp32():
@@ -190,8 +210,14 @@ def test_gradient_clipping_bounds_the_first_update(tmp_path):
         def forward(self, images, targets):
             return {"loss_a": 1e4 * super().forward(images, targets)["loss_a"]}
 
-    cfg = tiny_cfg(tmp_path, "solver.max_iter=1", "solver.warmup_iters=0", "solver.momentum=0.0",
-                   "solver.weight_decay=0.0", "solver.clip_grad_norm=0.5")
+    cfg = tiny_cfg(
+        tmp_path,
+        "solver.max_iter=1",
+        "solver.warmup_iters=0",
+        "solver.momentum=0.0",
+        "solver.weight_decay=0.0",
+        "solver.clip_grad_norm=0.5",
+    )
     model = Big()
     before = [p.detach().clone() for p in model.parameters()]
     Trainer(cfg, model=model, train_loader_fn=tiny_loader()).train()
@@ -218,7 +244,9 @@ def test_amp_choices():
 
 
 def test_bf16_autocast_on_cpu_trains(tmp_path):
-    Trainer(tiny_cfg(tmp_path, "solver.amp=bf16", "solver.max_iter=2"), model=TinyDetector(), train_loader_fn=tiny_loader()).train()
+    Trainer(
+        tiny_cfg(tmp_path, "solver.amp=bf16", "solver.max_iter=2"), model=TinyDetector(), train_loader_fn=tiny_loader()
+    ).train()
     assert all(math.isfinite(r["total_loss"]) for r in rows(tmp_path / "metrics.jsonl"))
 
 
@@ -269,8 +297,11 @@ def _finished_tiny_run(tmp_path):
 
 def test_resume_refuses_keys_that_change_the_run_naming_both_values(tmp_path, caplog):
     _finished_tiny_run(tmp_path)
-    changed = Trainer(tiny_cfg(tmp_path, "seed=4", "solver.base_lr=0.2", "solver.log_period=2"), model=TinyDetector(),
-                      train_loader_fn=tiny_loader())
+    changed = Trainer(
+        tiny_cfg(tmp_path, "seed=4", "solver.base_lr=0.2", "solver.log_period=2"),
+        model=TinyDetector(),
+        train_loader_fn=tiny_loader(),
+    )
     with pytest.raises(ConfigError) as err:
         changed.resume_or_load(resume=True)
     message = str(err.value)
@@ -280,8 +311,11 @@ def test_resume_refuses_keys_that_change_the_run_naming_both_values(tmp_path, ca
     assert changed.iteration == 0  # nothing was restored
 
     caplog.set_level("INFO", logger="detkit")
-    accepted = Trainer(tiny_cfg(tmp_path, "seed=4", "solver.base_lr=0.2", "solver.log_period=2"), model=TinyDetector(),
-                       train_loader_fn=tiny_loader())
+    accepted = Trainer(
+        tiny_cfg(tmp_path, "seed=4", "solver.base_lr=0.2", "solver.log_period=2"),
+        model=TinyDetector(),
+        train_loader_fn=tiny_loader(),
+    )
     assert accepted.resume_or_load(resume=True, accept_config_changes=True) == 6
     assert "--accept-config-changes: continuing with seed 0 -> 4, solver.base_lr 0.1 -> 0.2" in caplog.text
     assert "do not alter the training: solver.log_period 1 -> 2" in caplog.text

@@ -28,20 +28,33 @@ class RecordingPredictor:
     def predict_preprocessed(self, tensors, original_sizes):
         assert all(size == (4, 6) for size in original_sizes)
         self.batches.append(list(tensors))
-        return [Detections(boxes=np.zeros((1, 4), np.float32), scores=np.array([i / 1000], np.float32),
-                           labels=np.zeros(1, np.int64), class_names=["thing"]) for i in tensors]
+        return [
+            Detections(
+                boxes=np.zeros((1, 4), np.float32),
+                scores=np.array([i / 1000], np.float32),
+                labels=np.zeros(1, np.int64),
+                class_names=["thing"],
+            )
+            for i in tensors
+        ]
 
 
 def frames(n: int, every: int) -> list[Frame]:
     image = np.zeros((4, 6, 3), np.uint8)
-    return [Frame(index=i, timestamp_ms=100.0 * i, image=image, tensor=i if i % every == 0 else None,
-                  process=i % every == 0) for i in range(n)]
+    return [
+        Frame(
+            index=i, timestamp_ms=100.0 * i, image=image, tensor=i if i % every == 0 else None, process=i % every == 0
+        )
+        for i in range(n)
+    ]
 
 
-@pytest.mark.parametrize("n,every,batch_size,max_pending", [(20, 1, 8, 256), (20, 3, 2, 256), (23, 4, 3, 256),
-                                                             (20, 5, 4, 7), (1, 1, 8, 256)])
-def test_frame_detector_yields_every_frame_in_order_with_the_last_processed_detections(n, every, batch_size,
-                                                                                       max_pending):
+@pytest.mark.parametrize(
+    "n,every,batch_size,max_pending", [(20, 1, 8, 256), (20, 3, 2, 256), (23, 4, 3, 256), (20, 5, 4, 7), (1, 1, 8, 256)]
+)
+def test_frame_detector_yields_every_frame_in_order_with_the_last_processed_detections(
+    n, every, batch_size, max_pending
+):
     predictor = RecordingPredictor()
     detector = FrameDetector(predictor, batch_size=batch_size, max_pending=max_pending)
     out = list(detector.run(frames(n, every)))
@@ -51,7 +64,9 @@ def test_frame_detector_yields_every_frame_in_order_with_the_last_processed_dete
     expected_source = [i - i % every for i in range(n)]
     assert [round(float(dets.scores[0]) * 1000) for _, dets in out] == expected_source
     processed = [i for i in range(n) if i % every == 0]
-    assert [i for batch in predictor.batches for i in batch] == processed and detector.frames_processed == len(processed)
+    assert [i for batch in predictor.batches for i in batch] == processed and detector.frames_processed == len(
+        processed
+    )
     assert all(len(batch) <= batch_size for batch in predictor.batches)
     if max_pending >= batch_size * every:  # batches are full except the last
         assert [len(b) for b in predictor.batches[:-1]] == [batch_size] * (len(predictor.batches) - 1)

@@ -64,8 +64,16 @@ def exported(tmp_path_factory):
     cfg = load_config(cfg_path)
     model = build_model(cfg, load_weights=False).eval()
     weights = tmp / "model.pth"
-    save_checkpoint({"model": model.state_dict(), "config": config_to_dict(cfg), "class_names": CLASS_NAMES,
-                     "category_ids": CATEGORY_IDS, "iteration": 7}, weights)
+    save_checkpoint(
+        {
+            "model": model.state_dict(),
+            "config": config_to_dict(cfg),
+            "class_names": CLASS_NAMES,
+            "category_ids": CATEGORY_IDS,
+            "iteration": 7,
+        },
+        weights,
+    )
     predictor = Predictor(weights, device="cpu")
     onnx_path = export_model(predictor, tmp / "model.onnx", "onnx")
     ts_path = export_model(predictor, tmp / "model.pt", "torchscript")
@@ -81,8 +89,11 @@ def run_tool(*args, check: bool = True) -> subprocess.CompletedProcess:
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     """stderr lines that are not Python warnings (torch.jit.load warns that it is deprecated)."""
-    return [line for line in proc.stderr.splitlines()
-            if line.strip() and "Warning" not in line and not line.startswith("  warnings.warn")]
+    return [
+        line
+        for line in proc.stderr.splitlines()
+        if line.strip() and "Warning" not in line and not line.startswith("  warnings.warn")
+    ]
 
 
 # ------------------------------------------------------------------------------------- parity
@@ -90,7 +101,9 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
 
 def test_onnx_runtime_gives_the_pytorch_detections_at_three_sizes(exported):
     _, _, _, predictor, onnx_path, _ = exported
-    report = compare_backends(predictor, ExportedPredictor(onnx_path, score_thresh=predictor.score_thresh), PARITY_SIZES)
+    report = compare_backends(
+        predictor, ExportedPredictor(onnx_path, score_thresh=predictor.score_thresh), PARITY_SIZES
+    )
     for row in report["rows"]:
         assert row["same"], row
         assert row["reference"] >= 10  # enough detections to mean something
@@ -157,15 +170,29 @@ def test_infer_onnxruntime_writes_what_the_pytorch_backend_writes(exported, tmp_
         cv2.imwrite(str(photos / f"img{index}.png"), smooth_random_image(h, w, seed=index)[:, :, ::-1])
     common = ["--input", photos, "--score-thresh", "0.1", "--workers", "0"]
     # Batch 1: the eager model pads a batch to its largest image, the exported graph each image alone.
-    run_tool(ROOT / "tools" / "infer.py", "--weights", weights, "--output", tmp_path / "pt", "--batch-size", "1", *common)
-    run_tool(ROOT / "tools" / "infer.py", "--backend", "onnxruntime", "--model", onnx_path, "--output", tmp_path / "ort",
-             *common)
+    run_tool(
+        ROOT / "tools" / "infer.py", "--weights", weights, "--output", tmp_path / "pt", "--batch-size", "1", *common
+    )
+    run_tool(
+        ROOT / "tools" / "infer.py",
+        "--backend",
+        "onnxruntime",
+        "--model",
+        onnx_path,
+        "--output",
+        tmp_path / "ort",
+        *common,
+    )
     ref = json.loads((tmp_path / "pt" / "predictions.json").read_text())
     assert len(ref) >= 20
     got = json.loads((tmp_path / "ort" / "predictions.json").read_text())
     assert len(got) == len(ref)
     for a, b in zip(ref, got):
-        assert (a["file_name"], a["category_id"], a["category_name"]) == (b["file_name"], b["category_id"], b["category_name"])
+        assert (a["file_name"], a["category_id"], a["category_name"]) == (
+            b["file_name"],
+            b["category_id"],
+            b["category_name"],
+        )
         assert b["bbox"] == pytest.approx(a["bbox"], abs=1e-3) and b["score"] == pytest.approx(a["score"], abs=1e-4)
     summary_ref = json.loads((tmp_path / "pt" / "summary.json").read_text())
     summary = json.loads((tmp_path / "ort" / "summary.json").read_text())
@@ -197,8 +224,17 @@ def test_eval_of_the_onnx_model_equals_eval_of_the_checkpoint(exported):
 def test_export_cli_check_reports_parity_and_writes_a_loadable_file(exported, tmp_path):
     _, _, weights, _, _, _ = exported
     out = tmp_path / "cli.pt"
-    proc = run_tool(ROOT / "tools" / "export.py", "--weights", weights, "--format", "torchscript", "--output", out,
-                    "--check", "100x80,64x200")
+    proc = run_tool(
+        ROOT / "tools" / "export.py",
+        "--weights",
+        weights,
+        "--format",
+        "torchscript",
+        "--output",
+        out,
+        "--check",
+        "100x80,64x200",
+    )
     assert out.is_file() and not list(tmp_path.glob(".tmp-*"))
     assert "100x80:" in proc.stdout and "64x200:" in proc.stdout and "parity: same detections" in proc.stdout
     assert "max |box| diff 0.00e+00 px" in proc.stdout
@@ -217,8 +253,9 @@ def test_a_checkpoint_that_is_not_detkit_is_one_line_and_exit_2(tmp_path):
 
 
 def test_a_missing_output_folder_is_one_line_and_exit_2(exported, tmp_path):
-    proc = run_tool(ROOT / "tools" / "export.py", "--weights", exported[2], "--output", tmp_path / "no" / "m.onnx",
-                    check=False)
+    proc = run_tool(
+        ROOT / "tools" / "export.py", "--weights", exported[2], "--output", tmp_path / "no" / "m.onnx", check=False
+    )
     assert proc.returncode == 2
     assert len(error_lines(proc)) == 1 and "does not exist" in proc.stderr
 
@@ -227,9 +264,12 @@ def test_an_onnx_file_from_another_tool_is_one_line_and_exit_2(exported, tmp_pat
     import onnx
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "other",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "other",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     foreign = tmp_path / "other.onnx"
     onnx.save(helper.make_model(graph), str(foreign))
     with pytest.raises(CheckpointError, match="no detkit metadata"):
@@ -239,8 +279,18 @@ def test_an_onnx_file_from_another_tool_is_one_line_and_exit_2(exported, tmp_pat
     import cv2
 
     cv2.imwrite(str(photos / "a.png"), smooth_random_image(40, 40))
-    proc = run_tool(ROOT / "tools" / "infer.py", "--backend", "onnxruntime", "--model", foreign, "--input", photos,
-                    "--output", tmp_path / "out", check=False)
+    proc = run_tool(
+        ROOT / "tools" / "infer.py",
+        "--backend",
+        "onnxruntime",
+        "--model",
+        foreign,
+        "--input",
+        photos,
+        "--output",
+        tmp_path / "out",
+        check=False,
+    )
     assert proc.returncode == 2
     assert len(error_lines(proc)) == 1 and "not written by tools/export.py" in proc.stderr
     # A TorchScript file given to the ONNX backend (and the other way round): one message too.
@@ -320,10 +370,16 @@ def test_int8_res5_quantizes_res5_only_and_keeps_the_detections(exported, tmp_pa
     fp32_dets = ExportedPredictor(onnx_path).predict(images)
     int8_dets = ExportedPredictor(out).predict(images)
     for a, b in zip(fp32_dets, int8_dets):
-        top = {"boxes": torch.from_numpy(a.boxes[:10]), "scores": torch.from_numpy(a.scores[:10]),
-               "labels": torch.from_numpy(a.labels[:10])}
-        other = {"boxes": torch.from_numpy(b.boxes), "scores": torch.from_numpy(b.scores),
-                 "labels": torch.from_numpy(b.labels)}
+        top = {
+            "boxes": torch.from_numpy(a.boxes[:10]),
+            "scores": torch.from_numpy(a.scores[:10]),
+            "labels": torch.from_numpy(a.labels[:10]),
+        }
+        other = {
+            "boxes": torch.from_numpy(b.boxes),
+            "scores": torch.from_numpy(b.scores),
+            "labels": torch.from_numpy(b.labels),
+        }
         match = compare_detections([top], [other], iou_thresh=0.9)
         assert match["matched"] == len(top["scores"]) > 0, match
         assert match["max_score_diff"] < 0.05
@@ -333,8 +389,18 @@ def test_int8_res5_cli_writes_a_file_tools_can_run(exported, tmp_path):
     _, _, weights, _, _, _ = exported
     write_images(tmp_path / "calib" / "nested", [(80, 120), (120, 80)])
     out = tmp_path / "int8.onnx"
-    proc = run_tool(ROOT / "tools" / "export.py", "--weights", weights, "--output", out, "--int8-res5",
-                    "--calibration", tmp_path / "calib", "--num-calibration", "5")
+    proc = run_tool(
+        ROOT / "tools" / "export.py",
+        "--weights",
+        weights,
+        "--output",
+        out,
+        "--int8-res5",
+        "--calibration",
+        tmp_path / "calib",
+        "--num-calibration",
+        "5",
+    )
     assert "(onnx, int8 res5," in proc.stdout
     assert "pre-processing before quantization" not in proc.stdout + proc.stderr  # ORT's advice, not ours
     assert "fewer than --num-calibration 5: using all of them" in proc.stdout  # detkit logs to stdout
@@ -345,17 +411,21 @@ def test_int8_res5_cli_writes_a_file_tools_can_run(exported, tmp_path):
     assert len(dets) > 0 and (dets.scores >= 0.05).all() and set(dets.labels) <= {0, 1, 2}
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--int8-res5", "--format", "torchscript", "--calibration", "."], "--int8-res5 needs --format onnx"),
-    (["--int8-res5"], "--int8-res5 needs --calibration DIR"),
-    (["--int8-res5", "--calibration", "no/such/folder"], "--calibration no/such/folder: no such folder"),
-    (["--int8-res5", "--calibration", "configs"], "--calibration configs: no images"),
-    (["--int8-res5", "--calibration", ".", "--check", "64x64"], "measure an int8 file with tools/eval.py"),
-    (["--calibration", "."], "--calibration is only used with --int8-res5"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--int8-res5", "--format", "torchscript", "--calibration", "."], "--int8-res5 needs --format onnx"),
+        (["--int8-res5"], "--int8-res5 needs --calibration DIR"),
+        (["--int8-res5", "--calibration", "no/such/folder"], "--calibration no/such/folder: no such folder"),
+        (["--int8-res5", "--calibration", "configs"], "--calibration configs: no images"),
+        (["--int8-res5", "--calibration", ".", "--check", "64x64"], "measure an int8 file with tools/eval.py"),
+        (["--calibration", "."], "--calibration is only used with --int8-res5"),
+    ],
+)
 def test_int8_res5_bad_arguments_are_one_line_and_exit_2(exported, tmp_path, extra, message):
-    proc = run_tool(ROOT / "tools" / "export.py", "--weights", exported[2], "--output", tmp_path / "m.onnx", *extra,
-                    check=False)
+    proc = run_tool(
+        ROOT / "tools" / "export.py", "--weights", exported[2], "--output", tmp_path / "m.onnx", *extra, check=False
+    )
     assert proc.returncode == 2, proc.stderr
     assert len(error_lines(proc)) == 1 and message in proc.stderr
     assert not list(tmp_path.iterdir())  # nothing exported
@@ -401,7 +471,9 @@ def test_an_existing_output_is_kept_unless_overwrite(tmp_path):
     missing = tmp_path / "no_such_checkpoint.pth"
     proc = run_tool(ROOT / "tools" / "export.py", "--weights", missing, "--output", out, check=False)
     assert proc.returncode == 2
-    assert error_lines(proc) == [f"error: --output {out} already exists: add --overwrite to replace it, or give another file name"]
+    assert error_lines(proc) == [
+        f"error: --output {out} already exists: add --overwrite to replace it, or give another file name"
+    ]
     assert out.read_bytes() == b"an earlier export"
     # With --overwrite the output is no obstacle: the next check (the checkpoint) is what stops it.
     proc = run_tool(ROOT / "tools" / "export.py", "--weights", missing, "--output", out, "--overwrite", check=False)

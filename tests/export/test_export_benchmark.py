@@ -19,8 +19,15 @@ from detkit.export.benchmark import (
 
 pytestmark = pytest.mark.slow  # one ONNX and one TorchScript export of an R18 and an int8 quantization (~30 s)
 
-OPTIONS = dict(depth=18, num_classes=3, image_size=(96, 128), parity_sizes=((64, 96), (112, 80)), warmup=0,
-               repeats=2, overrides=("model.rpn.pre_nms_topk_test=200", "model.rpn.post_nms_topk_test=40"))
+OPTIONS = dict(
+    depth=18,
+    num_classes=3,
+    image_size=(96, 128),
+    parity_sizes=((64, 96), (112, 80)),
+    warmup=0,
+    repeats=2,
+    overrides=("model.rpn.pre_nms_topk_test=200", "model.rpn.post_nms_topk_test=40"),
+)
 
 
 def test_the_calibrated_model_and_images_are_rebuilt_from_the_options():
@@ -38,12 +45,24 @@ def test_export_benchmark_times_four_backends_and_checks_parity(tmp_path):
 
     files = tmp_path / "files"
     result = run_export_benchmark(ExportBenchOptions(**OPTIONS, keep_dir=str(files), int8=True, int8_images=2))
-    assert sorted(p.name for p in files.iterdir()) == ["int8_calibration", "model.onnx", "model.pt", "model_int8_res5.onnx"]
+    assert sorted(p.name for p in files.iterdir()) == [
+        "int8_calibration",
+        "model.onnx",
+        "model.pt",
+        "model_int8_res5.onnx",
+    ]
     calibration = sorted((files / "int8_calibration").iterdir())
     assert [p.name for p in calibration] == ["0000.png", "0001.png"]  # generated like the timed image
-    assert cv2.imread(str(calibration[1]))[:, :, ::-1].tolist() == make_inputs(1, 96, 128, 3, seed=1001).images[0].permute(1, 2, 0).tolist()
-    assert [r["backend"] for r in result["rows"]] == ["pytorch eager", "torchscript", "onnxruntime",
-                                                     "onnxruntime int8 res5"]
+    assert (
+        cv2.imread(str(calibration[1]))[:, :, ::-1].tolist()
+        == make_inputs(1, 96, 128, 3, seed=1001).images[0].permute(1, 2, 0).tolist()
+    )
+    assert [r["backend"] for r in result["rows"]] == [
+        "pytorch eager",
+        "torchscript",
+        "onnxruntime",
+        "onnxruntime int8 res5",
+    ]
     assert sorted(result["export_s"]) == ["int8 res5", "onnx", "torchscript"]
     for row in result["rows"]:
         assert len(row["times_s"]) == 2 and all(t > 0 for t in row["times_s"])

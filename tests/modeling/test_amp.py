@@ -39,7 +39,10 @@ def images_and_targets():
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8, generator=g) for _ in range(2)]
     targets = [
-        {"boxes": torch.tensor([[10.25, 20.5, 60.75, 80.125], [70.0, 8.0, 120.5, 50.0]]), "labels": torch.tensor([1, 2])},
+        {
+            "boxes": torch.tensor([[10.25, 20.5, 60.75, 80.125], [70.0, 8.0, 120.5, 50.0]]),
+            "labels": torch.tensor([1, 2]),
+        },
         {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},  # no ground truth
     ]
     return images, targets
@@ -77,7 +80,7 @@ def test_bf16_training_step_keeps_boxes_fp32_and_gives_finite_losses_and_gradien
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = model(images, targets)
     assert res5_inputs == [torch.bfloat16]  # autocast is really on for the convolutions
-    (_features_dtype, boxes), = roi_align_calls
+    ((_features_dtype, boxes),) = roi_align_calls
     assert boxes.dtype == torch.float32
     # The pooled boxes are exactly the sampled RoIs (GT boxes included), not their bf16 roundings.
     assert torch.equal(boxes[:, 1:], sampled["rois"])
@@ -112,13 +115,15 @@ def test_bf16_inference_pools_the_fp32_proposals_and_returns_fp32_detections(roi
     model = tiny_model()
     proposals = []
     original_rpn_forward = model.rpn.forward
-    monkeypatch.setattr(model.rpn, "forward", lambda *a, **k: proposals.append(original_rpn_forward(*a, **k)) or proposals[-1])
+    monkeypatch.setattr(
+        model.rpn, "forward", lambda *a, **k: proposals.append(original_rpn_forward(*a, **k)) or proposals[-1]
+    )
     model.eval()
     images, _ = images_and_targets()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         detections = model(images)
-    (_, boxes), = roi_align_calls
-    (rpn_boxes, rpn_valid, _), = proposals
+    ((_, boxes),) = roi_align_calls
+    ((rpn_boxes, rpn_valid, _),) = proposals
     assert rpn_boxes.dtype == torch.float32 and boxes.dtype == torch.float32
     image_idx, slot = torch.nonzero(rpn_valid, as_tuple=True)
     assert torch.equal(boxes[:, 1:], rpn_boxes[image_idx, slot])

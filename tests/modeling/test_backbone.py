@@ -84,7 +84,13 @@ def test_unknown_depth_raises():
 def stage_modules(model):
     """(stem, res2, res3, res4, res5) of a detector as module lists."""
     backbone = model.backbone
-    return [[backbone.conv1, backbone.bn1], [backbone.layer1], [backbone.layer2], [backbone.layer3], [model.roi_heads.res5]]
+    return [
+        [backbone.conv1, backbone.bn1],
+        [backbone.layer1],
+        [backbone.layer2],
+        [backbone.layer3],
+        [model.roi_heads.res5],
+    ]
 
 
 @pytest.mark.parametrize("freeze_at", [0, 1, 2, 3, 4, 5])
@@ -192,10 +198,14 @@ def test_unknown_shortcut_raises():
         ResNetTrunk(depth=18, shortcut="D")
 
 
-@pytest.mark.parametrize("norm, norm_type", [("BN", nn.BatchNorm2d), ("GN", nn.GroupNorm), ("SyncBN", nn.SyncBatchNorm)])
+@pytest.mark.parametrize(
+    "norm, norm_type", [("BN", nn.BatchNorm2d), ("GN", nn.GroupNorm), ("SyncBN", nn.SyncBatchNorm)]
+)
 def test_norms_construct_and_run(norm, norm_type):
     trunk = ResNetTrunk(depth=18, norm=norm, freeze_at=0)
-    norms = [m for m in trunk.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.SyncBatchNorm, FrozenBatchNorm2d))]
+    norms = [
+        m for m in trunk.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.SyncBatchNorm, FrozenBatchNorm2d))
+    ]
     assert norms and all(type(m) is norm_type for m in norms)
     if norm == "GN":
         assert all(m.num_groups == 32 for m in norms)
@@ -337,7 +347,9 @@ def _count_library_convs(monkeypatch) -> list:
         ((6, 16, 1, 1), 16, 32, 1, 2, 0, False),  # 1x1 stride 2 on a 1 x 1 map
     ],
 )
-def test_small_map_conv_runs_as_gemm_and_matches_the_library_conv(in_shape, cin, cout, k, stride, padding, bias, monkeypatch):
+def test_small_map_conv_runs_as_gemm_and_matches_the_library_conv(
+    in_shape, cin, cout, k, stride, padding, bias, monkeypatch
+):
     torch.manual_seed(0)
     conv = Conv2d(cin, cout, k, stride=stride, padding=padding, bias=bias)
     ref = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, bias=bias)

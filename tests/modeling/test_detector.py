@@ -125,7 +125,9 @@ def test_normalize_by_hand(model):
     batch = ImageBatch.from_tensors([image], size_divisibility=4)  # padded to 4 x 4
     x = model.normalize(batch)
     assert x.shape == (1, 3, 4, 4)
-    torch.testing.assert_close(x[0, :, :2, :3], ((torch.tensor([200.0, 116.28, 0.0]) - mean) / std)[:, None, None].expand(3, 2, 3))
+    torch.testing.assert_close(
+        x[0, :, :2, :3], ((torch.tensor([200.0, 116.28, 0.0]) - mean) / std)[:, None, None].expand(3, 2, 3)
+    )
     assert x[0, :, 2:, :].eq(0).all() and x[0, :, :, 3:].eq(0).all()
 
 

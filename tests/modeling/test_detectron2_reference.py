@@ -108,7 +108,12 @@ def d2_apply_deltas(deltas, boxes, weights, scale_clamp=SCALE_CLAMP) -> torch.Te
 def d2_clip(boxes, hw) -> torch.Tensor:
     h, w = hw
     return torch.stack(
-        (boxes[:, 0].clamp(min=0, max=w), boxes[:, 1].clamp(min=0, max=h), boxes[:, 2].clamp(min=0, max=w), boxes[:, 3].clamp(min=0, max=h)),
+        (
+            boxes[:, 0].clamp(min=0, max=w),
+            boxes[:, 1].clamp(min=0, max=h),
+            boxes[:, 2].clamp(min=0, max=w),
+            boxes[:, 3].clamp(min=0, max=h),
+        ),
         dim=-1,
     )
 
@@ -156,7 +161,9 @@ def d2_rpn_proposals(anchors, logits, deltas, image_sizes, nms_thresh, pre_k, po
 # modeling/postprocessing.py: detector_postprocess
 
 
-def d2_box_inference(cls_logits, box_deltas, rois_per_image, image_shapes, output_shapes, score_thresh, nms_thresh, topk):
+def d2_box_inference(
+    cls_logits, box_deltas, rois_per_image, image_shapes, output_shapes, score_thresh, nms_thresh, topk
+):
     """Per image (boxes (D, 4), scores (D,), classes (D,)) in the output frame."""
     counts = [len(r) for r in rois_per_image]
     boxes_all = d2_apply_deltas(box_deltas, torch.cat(rois_per_image), (10.0, 10.0, 5.0, 5.0)).split(counts)
@@ -199,7 +206,9 @@ def d2_pooler(features, rois_per_image, output_size, scale, sampling_ratio):
     sizes = torch.tensor([len(r) for r in rois_per_image], device=boxes.device)
     indices = torch.repeat_interleave(torch.arange(len(sizes), dtype=boxes.dtype, device=boxes.device), sizes)
     pooler_boxes = torch.cat([indices[:, None], boxes], dim=1)
-    return roi_align(features, pooler_boxes.to(dtype=features.dtype), (output_size, output_size), scale, sampling_ratio, True)
+    return roi_align(
+        features, pooler_boxes.to(dtype=features.dtype), (output_size, output_size), scale, sampling_ratio, True
+    )
 
 
 # fvcore.nn.smooth_l1_loss, as Detectron2 calls it
@@ -225,9 +234,14 @@ def d2_rpn_losses(anchors, logits, deltas, gt_labels, matched_gt_boxes, batch_si
     gt_anchor_deltas = torch.stack([d2_get_deltas(anchors, k, (1.0, 1.0, 1.0, 1.0)) for k in matched_gt_boxes])
     localization_loss = d2_smooth_l1(deltas[pos_mask], gt_anchor_deltas[pos_mask], beta)
     valid_mask = gt_labels >= 0
-    objectness_loss = F.binary_cross_entropy_with_logits(logits[valid_mask], gt_labels[valid_mask].to(torch.float32), reduction="sum")
+    objectness_loss = F.binary_cross_entropy_with_logits(
+        logits[valid_mask], gt_labels[valid_mask].to(torch.float32), reduction="sum"
+    )
     normalizer = batch_size_per_image * num_images
-    return {"loss_rpn_cls": objectness_loss / normalizer * loss_weight, "loss_rpn_loc": localization_loss / normalizer * loss_weight}
+    return {
+        "loss_rpn_cls": objectness_loss / normalizer * loss_weight,
+        "loss_rpn_loc": localization_loss / normalizer * loss_weight,
+    }
 
 
 # modeling/roi_heads/fast_rcnn.py: FastRCNNOutputLayers.losses + box_reg_loss (+ _dense_box_regression_loss)
@@ -285,8 +299,15 @@ def test_box_coder_bit_identical(weights):
 
 
 def rpn_for_test(pre_k, post_k, min_size=0.0):
-    return RPN(in_channels=4, anchor_sizes=(32, 64, 128), aspect_ratios=(0.5, 1.0, 2.0), pre_nms_topk=(pre_k, pre_k),
-               post_nms_topk=(post_k, post_k), nms_thresh=0.7, min_box_size=min_size)
+    return RPN(
+        in_channels=4,
+        anchor_sizes=(32, 64, 128),
+        aspect_ratios=(0.5, 1.0, 2.0),
+        pre_nms_topk=(pre_k, pre_k),
+        post_nms_topk=(post_k, post_k),
+        nms_thresh=0.7,
+        min_box_size=min_size,
+    )
 
 
 def rpn_inputs(rpn, grid_hw, num_images, seed):
@@ -316,7 +337,7 @@ def check_rpn_proposals(grid_hw, pre_k, post_k, training, device):
     assert len(expected[2]) == 0 and min(len(e) for i, e in enumerate(expected) if i != 2) > 10
     for i, boxes in enumerate(expected):
         assert valid[i].sum().item() == len(boxes)
-        assert not valid[i, len(boxes):].any()
+        assert not valid[i, len(boxes) :].any()
         assert torch.equal(proposals[i, : len(boxes)], boxes)
 
 
@@ -340,10 +361,21 @@ def test_rpn_nms_compares_unshifted_coordinates():
     """Two boxes of image 1 whose IoU is within one rounding of 0.7: Detectron2 runs NMS on the
     image's own coordinates (IoU > 0.7: one box suppressed). One batched_nms over all images
     would shift image 1 by the largest coordinate + 1, round the coordinates, and keep both."""
-    rpn = RPN(in_channels=4, anchor_sizes=(32,), aspect_ratios=(1.0,), pre_nms_topk=(10, 10), post_nms_topk=(10, 10), nms_thresh=0.7)
-    anchors = torch.tensor([[10.0, 10.0, 60.0, 60.0],
-                            [69.27103424072266, 149.3656463623047, 89.4226303100586, 218.5814208984375],
-                            [72.82719421386719, 149.3656463623047, 92.97879028320312, 218.5814208984375]])
+    rpn = RPN(
+        in_channels=4,
+        anchor_sizes=(32,),
+        aspect_ratios=(1.0,),
+        pre_nms_topk=(10, 10),
+        post_nms_topk=(10, 10),
+        nms_thresh=0.7,
+    )
+    anchors = torch.tensor(
+        [
+            [10.0, 10.0, 60.0, 60.0],
+            [69.27103424072266, 149.3656463623047, 89.4226303100586, 218.5814208984375],
+            [72.82719421386719, 149.3656463623047, 92.97879028320312, 218.5814208984375],
+        ]
+    )
     logits = torch.tensor([[3.0, -5.0, -6.0], [-5.0, 2.0, 1.0]])
     deltas = torch.zeros(2, 3, 4)
     proposals, valid = rpn.eval().predict_proposals(anchors, logits, deltas, torch.tensor([[600, 600], [600, 600]]))
@@ -360,18 +392,28 @@ def test_class_wise_nms_compares_unshifted_coordinates():
     within one rounding of 0.5 is kept by Detectron2 and was suppressed by one call over all
     images shifting by (image * K + class) * (max + 1)."""
     heads = tiny_box_heads(2)
-    rois = torch.tensor([[10.0, 10.0, 60.0, 60.0],
-                         [119.37841796875, 270.63092041015625, 307.8782958984375, 467.1514892578125],
-                         [182.21173095703125, 270.63092041015625, 370.71160888671875, 467.1514892578125]])
+    rois = torch.tensor(
+        [
+            [10.0, 10.0, 60.0, 60.0],
+            [119.37841796875, 270.63092041015625, 307.8782958984375, 467.1514892578125],
+            [182.21173095703125, 270.63092041015625, 370.71160888671875, 467.1514892578125],
+        ]
+    )
     cls_logits = torch.tensor([[3.0, 0.0, 0.0], [2.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
     sizes = torch.tensor([[600, 600], [600, 600]])
     detections = heads.inference(cls_logits, torch.zeros(3, 8), rois, torch.tensor([0, 1, 1]), sizes, sizes)
-    expected = d2_box_inference(cls_logits, torch.zeros(3, 8), [rois[:1], rois[1:]], [(600, 600)] * 2, [(600, 600)] * 2, 0.05, 0.5, 100)
+    expected = d2_box_inference(
+        cls_logits, torch.zeros(3, 8), [rois[:1], rois[1:]], [(600, 600)] * 2, [(600, 600)] * 2, 0.05, 0.5, 100
+    )
     assert [len(d["scores"]) for d in detections] == [len(e[1]) for e in expected] == [1, 4]
     scores = torch.tensor([1.0, 0.9])
     assert nms(rois[1:], scores, 0.5).numel() == 2 and nms(rois[1:] + 2 * (rois.max() + 1), scores, 0.5).numel() == 1
     for det, (boxes, det_scores, classes) in zip(detections, expected):
-        assert torch.equal(det["boxes"], boxes) and torch.equal(det["scores"], det_scores) and torch.equal(det["labels"], classes)
+        assert (
+            torch.equal(det["boxes"], boxes)
+            and torch.equal(det["scores"], det_scores)
+            and torch.equal(det["labels"], classes)
+        )
 
 
 def tiny_box_heads(num_classes, **kwargs):
@@ -385,7 +427,9 @@ def check_box_inference(num_rois, num_classes, device):
     counts = [num_rois, 0, 7, num_rois // 2]
     image_sizes = [(480, 640), (320, 320), (300, 500), (800, 1199)]
     original_sizes = [(720, 960), (100, 100), (451, 750), (427, 640)]
-    rois_per_image = [random_boxes(c, g, max_xy=min(hw) * 0.8, max_wh=min(hw) * 0.5) for c, hw in zip(counts, image_sizes)]
+    rois_per_image = [
+        random_boxes(c, g, max_xy=min(hw) * 0.8, max_wh=min(hw) * 0.5) for c, hw in zip(counts, image_sizes)
+    ]
     r = sum(counts)
     cls_logits = torch.randn(r, num_classes + 1, generator=g) * 2.0
     cls_logits[1::4] = cls_logits[::4][: cls_logits[1::4].shape[0]]  # tied scores
@@ -397,8 +441,14 @@ def check_box_inference(num_rois, num_classes, device):
     roi_image_idx = torch.repeat_interleave(torch.arange(4), torch.tensor(counts)).to(device)
     heads, cls_logits, box_deltas = heads.to(device), cls_logits.to(device), box_deltas.to(device)
     rois_per_image = [r.to(device) for r in rois_per_image]
-    detections = heads.inference(cls_logits, box_deltas, torch.cat(rois_per_image), roi_image_idx,
-                                 torch.tensor(image_sizes, device=device), torch.tensor(original_sizes, device=device))
+    detections = heads.inference(
+        cls_logits,
+        box_deltas,
+        torch.cat(rois_per_image),
+        roi_image_idx,
+        torch.tensor(image_sizes, device=device),
+        torch.tensor(original_sizes, device=device),
+    )
     expected = d2_box_inference(cls_logits, box_deltas, rois_per_image, image_sizes, original_sizes, 0.05, 0.5, 100)
     assert [len(e[0]) for e in expected][1:3] == [0, 0] and min(len(expected[0][0]), len(expected[3][0])) > 20
     for det, (boxes, scores, classes) in zip(detections, expected):
@@ -429,7 +479,11 @@ def test_roi_align_arguments_bit_identical():
     g = torch.Generator().manual_seed(3)
     heads = tiny_box_heads(3)
     features = torch.randn(3, 4, 12, 15, generator=g)
-    rois_per_image = [random_boxes(5, g, max_xy=150, max_wh=90), random_boxes(0, g), random_boxes(9, g, max_xy=150, max_wh=90)]
+    rois_per_image = [
+        random_boxes(5, g, max_xy=150, max_wh=90),
+        random_boxes(0, g),
+        random_boxes(9, g, max_xy=150, max_wh=90),
+    ]
     seen = {}
     heads.res5.register_forward_hook(lambda module, inputs, output: seen.update(crops=inputs[0]))
     roi_image_idx = torch.repeat_interleave(torch.arange(3), torch.tensor([5, 0, 9]))
@@ -509,7 +563,9 @@ def d2_pairwise_iou(boxes1, boxes2):
     area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
     width_height = torch.min(boxes1[:, None, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, None, :2], boxes2[:, :2])
     inter = width_height.clamp(min=0).prod(dim=2)
-    return torch.where(inter > 0, inter / (area1[:, None] + area2 - inter), torch.zeros(1, dtype=inter.dtype, device=inter.device))
+    return torch.where(
+        inter > 0, inter / (area1[:, None] + area2 - inter), torch.zeros(1, dtype=inter.dtype, device=inter.device)
+    )
 
 
 def d2_preprocess(model, images):
@@ -565,7 +621,11 @@ def d2_training_losses(model, images, targets, rpn_labels, sampled_rois):
     crops = d2_pooler(features, sampled_rois, heads.pooler_resolution, heads.spatial_scale, heads.sampling_ratio)
     pooled = heads.res5(crops).mean(dim=[2, 3])
     cls_logits, box_deltas = heads.box_predictor.cls_score(pooled), heads.box_predictor.bbox_pred(pooled)
-    losses.update(d2_box_head_losses(cls_logits, box_deltas, torch.cat(sampled_rois), torch.cat(gt_boxes), torch.cat(gt_classes), k, 0.0))
+    losses.update(
+        d2_box_head_losses(
+            cls_logits, box_deltas, torch.cat(sampled_rois), torch.cat(gt_boxes), torch.cat(gt_classes), k, 0.0
+        )
+    )
     return losses
 
 
@@ -577,15 +637,22 @@ def test_training_step_matches_detectron2_losses_and_gradients(monkeypatch):
     layout the weight gradients differ by summation order only (~1e-6 relative)."""
     from detkit.structures import ImageBatch
 
-    model = small_r18(**{
-        "model.rpn.pre_nms_topk_train": 300, "model.rpn.post_nms_topk_train": 40,
-        "model.rpn.batch_size_per_image": 64, "model.roi_heads.batch_size_per_image": 24,
-    }).train()
+    model = small_r18(
+        **{
+            "model.rpn.pre_nms_topk_train": 300,
+            "model.rpn.post_nms_topk_train": 40,
+            "model.rpn.batch_size_per_image": 64,
+            "model.roi_heads.batch_size_per_image": 24,
+        }
+    ).train()
     g = torch.Generator().manual_seed(7)
     sizes = [(64, 96), (80, 64), (48, 64)]
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
     targets = [
-        {"boxes": torch.tensor([[10.0, 12.0, 50.0, 60.0], [50.0, 5.0, 90.0, 40.0], [5.0, 30.0, 40.0, 62.0]]), "labels": torch.tensor([0, 2, 1])},
+        {
+            "boxes": torch.tensor([[10.0, 12.0, 50.0, 60.0], [50.0, 5.0, 90.0, 40.0], [5.0, 30.0, 40.0, 62.0]]),
+            "labels": torch.tensor([0, 2, 1]),
+        },
         {"boxes": torch.tensor([[12.0, 20.0, 50.0, 75.0]]), "labels": torch.tensor([1])},
         {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},  # no ground truth
     ]
@@ -631,13 +698,20 @@ def test_training_step_matches_detectron2_losses_and_gradients(monkeypatch):
         loss_differences = {name: relative_difference(got[name].detach(), expected[name].detach()) for name in expected}
         grad_differences = {name: relative_difference(got_grads[name], p.grad) for name, p in params.items()}
         step_differences = {
-            name: relative_difference(p.detach() - lr * (got_grads[name] + wd * p.detach()), p.detach() - lr * (p.grad + wd * p.detach()))
+            name: relative_difference(
+                p.detach() - lr * (got_grads[name] + wd * p.detach()), p.detach() - lr * (p.grad + wd * p.detach())
+            )
             for name, p in params.items()
         }
         logging.getLogger(__name__).info(
             "RoIs in %s order: relative differences of the losses %s; gradients at most %.3g (%d of %d bit-identical); "
-            "updated weights at most %.3g", order, loss_differences, max(grad_differences.values()),
-            sum(torch.equal(got_grads[n], p.grad) for n, p in params.items()), len(params), max(step_differences.values()),
+            "updated weights at most %.3g",
+            order,
+            loss_differences,
+            max(grad_differences.values()),
+            sum(torch.equal(got_grads[n], p.grad) for n, p in params.items()),
+            len(params),
+            max(step_differences.values()),
         )
         assert max(loss_differences.values()) < 1e-6, loss_differences
         if order == "detkit":  # same operations on the same RoIs in the same order: bit for bit

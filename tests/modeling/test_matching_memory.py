@@ -128,7 +128,9 @@ def test_shared_anchors_as_an_expanded_view_and_padding_to_many_slots():
 def test_first_gt_slot_wins_a_tie_across_gt_tiles():
     # Slots 0 and 2 hold the same box; with one slot per tile the running max must keep slot 0.
     gt_boxes = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0], [0.0, 0.0, 10.0, 10.0]]])
-    boxes = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 5.0], [52.0, 52.0, 60.0, 60.0], [90.0, 90.0, 99.0, 99.0]]])
+    boxes = torch.tensor(
+        [[[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 5.0], [52.0, 52.0, 60.0, 60.0], [90.0, 90.0, 99.0, 99.0]]]
+    )
     valid = torch.ones(1, 3, dtype=torch.bool)
     idxs, labels = match_boxes(MATCHERS["rpn"], gt_boxes, valid, boxes, max_elements=4)
     assert match_tile_sizes(1, 3, 4, 4) == (1, 1, 4)
@@ -144,10 +146,18 @@ def test_low_quality_ties_across_box_tiles_use_the_best_iou_over_all_boxes():
     # One GT; predictions 1 and 5 tie its best IoU 0.25 in different 2-box tiles, prediction 3
     # (0.2) is best only within its own tile and must stay background.
     gt_boxes = torch.tensor([[[0.0, 0.0, 10.0, 10.0]]])
-    boxes = torch.tensor([[
-        [20.0, 20.0, 30.0, 30.0], [0.0, 0.0, 10.0, 2.5], [40.0, 40.0, 50.0, 50.0],
-        [0.0, 0.0, 10.0, 2.0], [60.0, 60.0, 70.0, 70.0], [0.0, 0.0, 2.5, 10.0],
-    ]])
+    boxes = torch.tensor(
+        [
+            [
+                [20.0, 20.0, 30.0, 30.0],
+                [0.0, 0.0, 10.0, 2.5],
+                [40.0, 40.0, 50.0, 50.0],
+                [0.0, 0.0, 10.0, 2.0],
+                [60.0, 60.0, 70.0, 70.0],
+                [0.0, 0.0, 2.5, 10.0],
+            ]
+        ]
+    )
     valid = torch.ones(1, 1, dtype=torch.bool)
     idxs, labels = match_boxes(MATCHERS["rpn"], gt_boxes, valid, boxes, max_elements=2)
     assert match_tile_sizes(1, 1, 6, 2) == (1, 1, 2)
@@ -160,7 +170,9 @@ def test_no_gt_slots_or_no_boxes_give_well_shaped_background():
     boxes = torch.tensor([[[0.0, 0.0, 4.0, 4.0], [1.0, 1.0, 3.0, 3.0]]]).expand(2, -1, -1)
     idxs, labels = match_boxes(MATCHERS["rpn"], torch.zeros(2, 0, 4), torch.zeros(2, 0, dtype=torch.bool), boxes)
     assert idxs.tolist() == [[0, 0], [0, 0]] and labels.tolist() == [[0, 0], [0, 0]]
-    idxs, labels = match_boxes(MATCHERS["rpn"], torch.ones(2, 3, 4), torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, 0, 4))
+    idxs, labels = match_boxes(
+        MATCHERS["rpn"], torch.ones(2, 3, 4), torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, 0, 4)
+    )
     assert idxs.shape == labels.shape == (2, 0)
 
 
@@ -170,7 +182,12 @@ def measure(cases: list) -> list:
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.matching", "--measure", json.dumps(cases)],
-        capture_output=True, text=True, env=env, timeout=120, check=True, cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
+        cwd=REPO_ROOT,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -43,7 +43,12 @@ def test_box_features_crop_14x14_then_res5_7x7():
     assert seen["out"].shape == (3, 512, 7, 7)
     assert pooled.shape == (3, 512)
     expected_crops = roi_align(
-        features, torch.cat((roi_image_idx[:, None].float(), rois), 1), output_size=14, spatial_scale=1 / 16, sampling_ratio=0, aligned=True
+        features,
+        torch.cat((roi_image_idx[:, None].float(), rois), 1),
+        output_size=14,
+        spatial_scale=1 / 16,
+        sampling_ratio=0,
+        aligned=True,
     )
     torch.testing.assert_close(seen["crops"], expected_crops)
     torch.testing.assert_close(pooled, seen["out"].mean(dim=(2, 3)))
@@ -146,7 +151,9 @@ def test_losses_by_hand():
     # Target of RoI 0 with weights (10, 10, 5, 5): dx = 10 * 1/10 = 1, dy = 1, dw = dh = 0.
     # Its class-1 deltas (columns 4..7) are (0.5, 1.5, 0.2, -0.1): L1 = 0.5 + 0.5 + 0.2 + 0.1 = 1.3.
     # Class-0 deltas and the background RoI's deltas must not count, however large.
-    box_deltas = torch.tensor([[9.0, 9.0, 9.0, 9.0, 0.5, 1.5, 0.2, -0.1], [50.0, -50.0, 50.0, 50.0, 50.0, 50.0, 50.0, 50.0]])
+    box_deltas = torch.tensor(
+        [[9.0, 9.0, 9.0, 9.0, 0.5, 1.5, 0.2, -0.1], [50.0, -50.0, 50.0, 50.0, 50.0, 50.0, 50.0, 50.0]]
+    )
     losses = heads.losses(cls_logits, box_deltas, rois, roi_classes, roi_gt_boxes)
 
     def cross_entropy(row, label):
@@ -178,8 +185,13 @@ def test_training_forward_without_gt_has_zero_box_loss():
     xy = torch.rand(1, 20, 2, generator=g) * 60
     proposals = torch.cat((xy, xy + 10 + torch.rand(1, 20, 2, generator=g) * 20), dim=-1)
     losses = heads(
-        features, proposals, torch.ones(1, 20, dtype=torch.bool), torch.tensor([[96, 96]]),
-        gt_boxes=torch.zeros(1, 1, 4), gt_labels=torch.zeros(1, 1, dtype=torch.int64), gt_valid=torch.zeros(1, 1, dtype=torch.bool),
+        features,
+        proposals,
+        torch.ones(1, 20, dtype=torch.bool),
+        torch.tensor([[96, 96]]),
+        gt_boxes=torch.zeros(1, 1, 4),
+        gt_labels=torch.zeros(1, 1, dtype=torch.int64),
+        gt_valid=torch.zeros(1, 1, dtype=torch.bool),
     )
     assert losses["loss_box_reg"].item() == 0.0
     assert torch.isfinite(losses["loss_cls"]) and losses["loss_cls"].item() > 0
@@ -192,20 +204,29 @@ def test_training_forward_without_gt_has_zero_box_loss():
 
 def run_inference(heads, cls_logits, box_deltas, rois, roi_image_idx, image_sizes, original_sizes):
     return heads.inference(
-        cls_logits, box_deltas, rois, torch.tensor(roi_image_idx), torch.tensor(image_sizes), torch.tensor(original_sizes)
+        cls_logits,
+        box_deltas,
+        rois,
+        torch.tensor(roi_image_idx),
+        torch.tensor(image_sizes),
+        torch.tensor(original_sizes),
     )
 
 
 def test_inference_threshold_classwise_nms_and_background():
     heads = tiny_heads(num_classes=3)
-    rois = torch.tensor([[10.0, 10.0, 50.0, 50.0], [12.0, 12.0, 52.0, 52.0], [100.0, 100.0, 150.0, 150.0], [60.0, 0.0, 90.0, 30.0]])
+    rois = torch.tensor(
+        [[10.0, 10.0, 50.0, 50.0], [12.0, 12.0, 52.0, 52.0], [100.0, 100.0, 150.0, 150.0], [60.0, 0.0, 90.0, 30.0]]
+    )
     probs = [
         [0.90, 0.02, 0.02, 0.06],  # class 0 at 0.9
         [0.50, 0.40, 0.04, 0.06],  # overlaps RoI 0 (IoU 0.82): class 0 suppressed, class 1 kept; 0.04 < 0.05
         [0.01, 0.01, 0.01, 0.97],  # background: nothing (and never label K)
         [0.06, 0.04, 0.03, 0.87],  # just above / below the 0.05 threshold
     ]
-    (det,) = run_inference(heads, logits_from_probs(probs), torch.zeros(4, 12), rois, [0, 0, 0, 0], [[200, 200]], [[200, 200]])
+    (det,) = run_inference(
+        heads, logits_from_probs(probs), torch.zeros(4, 12), rois, [0, 0, 0, 0], [[200, 200]], [[200, 200]]
+    )
     assert det["labels"].dtype == torch.int64
     assert det["labels"].tolist() == [0, 1, 0]
     torch.testing.assert_close(det["scores"], torch.tensor([0.90, 0.40, 0.06]))
@@ -237,7 +258,9 @@ def test_inference_clips_to_the_image_then_rescales_to_the_original_size():
     probs = [[0.8, 0.2], [0.7, 0.3]]
     (det,) = run_inference(heads, logits_from_probs(probs), deltas, rois, [0, 0], [[400, 600]], [[800, 1200]])
     # image 400 x 600 -> original 800 x 1200: every coordinate doubles.
-    torch.testing.assert_close(det["boxes"], torch.tensor([[1150.0, 700.0, 1200.0, 800.0], [200.0, 100.0, 400.0, 300.0]]))
+    torch.testing.assert_close(
+        det["boxes"], torch.tensor([[1150.0, 700.0, 1200.0, 800.0], [200.0, 100.0, 400.0, 300.0]])
+    )
     torch.testing.assert_close(det["scores"], torch.tensor([0.8, 0.7]))
 
 
@@ -249,7 +272,18 @@ def test_inference_drops_boxes_left_empty_after_clipping():
     assert det["boxes"].shape == (0, 4) and det["scores"].shape == (0,) and det["labels"].shape == (0,)
 
 
-def slow_inference(cls_logits, box_deltas, rois, roi_image_idx, image_sizes, original_sizes, num_classes, score_thresh, nms_thresh, top_k):
+def slow_inference(
+    cls_logits,
+    box_deltas,
+    rois,
+    roi_image_idx,
+    image_sizes,
+    original_sizes,
+    num_classes,
+    score_thresh,
+    nms_thresh,
+    top_k,
+):
     """Per image, per class, per RoI: the textbook post-processing."""
     coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
     results = []
@@ -275,7 +309,12 @@ def slow_inference(cls_logits, box_deltas, rois, roi_image_idx, image_sizes, ori
         kept = []
         for score, c, (x1, y1, x2, y2) in candidates[:top_k]:
             sx, sy = ow / w, oh / h
-            box = [min(max(x1 * sx, 0), ow), min(max(y1 * sy, 0), oh), min(max(x2 * sx, 0), ow), min(max(y2 * sy, 0), oh)]
+            box = [
+                min(max(x1 * sx, 0), ow),
+                min(max(y1 * sy, 0), oh),
+                min(max(x2 * sx, 0), ow),
+                min(max(y2 * sy, 0), oh),
+            ]
             if box[2] > box[0] and box[3] > box[1]:
                 kept.append((score, c, box))
         results.append(kept)
@@ -296,7 +335,9 @@ def test_inference_equals_slow_per_image_reference():
     cls_logits = 2.0 * torch.randn(num_rois, num_classes + 1, generator=g)
     box_deltas = torch.randn(num_rois, 4 * num_classes, generator=g)
     got = run_inference(heads, cls_logits, box_deltas, rois, roi_image_idx, image_sizes, original_sizes)
-    expected = slow_inference(cls_logits, box_deltas, rois, roi_image_idx, image_sizes, original_sizes, num_classes, 0.05, 0.5, top_k)
+    expected = slow_inference(
+        cls_logits, box_deltas, rois, roi_image_idx, image_sizes, original_sizes, num_classes, 0.05, 0.5, top_k
+    )
     assert len(got) == 3
     for image in range(3):
         want = expected[image]
@@ -314,7 +355,9 @@ def test_inference_without_any_proposal_gives_empty_detections():
     heads = tiny_heads(num_classes=3).eval()
     features = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        out = heads(features, torch.zeros(2, 5, 4), torch.zeros(2, 5, dtype=torch.bool), torch.tensor([[96, 96], [80, 90]]))
+        out = heads(
+            features, torch.zeros(2, 5, 4), torch.zeros(2, 5, dtype=torch.bool), torch.tensor([[96, 96], [80, 90]])
+        )
     assert len(out) == 2
     for det in out:
         assert det["boxes"].shape == (0, 4) and det["scores"].shape == (0,) and det["labels"].shape == (0,)
@@ -326,8 +369,13 @@ def test_training_without_any_roi_gives_zero_losses():
     heads = tiny_heads(num_classes=3).train()
     features = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(6))
     losses = heads(
-        features, torch.zeros(1, 5, 4), torch.zeros(1, 5, dtype=torch.bool), torch.tensor([[96, 96]]),
-        gt_boxes=torch.zeros(1, 1, 4), gt_labels=torch.zeros(1, 1, dtype=torch.int64), gt_valid=torch.zeros(1, 1, dtype=torch.bool),
+        features,
+        torch.zeros(1, 5, 4),
+        torch.zeros(1, 5, dtype=torch.bool),
+        torch.tensor([[96, 96]]),
+        gt_boxes=torch.zeros(1, 1, 4),
+        gt_labels=torch.zeros(1, 1, dtype=torch.int64),
+        gt_valid=torch.zeros(1, 1, dtype=torch.bool),
     )
     assert losses["loss_cls"].item() == 0.0 and losses["loss_box_reg"].item() == 0.0
     sum(losses.values()).backward()

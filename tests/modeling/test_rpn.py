@@ -34,7 +34,12 @@ def slow_proposals(anchors, logits, deltas, image_hw, pre_k, post_k, nms_thresh,
     h, w = image_hw
     kept_boxes, kept_scores = [], []
     for box, score in zip(boxes.tolist(), top_logits.tolist()):
-        x1, y1, x2, y2 = min(max(box[0], 0.0), w), min(max(box[1], 0.0), h), min(max(box[2], 0.0), w), min(max(box[3], 0.0), h)
+        x1, y1, x2, y2 = (
+            min(max(box[0], 0.0), w),
+            min(max(box[1], 0.0), h),
+            min(max(box[2], 0.0), w),
+            min(max(box[3], 0.0), h),
+        )
         if x2 - x1 > min_size and y2 - y1 > min_size:
             kept_boxes.append([x1, y1, x2, y2])
             kept_scores.append(score)
@@ -93,7 +98,9 @@ def test_nms_suppresses_and_post_nms_top_k_is_respected():
     for i in range(2):
         iou = box_iou(proposals[i], proposals[i])
         assert (iou.triu(diagonal=1) <= 0.7).all()  # survivors of NMS 0.7 overlap at most 0.7
-        torch.testing.assert_close(proposals[i], slow_proposals(anchors, logits[i], deltas[i], (128, 160), 60, 5, 0.7)[0])
+        torch.testing.assert_close(
+            proposals[i], slow_proposals(anchors, logits[i], deltas[i], (128, 160), 60, 5, 0.7)[0]
+        )
 
 
 def test_forward_returns_proposals_without_gradient():
@@ -126,7 +133,10 @@ def test_anchor_labels_by_hand():
     rpn = tiny_rpn()
     anchors = rpn.anchor_generator((2, 2))
     torch.testing.assert_close(
-        anchors, torch.tensor([[-16.0, -16.0, 16.0, 16.0], [0.0, -16.0, 32.0, 16.0], [-16.0, 0.0, 16.0, 32.0], [0.0, 0.0, 32.0, 32.0]])
+        anchors,
+        torch.tensor(
+            [[-16.0, -16.0, 16.0, 16.0], [0.0, -16.0, 32.0, 16.0], [-16.0, 0.0, 16.0, 32.0], [0.0, 0.0, 32.0, 32.0]]
+        ),
     )
     gt_boxes = torch.tensor([[[0.0, 0.0, 32.0, 32.0]], [[0.0, 0.0, 0.0, 0.0]]])
     gt_valid = torch.tensor([[True], [False]])
@@ -149,7 +159,9 @@ def test_losses_by_hand_normalised_by_batch_size_times_images():
     torch.testing.assert_close(losses["loss_rpn_cls"], torch.tensor(expected_cls))
     torch.testing.assert_close(losses["loss_rpn_loc"], torch.tensor(expected_loc))
     # loss_weight multiplies both.
-    _, _, doubled = tiny_rpn(loss_weight=2.0)(features, torch.tensor([[32, 32], [32, 32]]), targets_boxes, torch.tensor([[True], [False]]))
+    _, _, doubled = tiny_rpn(loss_weight=2.0)(
+        features, torch.tensor([[32, 32], [32, 32]]), targets_boxes, torch.tensor([[True], [False]])
+    )
     torch.testing.assert_close(doubled["loss_rpn_cls"], torch.tensor(2 * expected_cls))
     torch.testing.assert_close(doubled["loss_rpn_loc"], torch.tensor(2 * expected_loc))
 
@@ -163,7 +175,9 @@ def test_image_without_gt_gives_zero_loc_loss_and_finite_cls_loss():
     (losses["loss_rpn_cls"] + losses["loss_rpn_loc"]).backward()
     assert all(torch.isfinite(p.grad).all() for p in rpn.parameters() if p.grad is not None)
     # 6 * 7 * 6 = 252 anchors, fewer than the budget of 256: every one is a sampled negative.
-    labels, _ = rpn.label_and_sample_anchors(rpn.anchor_generator((6, 7)), torch.zeros(1, 1, 4), torch.tensor([[False]]))
+    labels, _ = rpn.label_and_sample_anchors(
+        rpn.anchor_generator((6, 7)), torch.zeros(1, 1, 4), torch.tensor([[False]])
+    )
     assert labels.eq(0).all()
 
 

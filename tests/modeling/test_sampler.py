@@ -36,9 +36,13 @@ def expected_counts(num_pos: int, num_neg: int, batch: int, fraction: float) -> 
 )
 def test_counts_per_row(batch, fraction, rows):
     positive, negative = masks_from_counts(rows, width=2000 if batch == 512 else 60)
-    sampled_pos, sampled_neg = sample_balanced(positive, negative, batch, fraction, generator=torch.Generator().manual_seed(1))
+    sampled_pos, sampled_neg = sample_balanced(
+        positive, negative, batch, fraction, generator=torch.Generator().manual_seed(1)
+    )
     for r, (num_pos, num_neg) in enumerate(rows):
-        assert (sampled_pos[r].sum().item(), sampled_neg[r].sum().item()) == expected_counts(num_pos, num_neg, batch, fraction)
+        assert (sampled_pos[r].sum().item(), sampled_neg[r].sum().item()) == expected_counts(
+            num_pos, num_neg, batch, fraction
+        )
 
 
 def test_hand_counts():

@@ -155,12 +155,21 @@ def test_export_names_follow_each_toolkit():
     model = shared_original(50, msra_input=True)[1]
     d2 = export_state_dict(model, "detectron2")
     for name in [
-        "backbone.stem.conv1.weight", "backbone.stem.conv1.norm.weight", "backbone.stem.conv1.norm.running_var",
-        "backbone.res2.0.conv1.weight", "backbone.res2.0.conv3.norm.bias", "backbone.res2.0.shortcut.weight",
-        "backbone.res2.0.shortcut.norm.running_mean", "backbone.res3.3.conv2.norm.weight", "backbone.res4.5.conv3.weight",
-        "roi_heads.res5.0.shortcut.norm.weight", "roi_heads.res5.2.conv3.norm.running_var",
-        "proposal_generator.rpn_head.conv.weight", "proposal_generator.rpn_head.objectness_logits.bias",
-        "proposal_generator.rpn_head.anchor_deltas.weight", "roi_heads.box_predictor.cls_score.weight",
+        "backbone.stem.conv1.weight",
+        "backbone.stem.conv1.norm.weight",
+        "backbone.stem.conv1.norm.running_var",
+        "backbone.res2.0.conv1.weight",
+        "backbone.res2.0.conv3.norm.bias",
+        "backbone.res2.0.shortcut.weight",
+        "backbone.res2.0.shortcut.norm.running_mean",
+        "backbone.res3.3.conv2.norm.weight",
+        "backbone.res4.5.conv3.weight",
+        "roi_heads.res5.0.shortcut.norm.weight",
+        "roi_heads.res5.2.conv3.norm.running_var",
+        "proposal_generator.rpn_head.conv.weight",
+        "proposal_generator.rpn_head.objectness_logits.bias",
+        "proposal_generator.rpn_head.anchor_deltas.weight",
+        "roi_heads.box_predictor.cls_score.weight",
         "roi_heads.box_predictor.bbox_pred.bias",
     ]:
         assert name in d2, name
@@ -172,14 +181,30 @@ def test_export_names_follow_each_toolkit():
     assert len(d2) == 53 * 5 + 10
 
     msra = export_state_dict(model, "msra")
-    for name in ["conv1_w", "res_conv1_bn_s", "res_conv1_bn_b", "res2_0_branch1_w", "res2_0_branch1_bn_s",
-                 "res2_0_branch2a_w", "res3_3_branch2c_bn_b", "res5_2_branch2b_bn_s", "res5_0_branch1_bn_b"]:
+    for name in [
+        "conv1_w",
+        "res_conv1_bn_s",
+        "res_conv1_bn_b",
+        "res2_0_branch1_w",
+        "res2_0_branch1_bn_s",
+        "res2_0_branch2a_w",
+        "res3_3_branch2c_bn_b",
+        "res5_2_branch2b_bn_s",
+        "res5_0_branch1_bn_b",
+    ]:
         assert name in msra, name
     assert len(msra) == 53 * 3  # conv weight, scale, shift: BN folded, no heads
 
     tv = export_state_dict(model, "torchvision")
-    for name in ["conv1.weight", "bn1.running_mean", "layer1.0.downsample.0.weight", "layer1.0.downsample.1.bias",
-                 "layer3.5.bn3.running_var", "layer4.0.conv2.weight", "layer4.2.bn3.weight"]:
+    for name in [
+        "conv1.weight",
+        "bn1.running_mean",
+        "layer1.0.downsample.0.weight",
+        "layer1.0.downsample.1.bias",
+        "layer3.5.bn3.running_var",
+        "layer4.0.conv2.weight",
+        "layer4.2.bn3.weight",
+    ]:
         assert name in tv, name
     assert len(tv) == 53 * 5
 
@@ -240,8 +265,11 @@ def test_detectron2_training_pth_loads_with_weights_only(tmp_path):
 def test_detectron2_backbone_without_prefix_loads_as_backbone_weights(tmp_path):
     """Backbones converted for Detectron2 (its convert-torchvision-to-d2.py) name stem.*, res2..res5.*."""
     cfg, original = shared_original(18)
-    bare = {k.replace("backbone.", "").replace("roi_heads.", ""): v
-            for k, v in export_state_dict(original, "detectron2").items() if not k.startswith(("proposal", "roi_heads.box"))}
+    bare = {
+        k.replace("backbone.", "").replace("roi_heads.", ""): v
+        for k, v in export_state_dict(original, "detectron2").items()
+        if not k.startswith(("proposal", "roi_heads.box"))
+    }
     assert "stem.conv1.weight" in bare and "res5.1.conv2.norm.bias" in bare
     path = write_pickle(tmp_path / "R-18-d2.pkl", {"model": to_numpy(bare), "__author__": "torchvision"})
     model = build_model(cfg)
@@ -257,8 +285,11 @@ def test_full_detectron2_model_as_backbone_weights_loads_only_the_backbone(tmp_p
     head_before = model.rpn.head.conv.weight.clone()
     report = load_backbone_weights(model, str(path))
     assert report.missing == []
-    assert sorted(report.unused) == sorted(k for k in export_state_dict(original, "detectron2")
-                                           if k.startswith(("proposal_generator.", "roi_heads.box_predictor.")))
+    assert sorted(report.unused) == sorted(
+        k
+        for k in export_state_dict(original, "detectron2")
+        if k.startswith(("proposal_generator.", "roi_heads.box_predictor."))
+    )
     assert torch.equal(model.rpn.head.conv.weight, head_before)
     assert_same_backbone(original, model)
 
@@ -274,8 +305,10 @@ def test_other_num_classes_skips_the_predictor_with_a_warning_and_loads_the_rest
         report = load_detector_weights(model, str(path))
 
     assert sorted(m.split(":")[0] for m in report.shape_mismatch) == [
-        "roi_heads.box_predictor.bbox_pred.bias", "roi_heads.box_predictor.bbox_pred.weight",
-        "roi_heads.box_predictor.cls_score.bias", "roi_heads.box_predictor.cls_score.weight",
+        "roi_heads.box_predictor.bbox_pred.bias",
+        "roi_heads.box_predictor.bbox_pred.weight",
+        "roi_heads.box_predictor.cls_score.bias",
+        "roi_heads.box_predictor.cls_score.weight",
     ]
     assert "roi_heads.box_predictor.cls_score.weight: file (4, 512) vs model (6, 512)" in report.shape_mismatch
     assert report.missing == report.unused == []
@@ -284,7 +317,9 @@ def test_other_num_classes_skips_the_predictor_with_a_warning_and_loads_the_rest
     for key, value in model.roi_heads.box_predictor.state_dict().items():
         assert torch.equal(value, predictor_before[key])  # kept its initialisation
     assert_same_backbone(original, model)
-    torch.testing.assert_close(model.rpn.head.anchor_deltas.weight, original.rpn.head.anchor_deltas.weight, rtol=0, atol=0)
+    torch.testing.assert_close(
+        model.rpn.head.anchor_deltas.weight, original.rpn.head.anchor_deltas.weight, rtol=0, atol=0
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,7 +448,9 @@ def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path, payl
 
     with pytest.raises(CheckpointError) as info:
         load_pickle(path)
-    assert str(path) in str(info.value) and refused_name in str(info.value) and "none of its code ran" in str(info.value)
+    assert (
+        str(path) in str(info.value) and refused_name in str(info.value) and "none of its code ran" in str(info.value)
+    )
     with pytest.raises(CheckpointError, match="refused to load"):
         build_model(replace(tiny_cfg(), **{"model.weights": str(path)}))
     with pytest.raises(CheckpointError, match="refused to load"):
@@ -437,8 +474,13 @@ def test_a_pth_with_pickled_code_is_refused_by_weights_only(tmp_path):
 @pytest.mark.parametrize("protocol", [0, 2, 4, 5])
 def test_numpy_pickles_of_every_protocol_load(tmp_path, protocol):
     array = np.arange(24, dtype=np.float32).reshape(2, 3, 4) / 7
-    obj = {"a": array, "b": np.float64(2.5), "c": np.arange(5, dtype=">i8"), "d": collections.OrderedDict(x=[1, (2.0, "s")]),
-           "e": array[:, ::2]}  # non-contiguous
+    obj = {
+        "a": array,
+        "b": np.float64(2.5),
+        "c": np.arange(5, dtype=">i8"),
+        "d": collections.OrderedDict(x=[1, (2.0, "s")]),
+        "e": array[:, ::2],
+    }  # non-contiguous
     loaded = load_pickle(write_pickle(tmp_path / "w.pkl", obj, protocol=protocol))
     np.testing.assert_array_equal(loaded["a"], array)
     np.testing.assert_array_equal(loaded["e"], array[:, ::2])
@@ -457,7 +499,9 @@ def test_read_only_and_big_endian_arrays_become_tensors_without_warnings(tmp_pat
 
 
 def test_truncated_or_foreign_files_give_clear_errors(tmp_path):
-    good = write_pickle(tmp_path / "w.pkl", {"model": {"backbone.stem.conv1.weight": np.zeros((64, 3, 7, 7), np.float32)}})
+    good = write_pickle(
+        tmp_path / "w.pkl", {"model": {"backbone.stem.conv1.weight": np.zeros((64, 3, 7, 7), np.float32)}}
+    )
     (tmp_path / "cut.pkl").write_bytes(good.read_bytes()[:-40])
     with pytest.raises(CheckpointError, match=r"cut\.pkl.*truncated"):
         read_weights(tmp_path / "cut.pkl")
@@ -483,8 +527,10 @@ def test_a_file_read_as_the_wrong_format_says_what_it_looks_like(tmp_path):
 def test_convert_state_dict_maps_msra_folded_bn_to_identity_statistics():
     s = torch.tensor([2.0, 0.5])
     b = torch.tensor([0.1, -0.3])
-    out = convert_state_dict({"res_conv1_bn_s": s, "res_conv1_bn_b": b, "conv1_w": torch.ones(2, 3, 7, 7)}, "msra").state_dict
+    out = convert_state_dict(
+        {"res_conv1_bn_s": s, "res_conv1_bn_b": b, "conv1_w": torch.ones(2, 3, 7, 7)}, "msra"
+    ).state_dict
     bn = FrozenBatchNorm2d(2)
-    bn.load_state_dict({k[len("backbone.bn1."):]: v for k, v in out.items() if k.startswith("backbone.bn1.")})
+    bn.load_state_dict({k[len("backbone.bn1.") :]: v for k, v in out.items() if k.startswith("backbone.bn1.")})
     x = torch.randn(1, 2, 3, 3)
     torch.testing.assert_close(bn(x), x * s.view(1, 2, 1, 1) + b.view(1, 2, 1, 1), rtol=0, atol=0)  # y = x * s + b

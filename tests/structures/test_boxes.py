@@ -56,7 +56,9 @@ def test_encode_by_hand():
     expected = torch.tensor([[1.0 / 10, 4.0 / 20, math.log(2.0), 0.0]])
     torch.testing.assert_close(BoxCoder((1, 1, 1, 1)).encode(reference, target), expected)
     # Weights multiply each component: (10, 10, 5, 5).
-    torch.testing.assert_close(BoxCoder((10, 10, 5, 5)).encode(reference, target), expected * torch.tensor([10.0, 10.0, 5.0, 5.0]))
+    torch.testing.assert_close(
+        BoxCoder((10, 10, 5, 5)).encode(reference, target), expected * torch.tensor([10.0, 10.0, 5.0, 5.0])
+    )
 
 
 def test_decode_by_hand():
@@ -192,7 +194,11 @@ def test_rank_within_groups_equals_loop():
 
 
 def test_pad_targets_with_empty_images():
-    boxes = [torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]]), torch.zeros(0, 4), torch.tensor([[0.0, 0.0, 9.0, 9.0]])]
+    boxes = [
+        torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]]),
+        torch.zeros(0, 4),
+        torch.tensor([[0.0, 0.0, 9.0, 9.0]]),
+    ]
     labels = [torch.tensor([3, 1]), torch.zeros(0, dtype=torch.int64), torch.tensor([2])]
     pad_boxes, pad_labels, valid = pad_targets(boxes, labels, torch.device("cpu"))
     assert pad_boxes.shape == (3, 2, 4) and pad_boxes.dtype == torch.float32
@@ -205,6 +211,8 @@ def test_pad_targets_with_empty_images():
 
 
 def test_pad_targets_all_images_empty_keeps_one_invalid_slot():
-    pad_boxes, pad_labels, valid = pad_targets([torch.zeros(0, 4)] * 2, [torch.zeros(0, dtype=torch.int64)] * 2, torch.device("cpu"))
+    pad_boxes, pad_labels, valid = pad_targets(
+        [torch.zeros(0, 4)] * 2, [torch.zeros(0, dtype=torch.int64)] * 2, torch.device("cpu")
+    )
     assert pad_boxes.shape == (2, 1, 4) and pad_labels.shape == (2, 1)
     assert not valid.any()

@@ -16,24 +16,36 @@ LABELS = np.array([1, 0, 1], np.int64)
 
 def test_the_same_detections_in_order_differ_by_the_rounding_only():
     moved = BOXES + np.float32(0.25)
-    diff = diff_detections({"boxes": BOXES, "scores": SCORES, "labels": LABELS},
-                           Detections(boxes=moved, scores=SCORES - np.float32(0.5), labels=LABELS, class_names=[]))
+    diff = diff_detections(
+        {"boxes": BOXES, "scores": SCORES, "labels": LABELS},
+        Detections(boxes=moved, scores=SCORES - np.float32(0.5), labels=LABELS, class_names=[]),
+    )
     assert diff["same"] and diff["reference"] == diff["candidate"] == 3
     assert diff["max_box_diff_px"] == 0.25 and diff["max_score_diff"] == pytest.approx(0.5)
     # Moved by 0.25 px both ways, the IoUs are 0.906 (10 x 10), 0.951 (20 x 20), 0.936 (10 x 30).
     assert diff["matched"] == 0 and diff["matched_max_box_diff_px"] == 0.0
-    loose = diff_detections({"boxes": BOXES, "scores": SCORES, "labels": LABELS},
-                            {"boxes": moved, "scores": SCORES, "labels": LABELS}, iou_thresh=0.9)
+    loose = diff_detections(
+        {"boxes": BOXES, "scores": SCORES, "labels": LABELS},
+        {"boxes": moved, "scores": SCORES, "labels": LABELS},
+        iou_thresh=0.9,
+    )
     assert loose["matched"] == 3 and loose["matched_max_box_diff_px"] == 0.25 and loose["matched_max_score_diff"] == 0.0
-    assert diff_detections({"boxes": BOXES, "scores": SCORES, "labels": LABELS},
-                           {"boxes": moved, "scores": SCORES, "labels": LABELS}, iou_thresh=0.95)["matched"] == 1
+    assert (
+        diff_detections(
+            {"boxes": BOXES, "scores": SCORES, "labels": LABELS},
+            {"boxes": moved, "scores": SCORES, "labels": LABELS},
+            iou_thresh=0.95,
+        )["matched"]
+        == 1
+    )
 
 
 def test_reordered_detections_are_not_the_same_but_all_match():
     order = [2, 0, 1]
-    diff = diff_detections({"boxes": torch.from_numpy(BOXES), "scores": torch.from_numpy(SCORES),
-                            "labels": torch.from_numpy(LABELS)},
-                           {"boxes": BOXES[order], "scores": SCORES[order], "labels": LABELS[order]})
+    diff = diff_detections(
+        {"boxes": torch.from_numpy(BOXES), "scores": torch.from_numpy(SCORES), "labels": torch.from_numpy(LABELS)},
+        {"boxes": BOXES[order], "scores": SCORES[order], "labels": LABELS[order]},
+    )
     assert not diff["same"] and diff["max_box_diff_px"] is None and diff["max_score_diff"] is None
     assert diff["matched"] == 3 and diff["matched_max_box_diff_px"] == 0.0 and diff["matched_max_score_diff"] == 0.0
 

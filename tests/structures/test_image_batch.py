@@ -33,7 +33,9 @@ def test_from_tensors_without_divisibility_pads_to_the_largest_image():
 
 
 def test_from_tensors_keeps_given_original_sizes():
-    batch = ImageBatch.from_tensors([torch.zeros(3, 40, 60), torch.zeros(3, 30, 30)], original_sizes=[(80, 120), (300, 300)])
+    batch = ImageBatch.from_tensors(
+        [torch.zeros(3, 40, 60), torch.zeros(3, 30, 30)], original_sizes=[(80, 120), (300, 300)]
+    )
     assert batch.original_sizes.tolist() == [[80, 120], [300, 300]]
     assert batch.original_sizes.dtype == torch.int64
     assert batch.image_sizes.tolist() == [[40, 60], [30, 30]]

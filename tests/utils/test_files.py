@@ -88,7 +88,9 @@ def test_a_new_file_gets_the_permissions_of_any_new_file(tmp_path):
     finally:
         os.umask(umask)
     # Not 0o600 as a tempfile.mkstemp file would be: a report must stay readable to others.
-    assert (tmp_path / "report.html").stat().st_mode & 0o777 == (tmp_path / "plain.html").stat().st_mode & 0o777 == 0o644
+    assert (
+        (tmp_path / "report.html").stat().st_mode & 0o777 == (tmp_path / "plain.html").stat().st_mode & 0o777 == 0o644
+    )
 
 
 def test_a_fixed_temp_name_for_a_file_written_over_time(tmp_path):

@@ -43,12 +43,19 @@ _EXAMPLE_CONFIG = {
 }
 
 
-def warn_on_conventions(model: nn.Module, fmt: str, raw: Mapping[str, Tensor], extras: Mapping[str, Any], source: str) -> None:
+def warn_on_conventions(
+    model: nn.Module, fmt: str, raw: Mapping[str, Tensor], extras: Mapping[str, Any], source: str
+) -> None:
     """Log a warning when the model's input settings differ from those the weights were trained with."""
     have = model_conventions(model)
     want: dict[str, Any] = {}
     if fmt == "msra":
-        want = {"input_format": "BGR", "pixel_mean": MSRA_PIXEL_MEAN_BGR, "pixel_std": MSRA_PIXEL_STD, "stride_in_1x1": True}
+        want = {
+            "input_format": "BGR",
+            "pixel_mean": MSRA_PIXEL_MEAN_BGR,
+            "pixel_std": MSRA_PIXEL_STD,
+            "stride_in_1x1": True,
+        }
     elif fmt == "torchvision":
         want = {"input_format": "RGB", "stride_in_1x1": False}
     elif fmt == "detectron2":
@@ -57,8 +64,13 @@ def warn_on_conventions(model: nn.Module, fmt: str, raw: Mapping[str, Tensor], e
                 want[name] = tuple(round(float(v), 4) for v in raw[name].flatten())
         if "Detectron2 Model Zoo" in str(extras.get("__author__", "")):
             # The zoo's R50/R101 models start from MSRA weights (Detectron2's defaults).
-            want = {"input_format": "BGR", "pixel_mean": MSRA_PIXEL_MEAN_BGR, "pixel_std": MSRA_PIXEL_STD,
-                    "stride_in_1x1": True, **want}
+            want = {
+                "input_format": "BGR",
+                "pixel_mean": MSRA_PIXEL_MEAN_BGR,
+                "pixel_std": MSRA_PIXEL_STD,
+                "stride_in_1x1": True,
+                **want,
+            }
     differ = []
     for key, value in want.items():
         if have.get(key) is None:
@@ -67,10 +79,18 @@ def warn_on_conventions(model: nn.Module, fmt: str, raw: Mapping[str, Tensor], e
         if have[key] != expected:
             differ.append(f"{key}: model {have[key]}, weights {expected}")
     if differ:
-        keys = {"input_format": "model.input_format", "pixel_mean": "model.pixel_mean", "pixel_std": "model.pixel_std",
-                "stride_in_1x1": "model.backbone.stride_in_1x1"}
+        keys = {
+            "input_format": "model.input_format",
+            "pixel_mean": "model.pixel_mean",
+            "pixel_std": "model.pixel_std",
+            "stride_in_1x1": "model.backbone.stride_in_1x1",
+        }
         logger.warning(
             "%s (%s weights) was trained with other input settings than this model's, so its outputs will be off: "
             "%s. Set %s as the weights expect (as %s does).",
-            source, fmt, "; ".join(differ), ", ".join(keys[d.split(":")[0]] for d in differ), _EXAMPLE_CONFIG[fmt],
+            source,
+            fmt,
+            "; ".join(differ),
+            ", ".join(keys[d.split(":")[0]] for d in differ),
+            _EXAMPLE_CONFIG[fmt],
         )

@@ -73,7 +73,9 @@ def convert_state_dict(
     msra and torchvision) are left out.
     """
     if src not in SCHEMES or dst not in SCHEMES:
-        raise CheckpointError(f"unknown weights format {src if src not in SCHEMES else dst!r}: use one of {', '.join(FORMATS)}")
+        raise CheckpointError(
+            f"unknown weights format {src if src not in SCHEMES else dst!r}: use one of {', '.join(FORMATS)}"
+        )
     parse, ignored_pattern = SCHEMES[src].parse, SCHEMES[src].ignored
     keyed: dict[NeutralKey, Tensor] = {}
     key_sources: dict[NeutralKey, str] = {}

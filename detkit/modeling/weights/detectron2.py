@@ -22,7 +22,9 @@ class Detectron2Names:
     )
     ignored = re.compile(r"^(pixel_mean|pixel_std)$|anchor_generator\.cell_anchors")  # constants, not weights
     _stem = re.compile(rf"^(?:backbone\.)?stem\.conv1\.(?:weight|norm\.{PARAM})$")
-    _block = re.compile(rf"^(?:backbone\.|roi_heads\.)?res([2-5])\.(\d+)\.(conv[123]|shortcut)\.(?:weight|norm\.{PARAM})$")
+    _block = re.compile(
+        rf"^(?:backbone\.|roi_heads\.)?res([2-5])\.(\d+)\.(conv[123]|shortcut)\.(?:weight|norm\.{PARAM})$"
+    )
     _head = re.compile(
         rf"^(proposal_generator\.rpn_head\.{RPN_LAYERS}|roi_heads\.box_predictor\.{PREDICTOR_LAYERS})\.(weight|bias)$"
     )

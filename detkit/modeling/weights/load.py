@@ -1,8 +1,8 @@
 """Loading weights of any format into a detkit model, with one report.
 
-    report = load_detector_weights(model, "model_final_f10217.pkl")      # Detectron2, detkit
-    report = load_backbone_weights(model, "R-101.pkl")                    # ImageNet: MSRA, torchvision, ...
-    weights = read_weights(path); weights.drop_box_predictor(); load_converted(model, weights)
+report = load_detector_weights(model, "model_final_f10217.pkl")      # Detectron2, detkit
+report = load_backbone_weights(model, "R-101.pkl")                    # ImageNet: MSRA, torchvision, ...
+weights = read_weights(path); weights.drop_box_predictor(); load_converted(model, weights)
 """
 
 from __future__ import annotations
@@ -140,12 +140,20 @@ def read_weights(path: str | os.PathLike, fmt: str = "auto") -> ConvertedWeights
         conversion = convert_state_dict(raw, fmt, "detkit")
     if not conversion.state_dict:
         hint = f"; its names look like {detected} weights" if detected and detected != fmt else ""
-        raise CheckpointError(f"{source} holds no tensor that {fmt} weights name{hint} (first names: {', '.join(list(raw)[:4])})")
+        raise CheckpointError(
+            f"{source} holds no tensor that {fmt} weights name{hint} (first names: {', '.join(list(raw)[:4])})"
+        )
     if detected and detected != fmt:
         logger.warning("%s: read as %s weights as asked, but its names look like %s weights", source, fmt, detected)
     return ConvertedWeights(
-        source=source, format=fmt, state_dict=conversion.state_dict, source_names=conversion.source_names,
-        unused=conversion.unused, ignored=conversion.ignored, file_state_dict=raw, extras=extras,
+        source=source,
+        format=fmt,
+        state_dict=conversion.state_dict,
+        source_names=conversion.source_names,
+        unused=conversion.unused,
+        ignored=conversion.ignored,
+        file_state_dict=raw,
+        extras=extras,
     )
 
 
@@ -153,8 +161,11 @@ def load_converted(model: nn.Module, weights: ConvertedWeights, *, backbone_only
     """Copy `read_weights`'s tensors into a detkit model and report; see `load_weights`."""
     source, fmt = weights.source, weights.format
     report = load_state_dict_into(
-        model, weights.state_dict, source,
-        only_prefixes=BACKBONE_PREFIXES if backbone_only else (), source_names=weights.source_names,
+        model,
+        weights.state_dict,
+        source,
+        only_prefixes=BACKBONE_PREFIXES if backbone_only else (),
+        source_names=weights.source_names,
     )
     report.format = fmt
     report.unused = weights.unused + report.unused
@@ -166,23 +177,31 @@ def load_converted(model: nn.Module, weights: ConvertedWeights, *, backbone_only
         )
     origin = weights.extras.get("converted_from")  # files written by tools/convert_weights.py
     origin_fmt = origin.get("format") if isinstance(origin, Mapping) and fmt == "detkit" else None
-    warn_on_conventions(model, origin_fmt if origin_fmt in FORMATS else fmt, weights.file_state_dict, weights.extras, source)
+    warn_on_conventions(
+        model, origin_fmt if origin_fmt in FORMATS else fmt, weights.file_state_dict, weights.extras, source
+    )
     if report.shape_mismatch:
         logger.warning(
             "%s: skipped %d tensors whose shape differs from the model's (another num_classes? they keep "
             "their initialisation, as fine-tuning wants): %s",
-            source, len(report.shape_mismatch), "; ".join(report.shape_mismatch),
+            source,
+            len(report.shape_mismatch),
+            "; ".join(report.shape_mismatch),
         )
     if not backbone_only and fmt in ("msra", "torchvision"):
         logger.warning(
             "%s holds ImageNet backbone weights only (%s format): the RPN and box head keep their random "
-            "initialisation; model.backbone.weights is the usual key for such files", source, fmt,
+            "initialisation; model.backbone.weights is the usual key for such files",
+            source,
+            fmt,
         )
     logger.info(report.summary())
     return report
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, *, fmt: str = "auto", backbone_only: bool = False) -> LoadReport:
+def load_weights(
+    model: nn.Module, path: str | os.PathLike, *, fmt: str = "auto", backbone_only: bool = False
+) -> LoadReport:
     """Load a weights file of any format (FORMATS or "auto") into a detkit model.
 
     backbone_only: load only the stem, res2..res4 and res5 (ImageNet initialisation); other
@@ -270,7 +289,9 @@ def _torchvision_enum_state_dict(name: str) -> Mapping[str, Tensor]:
     try:
         weights = getattr(getattr(tvm, enum_name), member)
     except AttributeError:
-        raise CheckpointError(f"model.backbone.weights={name!r} is neither a file nor a torchvision weights enum") from None
+        raise CheckpointError(
+            f"model.backbone.weights={name!r} is neither a file nor a torchvision weights enum"
+        ) from None
     # torchvision reads this file when it is there and downloads it there otherwise.
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     if not cached.is_file():

@@ -31,14 +31,23 @@ class MsraNames:
     _LAYER_TO_BRANCH: ClassVar[dict[str, str]] = {v: k for k, v in _BRANCH_TO_LAYER.items()}
     _SUFFIX_TO_PARAM: ClassVar[dict[str, str]] = {
         "w": "weight",
-        "bn_s": "norm.weight", "bn_b": "norm.bias", "bn_rm": "norm.running_mean", "bn_riv": "norm.running_var",
-        "bn_gamma": "norm.weight", "bn_beta": "norm.bias",
-        "bn_running_mean": "norm.running_mean", "bn_running_var": "norm.running_var",
-        "gn_s": "norm.weight", "gn_b": "norm.bias",
+        "bn_s": "norm.weight",
+        "bn_b": "norm.bias",
+        "bn_rm": "norm.running_mean",
+        "bn_riv": "norm.running_var",
+        "bn_gamma": "norm.weight",
+        "bn_beta": "norm.bias",
+        "bn_running_mean": "norm.running_mean",
+        "bn_running_var": "norm.running_var",
+        "gn_s": "norm.weight",
+        "gn_b": "norm.bias",
     }
     _PARAM_TO_SUFFIX: ClassVar[dict[str, str]] = {
-        "weight": "w", "norm.weight": "bn_s", "norm.bias": "bn_b",
-        "norm.running_mean": "bn_rm", "norm.running_var": "bn_riv",
+        "weight": "w",
+        "norm.weight": "bn_s",
+        "norm.bias": "bn_b",
+        "norm.running_mean": "bn_rm",
+        "norm.running_var": "bn_riv",
     }
     _suffixes = "|".join(sorted(_SUFFIX_TO_PARAM, key=len, reverse=True))
     _stem = re.compile(rf"^(?:conv1_(w)|res_conv1_({_suffixes}))$")
@@ -54,7 +63,9 @@ class MsraNames:
         m = self._block.match(name)
         if m:
             stage, block, branch, suffix = m.groups()
-            return NeutralKey("block", int(stage), int(block), self._BRANCH_TO_LAYER[branch], self._SUFFIX_TO_PARAM[suffix])
+            return NeutralKey(
+                "block", int(stage), int(block), self._BRANCH_TO_LAYER[branch], self._SUFFIX_TO_PARAM[suffix]
+            )
         return None
 
     def name(self, key: NeutralKey) -> str | None:

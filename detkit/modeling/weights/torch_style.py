@@ -54,7 +54,7 @@ class TorchStyleNames:
         if key.unit == "head":
             return f"{key.layer}.{key.param}" if self.heads else None
         norm = key.param.startswith("norm.")
-        param = key.param[len("norm."):] if norm else key.param
+        param = key.param[len("norm.") :] if norm else key.param
         if key.unit == "stem":
             return f"{self.stem_prefix}bn1.{param}" if norm else f"{self.stem_prefix}conv1.weight"
         prefix = f"{self.stage_prefixes[key.stage]}.{key.block}"
@@ -65,12 +65,16 @@ class TorchStyleNames:
 
 
 DETKIT_NAMES = TorchStyleNames(
-    "backbone.", {2: "backbone.layer1", 3: "backbone.layer2", 4: "backbone.layer3", 5: "roi_heads.res5"}, heads=True,
+    "backbone.",
+    {2: "backbone.layer1", 3: "backbone.layer2", 4: "backbone.layer3", 5: "roi_heads.res5"},
+    heads=True,
     signature=r"^(backbone\.(conv1|bn1|layer[1-3])\.|rpn\.head\.|roi_heads\.res5\.\d+\.(bn[123]|downsample)\.)",
     ignored=r"^$",
 )
 TORCHVISION_NAMES = TorchStyleNames(
-    "", {2: "layer1", 3: "layer2", 4: "layer3", 5: "layer4"}, heads=False,
+    "",
+    {2: "layer1", 3: "layer2", 4: "layer3", 5: "layer4"},
+    heads=False,
     signature=r"^(conv1\.weight|bn1\.|layer[1-4]\.\d+\.)",
     ignored=r"^fc\.",  # the ImageNet classifier
 )
