@@ -1,4 +1,4 @@
-# Plain entry points; `make test` is what CI runs (.ci/run calls it and nothing else).
+# Plain entry points; CI (.ci/run) runs `make venv lint docs test`.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
