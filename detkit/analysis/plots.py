@@ -43,7 +43,7 @@ def _readable_log_axis(axis) -> None:
     """Log ticks at 1, 2 and 5 times powers of ten, printed as plain numbers (0.02, 0.5, 1, 2)."""
     axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     axis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
-    axis.set_minor_locator(ticker.LogLocator(base=10, subs=np.arange(1, 10)))
+    axis.set_minor_locator(ticker.LogLocator(base=10, subs=tuple(range(1, 10))))
     axis.set_minor_formatter(ticker.NullFormatter())
 
 

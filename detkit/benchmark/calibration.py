@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +33,9 @@ from torch.nn import functional as F
 from torchvision.ops import roi_align
 
 from detkit.structures.compare import diff_detections
+
+if TYPE_CHECKING:
+    from detkit.modeling.detector import FasterRCNN
 
 
 @dataclass
@@ -71,7 +75,7 @@ def _frozen_bn_calibration(module: nn.Module) -> Iterator[None]:
     channel): one forward pass calibrates all layers in order."""
     from detkit.modeling.backbone import FrozenBatchNorm2d
 
-    def hook(bn: nn.Module, args: tuple) -> None:
+    def hook(bn: FrozenBatchNorm2d, args: tuple) -> None:
         x = args[0].detach().float()
         bn.running_mean.copy_(x.mean(dim=(0, 2, 3)))
         bn.running_var.copy_(x.var(dim=(0, 2, 3)).clamp(min=1e-4))
@@ -86,9 +90,11 @@ def _frozen_bn_calibration(module: nn.Module) -> Iterator[None]:
             h.remove()
 
 
-def _rescale_(layer: nn.Module, x: Tensor, target_std: float, generator: torch.Generator) -> Tensor:
+def _rescale_(layer: nn.Conv2d | nn.Linear, x: Tensor, target_std: float, generator: torch.Generator) -> Tensor:
     """Redraw a conv/linear layer's weights N(0, s^2) with s chosen so its output on `x` has std
     `target_std`, zero its bias; returns the new output."""
+    # The RPN head's convs and the box predictor's linears are all built with a bias.
+    assert layer.bias is not None
     with torch.no_grad():
         layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator))
         layer.bias.zero_()
@@ -99,7 +105,7 @@ def _rescale_(layer: nn.Module, x: Tensor, target_std: float, generator: torch.G
 
 @torch.no_grad()
 def calibrate_(
-    model: nn.Module,
+    model: FasterRCNN,
     images: Tensor,
     rpn_logit_std: float = 1.0,
     rpn_delta_std: float = 0.1,

@@ -354,7 +354,7 @@ def _run(args: argparse.Namespace) -> int:
             if device.type == "cuda"
             else f"cpu ({platform.processor() or platform.machine()})"
         )
-        options = SpeedOptions(
+        speed_options = SpeedOptions(
             device=str(device.type),
             depth=args.depth,
             image_size=tuple(args.image_size),
@@ -374,13 +374,13 @@ def _run(args: argparse.Namespace) -> int:
             profile_dir=args.profile,
             seed=args.seed,
         )
-        result = run_speed_benchmark(options)
+        result = run_speed_benchmark(speed_options)
         table = speed_table(result)
     elif args.mode == "export":
         from detkit.export.benchmark import ExportBenchOptions, export_table, run_export_benchmark
 
         env = environment(f"cpu ({platform.processor() or platform.machine()})")
-        options = ExportBenchOptions(
+        export_options = ExportBenchOptions(
             depth=args.depth,
             num_classes=args.num_classes,
             image_size=tuple(args.image_size),
@@ -395,7 +395,7 @@ def _run(args: argparse.Namespace) -> int:
             int8_calibration=args.int8_calibration,
             int8_images=args.int8_images,
         )
-        result = run_export_benchmark(options)
+        result = run_export_benchmark(export_options)
         table = export_table(result)
     elif args.mode == "eval":
         from detkit.benchmark.eval_speed import run_eval_benchmark

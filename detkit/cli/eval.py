@@ -19,6 +19,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from detkit.cli.common import run_cli, setup_logging
 from detkit.errors import ConfigError
@@ -134,6 +135,7 @@ def _model_mode(args: argparse.Namespace) -> int:
     from detkit.utils.env import resolve_device, select_amp
 
     exported = None
+    state: dict[str, Any]
     if args.model:
         from detkit.export.runtime import ExportedPredictor
 

@@ -301,7 +301,9 @@ def _build_loader(paths: Sequence[Path], preprocessor, batch_size: int, workers:
     import torch
 
     return torch.utils.data.DataLoader(
-        _ImageFiles(paths, preprocessor),
+        # The stub wants a Dataset, but any map-style object (__getitem__ + __len__) works, and
+        # subclassing Dataset would import torch when the CLI starts.
+        _ImageFiles(paths, preprocessor),  # type: ignore[arg-type]
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
@@ -456,16 +458,16 @@ def _run_images(inputs: InputSet, out: Path, predictor, args, summary: dict) -> 
                     [item[2] for item in readable], [item[1].shape[:2] for item in readable]
                 )
                 for (index, image, _, _), dets in zip(readable, detections):
-                    rel = inputs.relative(inputs.images[index])
+                    rel_path = inputs.relative(inputs.images[index])
                     for pred in dets.to_coco(index + 1, predictor.category_ids):
-                        predictions.append({"image_id": pred.pop("image_id"), "file_name": rel.as_posix(), **pred})
+                        predictions.append({"image_id": pred.pop("image_id"), "file_name": rel_path.as_posix(), **pred})
                     drawn = draw_detections(image, dets.boxes, dets.labels, dets.scores, predictor.class_names)
-                    target = out / rel  # mirrors the input tree, same format
+                    target = out / rel_path  # mirrors the input tree, same format
                     target.parent.mkdir(parents=True, exist_ok=True)
                     if not cv2.imwrite(str(target), drawn[:, :, ::-1]):  # RGB -> BGR for OpenCV
-                        skipped.append({"file_name": rel.as_posix(), "reason": f"cannot write {target}"})
+                        skipped.append({"file_name": rel_path.as_posix(), "reason": f"cannot write {target}"})
                         continue
-                    written.append(rel.as_posix())
+                    written.append(rel_path.as_posix())
                     num_done += 1
             bar.update(len(batch))
     seconds = time.perf_counter() - start

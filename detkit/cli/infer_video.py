@@ -139,6 +139,7 @@ def run_video(source: VideoSource, out: Path, stem: Path, predictor, options: Vi
             for frame, dets in detector.run(reader):
                 drawn = None
                 if video_rel is not None:  # drawing records nothing yet: a Ctrl-C here drops the frame
+                    assert frame.image is not None  # a video is written: the reader keeps every image
                     tic = time.perf_counter()
                     drawn = draw_detections(frame.image, dets.boxes, dets.labels, dets.scores, predictor.class_names)
                     draw_seconds += time.perf_counter() - tic
@@ -150,7 +151,10 @@ def run_video(source: VideoSource, out: Path, stem: Path, predictor, options: Vi
                     if drawn is not None:
                         tic = time.perf_counter()
                         if writer is None:  # the decoded size, which a stream may not announce
-                            height, width = frame.image.shape[:2]
+                            assert (
+                                video_rel is not None and options.codec
+                            )  # drawn is set only when --codec asks for a video
+                            height, width = drawn.shape[:2]  # the size of frame.image
                             writer = VideoFileWriter(
                                 out / video_rel, fps=fps_out, size_wh=(width, height), codec=options.codec
                             )
@@ -185,14 +189,15 @@ def run_video(source: VideoSource, out: Path, stem: Path, predictor, options: Vi
             f"({stats.stop_reason}); check that it plays, e.g. with ffprobe",
         )
 
-    result.outputs = [jsonl_rel.as_posix()] + ([video_rel.as_posix()] if writer is not None else [])
+    written_video_rel = video_rel if writer is not None else None
+    result.outputs = [jsonl_rel.as_posix()] + ([written_video_rel.as_posix()] if written_video_rel is not None else [])
     stopped = stop_reason or stats.stop_reason
     if result.interrupted or result.error is not None:
         stopped += f" after frame {last_done}" if last_done is not None else " before the first frame"
     result.entry = {
         "input": source.spec,
         "kind": source.kind,
-        "video": video_rel.as_posix() if writer is not None else None,
+        "video": written_video_rel.as_posix() if written_video_rel is not None else None,
         "jsonl": jsonl_rel.as_posix(),
         "width": info.width,
         "height": info.height,

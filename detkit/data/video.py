@@ -441,7 +441,7 @@ def can_write(codec: str) -> bool:
     check_codec_name(codec)
     with tempfile.TemporaryDirectory(prefix="detkit-codec-") as tmp, _QuietOpenCV():
         path = os.path.join(tmp, "probe" + codec_extension(codec))
-        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*codec), 10.0, (64, 48))
+        writer = cv2.VideoWriter(path, cv2.VideoWriter.fourcc(*codec), 10.0, (64, 48))
         ok = writer.isOpened()
         if ok:
             for value in (0, 255):
@@ -477,9 +477,10 @@ class VideoFileWriter:
         # chosen by the extension, so it stays last.
         self._output = AtomicOutput(self.path, temp_name=f".{self.path.stem}.partial{self.path.suffix}")
         self.temp_path = self._output.temp_path
+        self._writer: cv2.VideoWriter | None  # None once closed
         with _QuietOpenCV():
             self._writer = cv2.VideoWriter(
-                str(self.temp_path), cv2.VideoWriter_fourcc(*check_codec_name(codec)), float(fps), self.size_wh
+                str(self.temp_path), cv2.VideoWriter.fourcc(*check_codec_name(codec)), float(fps), self.size_wh
             )
         if not self._writer.isOpened():
             self._output.discard()
@@ -491,6 +492,8 @@ class VideoFileWriter:
 
     def write(self, image_rgb: np.ndarray) -> None:
         """image_rgb: (H, W, 3) uint8."""
+        if self._writer is None:  # like a closed Python file
+            raise ValueError(f"{self.path}: write() after close()")
         if (image_rgb.shape[1], image_rgb.shape[0]) != self.size_wh:  # a stream that changed resolution
             image_rgb = cv2.resize(image_rgb, self.size_wh, interpolation=cv2.INTER_AREA)
         self._writer.write(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))

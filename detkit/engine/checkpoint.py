@@ -48,7 +48,7 @@ def checkpoint_name(iteration: int) -> str:
 def describe_write_error(exc: BaseException) -> str:
     """Why a write failed, in words, from the OSError in `exc`'s chain (torch.save wraps the
     OSError of a failed write in a RuntimeError): "the disk is full" for ENOSPC / EDQUOT."""
-    seen = exc
+    seen: BaseException | None = exc
     while seen is not None and not isinstance(seen, OSError):
         seen = seen.__cause__ or seen.__context__
     code = getattr(seen, "errno", None)
@@ -96,7 +96,12 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
 def capture_rng_state() -> dict:
     """The python, numpy, torch and CUDA generator states of this process."""
     py_version, py_internal, py_gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    # legacy=True is the default; named so that the type checker picks the overload that returns
+    # the tuple. The global RandomState always holds an MT19937, whose legacy state is that
+    # 5-tuple (a dict comes back only for other bit generators).
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np_state
     state = {
         "python": {"version": py_version, "state": torch.tensor(py_internal, dtype=torch.int64), "gauss": py_gauss},
         "numpy": {

@@ -392,10 +392,12 @@ class FrameDetector:
     def _flush(self, pending: list[Frame], last: Detections):
         """Detect on the processed frames of `pending`, yield them all in order; return the last dets."""
         processed = [f for f in pending if f.process]
+        sizes_hw = []
+        for f in processed:
+            assert f.image is not None  # FrameReader decodes every processed frame
+            sizes_hw.append(f.image.shape[:2])
         tic = time.perf_counter()
-        results = self.predictor.predict_preprocessed(
-            [f.tensor for f in processed], [f.image.shape[:2] for f in processed]
-        )
+        results = self.predictor.predict_preprocessed([f.tensor for f in processed], sizes_hw)
         self.model_seconds += time.perf_counter() - tic
         self.frames_processed += len(processed)
         by_index = {f.index: dets for f, dets in zip(processed, results)}

@@ -17,7 +17,9 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
 
 from detkit.errors import ConfigError
 
@@ -63,7 +65,8 @@ class PreemptionWatcher:
         self.signals = parse_signals(signals)
         self.requested = False
         self.signal_name = ""
-        self._previous: dict[signal.Signals, object] = {}
+        # What signal.signal returned: a callable, SIG_DFL / SIG_IGN (ints), or None (set from C).
+        self._previous: dict[signal.Signals, Callable[[int, FrameType | None], Any] | int | None] = {}
 
     def _handle(self, signum: int, frame) -> None:
         # No logging here: a handler may run in the middle of a log call of the same thread.

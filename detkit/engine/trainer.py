@@ -506,16 +506,17 @@ class Trainer:
 
         # The one host-device sync of the step: every rank must agree on whether to step, and the
         # log needs the values. After backward, so the GPU queue is full while we wait.
-        values = torch.stack([total.detach()] + [loss_dict[k].detach().float() for k in names] + [grad_norm.float()])
+        stacked = torch.stack([total.detach()] + [loss_dict[k].detach().float() for k in names] + [grad_norm.float()])
+        values: list[float]  # total_loss, each term, grad norm (averaged over ranks)
         if self._preempt_flag is not None and self.preemption is not None:
             # Several processes: the preemption flag is one more element of this all-reduce.
             if self.preemption.requested and not self._preempt_flag_filled:
                 self._preempt_flag.fill_(1.0)  # once per run, queued like any kernel
                 self._preempt_flag_filled = True
-            values = dist.all_reduce_mean(torch.cat([values, self._preempt_flag])).tolist()
+            values = dist.all_reduce_mean(torch.cat([stacked, self._preempt_flag])).tolist()
             self.preempt_agreed = values.pop() > 0
         else:
-            values = dist.all_reduce_mean(values).tolist()
+            values = dist.all_reduce_mean(stacked).tolist()
             # One process (or a group without the check): the local flag, no collective.
             self.preempt_agreed = (
                 self.preemption is not None and self.preemption.requested and not self.dist.distributed

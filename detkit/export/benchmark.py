@@ -16,9 +16,11 @@ Shapes: (h, w) image sizes; D detections.
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -197,9 +199,9 @@ def run_export_benchmark(options: ExportBenchOptions) -> dict:
         result["proposals_per_image"] = proposals
         result["parity"] = parity
 
-        steps = {"pytorch eager": lambda: _eager_detections(model, timed_image)}
+        steps: dict[str, Callable[[], object]] = {"pytorch eager": lambda: _eager_detections(model, timed_image)}
         for name in runners:
-            steps[name] = lambda name=name: exported_detections(name, timed_image)
+            steps[name] = functools.partial(exported_detections, name, timed_image)
         if options.torchvision:
             from detkit.benchmark.tv_reference import build_torchvision_reference, to_torchvision_images
 

@@ -184,6 +184,7 @@ def _export_onnx(detector, image, original_size, metadata: dict[str, str], path:
     except Exception as exc:  # torch.export / onnxscript raise many kinds; name the part instead of a trace
         where, error = _failing_part(exc)
         raise ExportError(f"ONNX export failed at {where}: {type(error).__name__}: {one_line(error)}") from exc
+    assert program is not None  # torch.onnx.export returns None only with dynamo=False
     model = program.model_proto
     for key, value in metadata.items():
         entry = model.metadata_props.add()

@@ -26,6 +26,7 @@ where that code itself chooses at run time (`nms_top_k(..., use_batched_nms=Fals
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -84,6 +85,12 @@ class SingleImageDetector(nn.Module):
     are rescaled to (pass (h, w) when the image was not resized). The forward is TorchScript-able
     once the TRACEABLE_PARTS are traced.
     """
+
+    # Declared for the type checker only: torch.jit.script reads a module's class annotations and
+    # cannot resolve them as strings (this module uses postponed annotations).
+    if TYPE_CHECKING:
+        pixel_mean: Tensor  # (1, 3, 1, 1) buffer, registered in __init__
+        pixel_std: Tensor  # (1, 3, 1, 1) buffer
 
     def __init__(self, model: FasterRCNN, size_divisibility: int):
         super().__init__()
@@ -177,6 +184,7 @@ def trace_parts_(detector: SingleImageDetector, image: Tensor, original_size: Te
             # backbone.Conv2d picks its GEMM path from the map size; the trace keeps the example's
             # choice, which is the library convolution for every trunk map above 4 x 4 cells, and
             # for res5 the same as eager (its RoI maps have one size). Tested bit-exact.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # TracerWarning is public API but missing from torch.jit.__all__ (so not re-exported).
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # type: ignore[attr-defined]
             setattr(detector, name, torch.jit.trace(getattr(detector, name), captured[name], check_trace=False))
     return detector

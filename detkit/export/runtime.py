@@ -68,7 +68,8 @@ class _TorchScriptModel:
 
         from detkit.export.exporter import METADATA_KEYS
 
-        files = dict.fromkeys(METADATA_KEYS, "")
+        # torch.jit.load replaces the values of the keys it finds with the stored bytes.
+        files: dict[str, str | bytes] = dict.fromkeys(METADATA_KEYS, "")
         try:
             self.module = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
         except Exception as exc:  # noqa: BLE001 - zip / pickle / TorchScript errors

@@ -224,7 +224,7 @@ class Res5ROIHeads(nn.Module):
         # or re-sort ties). torchvision 0.29's batched_nms is one nms call up to 25000 boxes on CUDA,
         # so this is one call per image; the counts per image need one host-device sync.
         by_image = torch.sort(det_image, stable=True).indices  # image-major, RoI-major within an image
-        keep = [
+        keep_per_image = [
             candidates[
                 nms_top_k(
                     det_boxes[candidates],
@@ -237,7 +237,7 @@ class Res5ROIHeads(nn.Module):
             ]
             for candidates in by_image.split(torch.bincount(det_image, minlength=num_images).tolist())
         ]
-        keep = torch.cat(keep) if keep else by_image
+        keep = torch.cat(keep_per_image) if keep_per_image else by_image
         det_boxes, det_scores, det_labels, det_image = (
             det_boxes[keep],
             det_scores[keep],

@@ -35,6 +35,7 @@ class RPNHead(nn.Module):
         self.anchor_deltas = nn.Conv2d(in_channels, num_anchors * 4, 1)
         for layer in (self.conv, self.objectness_logits, self.anchor_deltas):
             nn.init.normal_(layer.weight, std=0.01)
+            assert layer.bias is not None  # built with bias=True (the default) just above
             nn.init.constant_(layer.bias, 0.0)
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:

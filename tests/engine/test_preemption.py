@@ -13,10 +13,11 @@ import pytest
 import torch
 from test_trainer import TinyDetector, _seeded, rows, tiny_cfg, tiny_loader
 
-from detkit.engine.checkpoint import _TMP_PREFIX, load_checkpoint
+from detkit.engine.checkpoint import load_checkpoint
 from detkit.engine.preemption import PreemptionWatcher, TrainingPreempted
 from detkit.engine.trainer import Trainer
 from detkit.errors import ConfigError
+from detkit.utils.files import TEMP_PREFIX
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -120,7 +121,7 @@ def test_a_signal_during_a_checkpoint_write_is_honoured_after_it(tmp_path):
     # and the next step's check saved iteration 3.
     assert load_checkpoint(tmp_path / "model_0000002.pth")["iteration"] == 2
     assert stop.value.iteration == 3 and (tmp_path / "last_checkpoint").read_text().strip() == "model_0000003.pth"
-    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".pth" or p.name.startswith(_TMP_PREFIX)) == [
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".pth" or p.name.startswith(TEMP_PREFIX)) == [
         "model_0000002.pth",
         "model_0000003.pth",
     ]  # and no temporary file left
