@@ -190,6 +190,7 @@ def test_tools_holds_the_user_tools_and_benchmarks_is_a_package_not_shipped():
     assert sorted(p.name for p in (ROOT / "tools").iterdir() if p.name != "__pycache__") == [
         "analyze.py",
         "benchmark.py",
+        "convert_data.py",
         "convert_weights.py",
         "demo.py",
         "eval.py",

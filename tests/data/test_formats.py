@@ -466,3 +466,47 @@ def test_each_format_trains_and_evaluates_from_its_config_entry(
     classes = json.loads((tmp_path / "out" / "classes.json").read_text())
     assert classes == [{"label": i, "category_id": i + 1, "name": n} for i, n in enumerate(CLASS_NAMES)]
     assert load_checkpoint(tmp_path / "out" / "model_final.pth")["class_names"] == CLASS_NAMES
+
+
+def test_the_tool_script_exits_2_with_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    args, where = _bad_yolo("1 0.5 0.5 0.2")(tmp_path)
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, str(root / "tools" / "convert_data.py"), *args, "--output", str(tmp_path / "o.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {where} 4 values; a YOLO line is `class cx cy w h` (5) or `class x1 y1 x2 y2 x3 y3 ...` "
+        "(a segment of 3 or more points) (or pass skip_bad / --skip-bad to skip it and list it)"
+    ]
+
+
+def test_classes_may_name_a_class_a_split_lacks_only_where_the_format_has_no_class_list(samples):
+    root, truth = samples["labelme"]
+    data = read_dataset("labelme", root / "val", classes=["triangle", "circle", "square", "star"])
+    assert [c["name"] for c in data["categories"]] == ["triangle", "circle", "square", "star"]
+    assert data["class_report"]["empty"] == ["triangle", "star"]
+    assert len(data["annotations"]) == sum(len(v) for v in truth["val"].values())
+    yolo_root, _ = samples["yolo"]
+    with pytest.raises(DataError, match=r"classes: 'star' not among the classes \(circle, square, triangle"):
+        read_dataset("yolo", yolo_root, split="val", classes=["circle", "star"])
+
+
+def test_image_size_is_the_exif_rotated_one(tmp_path):
+    from PIL import Image
+
+    from detkit.data.formats._common import image_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display
+    Image.new("RGB", (40, 20)).save(tmp_path / "r.jpg", exif=exif)
+    Image.new("RGB", (40, 20)).save(tmp_path / "p.jpg")
+    assert image_size(tmp_path / "r.jpg") == (20, 40) and image_size(tmp_path / "p.jpg") == (40, 20)
