@@ -509,3 +509,22 @@ def test_image_size_is_the_exif_rotated_one(tmp_path):
     Image.new("RGB", (40, 20)).save(tmp_path / "r.jpg", exif=exif)
     Image.new("RGB", (40, 20)).save(tmp_path / "p.jpg")
     assert image_size(tmp_path / "r.jpg") == (20, 40) and image_size(tmp_path / "p.jpg") == (40, 20)
+
+
+def test_cvat_rotated_box_and_ellipse_give_the_box_around_them(tmp_path):
+    (tmp_path / "annotations.xml").write_text(
+        "<annotations><version>1.1</version><meta><project><labels><label><name>a</name></label></labels>"
+        '</project></meta><image id="0" name="a.jpg" width="100" height="100">'
+        '<box label="a" occluded="0" xtl="10" ytl="20" xbr="50" ybr="40" rotation="90.0"/>'
+        '<box label="a" occluded="0" xtl="0" ytl="0" xbr="2" ybr="2" rotation="45"/>'
+        '<ellipse label="a" occluded="1" cx="50" cy="60" rx="10" ry="5"/>'
+        '<polyline label="a" occluded="0" points="1,1;5,5"/>'
+        "</image></annotations>"
+    )
+    data = read_dataset("cvat", tmp_path / "annotations.xml")
+    half = math.sqrt(2.0)
+    expected = [[20.0, 10.0, 20.0, 40.0], [1 - half, 1 - half, 2 * half, 2 * half], [40.0, 55.0, 20.0, 10.0]]
+    for ann, want in zip(data["annotations"], expected, strict=True):
+        np.testing.assert_allclose(ann["bbox"], want, atol=1e-9)
+    assert [a["occluded"] for a in data["annotations"]] == [0, 0, 1]
+    assert data["ignored"][0]["message"] == "<polyline> is not a box"

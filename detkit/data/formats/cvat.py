@@ -10,7 +10,8 @@ The file (CVAT's documented format):
         <polygon label="car" occluded="1" points="1.0,2.0;30.5,2.0;30.5,40.0" z_order="0"/>
         <ellipse label="car" cx="50" cy="50" rx="10" ry="5"/>
       </image></annotations>
-Coordinates are continuous pixels (CVAT's canvas): a box is [xtl, ytl, xbr - xtl, ybr - ytl], a
+Coordinates are continuous pixels (CVAT's canvas): a box is [xtl, ytl, xbr - xtl, ybr - ytl] (a box
+with a `rotation`, in degrees about its centre, gives the box around its rotated corners), a
 polygon or ellipse its bounding box. `occluded` (0/1) is kept per annotation. `polyline`, `points`,
 `mask`, `cuboid`, `skeleton` and `tag` are not boxes: left out and reported. A shape whose label is not
 in `meta` is bad input. Image names are relative to `image_root` (default: the `images` folder beside
@@ -21,6 +22,7 @@ Categories: the labels of `meta`, in their order there.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from detkit.data.formats._common import CocoBuilder, XmlNode, parse_xml, to_float
@@ -48,6 +50,13 @@ def _box(node: XmlNode) -> list[float] | str:
         x0, y0, x1, y1 = (to_float(a.get(k)) for k in ("xtl", "ytl", "xbr", "ybr"))
         if x0 is None or y0 is None or x1 is None or y1 is None:
             return "a <box> needs numeric xtl, ytl, xbr, ybr"
+        rotation = to_float(a.get("rotation")) or 0.0
+        if rotation % 180.0:  # a rotated box (degrees about its centre): the box around its corners
+            theta = math.radians(rotation)
+            cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+            ex = hw * abs(math.cos(theta)) + hh * abs(math.sin(theta))
+            ey = hw * abs(math.sin(theta)) + hh * abs(math.cos(theta))
+            return [cx - ex, cy - ey, 2 * ex, 2 * ey]
         return [x0, y0, x1 - x0, y1 - y0]
     if node.tag == "ellipse":
         cx, cy, rx, ry = (to_float(a.get(k)) for k in ("cx", "cy", "rx", "ry"))
