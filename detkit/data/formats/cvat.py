@@ -53,10 +53,10 @@ def _box(node: XmlNode) -> list[float] | str:
         rotation = to_float(a.get("rotation")) or 0.0
         if rotation % 180.0:  # a rotated box (degrees about its centre): the box around its corners
             theta = math.radians(rotation)
-            cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+            mx, my, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
             ex = hw * abs(math.cos(theta)) + hh * abs(math.sin(theta))
             ey = hw * abs(math.sin(theta)) + hh * abs(math.cos(theta))
-            return [cx - ex, cy - ey, 2 * ex, 2 * ey]
+            return [mx - ex, my - ey, 2 * ex, 2 * ey]
         return [x0, y0, x1 - x0, y1 - y0]
     if node.tag == "ellipse":
         cx, cy, rx, ry = (to_float(a.get(k)) for k in ("cx", "cy", "rx", "ry"))
