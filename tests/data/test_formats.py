@@ -528,3 +528,14 @@ def test_cvat_rotated_box_and_ellipse_give_the_box_around_them(tmp_path):
         np.testing.assert_allclose(ann["bbox"], want, atol=1e-9)
     assert [a["occluded"] for a in data["annotations"]] == [0, 0, 1]
     assert data["ignored"][0]["message"] == "<polyline> is not a box"
+
+
+def test_yolo_roboflow_layout_with_dotdot_split_paths(samples, tmp_path):
+    import shutil
+
+    root, truth = samples["yolo"]
+    export = tmp_path / "roboflow"
+    shutil.copytree(root / "images" / "val", export / "valid" / "images")
+    shutil.copytree(root / "labels" / "val", export / "valid" / "labels")
+    (export / "data.yaml").write_text(f"train: ../train/images\nval: ../valid/images\nnc: 3\nnames: {CLASS_NAMES}\n")
+    assert_same_boxes(boxes_by_stem(read_dataset("yolo", export, split="val")), truth["val"])

@@ -3,10 +3,10 @@
     data = read_yolo("mydata/data.yaml", split="val")   # or the folder that holds data.yaml
 
 data.yaml (as Ultralytics reads it):
-    path: .                 # dataset root; relative: to data.yaml's folder (else the current directory);
-                            # absent: data.yaml's folder
+    path: .                 # dataset root; relative: to data.yaml's folder (else the current directory;
+                            # Ultralytics takes it from its datasets_dir setting); absent: data.yaml's folder
     train: images/train     # a folder of images (searched recursively), a .txt list of image paths,
-    val: images/val         # or a list of these; relative to `path`
+    val: images/val         # or a list of these; relative to `path` (`../x` that is not there: `x`)
     names: [cat, dog]       # or {0: cat, 1: dog}
 The label file of `<...>/images/<...>/x.jpg` is `<...>/labels/<...>/x.txt` (the last `images` folder
 of the path becomes `labels`), one object per line:
@@ -85,6 +85,8 @@ def _split_images(yaml_file: Path, data: dict, root: Path, split: str) -> list[P
     for item in entry if isinstance(entry, list) else [entry]:
         p = Path(str(item)).expanduser()
         p = p if p.is_absolute() else root / p
+        if not p.exists() and str(item).startswith("../"):
+            p = root / str(item)[3:]  # Roboflow's `train: ../train/images` beside data.yaml (Ultralytics does this too)
         if p.is_dir():
             images.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES))
         elif p.is_file() and p.suffix == ".txt":
