@@ -30,6 +30,7 @@ TASKS: dict[str, tuple[str, str]] = {
     "analyze": ("detkit.cli.analyze", "error analysis of predictions (TIDE, confusion, PR curves), dataset report"),
     "benchmark": ("detkit.cli.benchmark", "speed of detkit vs torchvision, of evaluation, the loader, exported files"),
     "convert-weights": ("detkit.cli.convert_weights", "Detectron2 / MSRA / torchvision weights -> a detkit checkpoint"),
+    "convert-data": ("detkit.cli.convert_data", "VOC / YOLO / LabelMe / CVAT annotations -> one COCO json"),
     "plot": ("detkit.cli.plot", "draw a run's metrics.jsonl as PNG curves (losses, lr, eval)"),
     "demo": ("detkit.cli.demo", "train and evaluate ResNet-18 C4 on generated shapes, draw detections"),
 }

@@ -4,9 +4,10 @@
     info = get_dataset_info(cfg, "train")            # class_names, category_ids, ann_file
     for images, targets, metas in build_train_loader(cfg, rank, world_size, start_iter): ...
 
-Modules: image_io (files -> uint8 arrays), coco (COCO json -> validated records), synthetic (the
-shapes dataset), transforms (albumentations with boxes), datasets (config entries -> records and
-class names), loader (samplers, collate, the two loaders).
+Modules: image_io (files -> uint8 arrays), coco (COCO json -> validated records), formats (Pascal
+VOC, YOLO, LabelMe and CVAT annotations -> COCO dicts), synthetic (the shapes dataset), transforms
+(albumentations with boxes), datasets (config entries -> records and class names), loader
+(samplers, collate, the two loaders).
 
 The names below are imported on first use, so `import detkit.data.synthetic` (which the shapes
 generator's worker processes do) does not pull in torch and albumentations.
@@ -21,6 +22,7 @@ _EXPORTS = {
     "read_image": "image_io",
     "decode_image": "image_io",
     "load_coco_json": "coco",
+    "read_dataset": "formats",
     "DetectionRecords": "coco",
     "ImageRecord": "coco",
     "ensure_shapes_dataset": "synthetic",

@@ -2,7 +2,9 @@
 
 A dataset is a `DatasetConfig` entry under `data.train` or `data.test`; there is no registration
 step. Type `coco` points at an annotation json and an image folder; type `shapes` generates the
-synthetic set on first use (detkit.data.synthetic) and then reads it like any COCO json.
+synthetic set on first use (detkit.data.synthetic) and then reads it like any COCO json; types
+`voc`, `yolo`, `labelme` and `cvat` read what a labelling tool wrote (`path`) and convert it once
+to a cached COCO json (detkit.data.formats), which the loaders and the evaluator then read.
 
     info = get_dataset_info(cfg, "train")   # DatasetInfo(class_names, category_ids, ...)
 
@@ -20,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+import numpy as np
 
 from detkit.config import Config, DatasetConfig
 from detkit.data.coco import CocoDataset, DetectionRecords, load_coco_json_cached
@@ -60,20 +64,46 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return alt if alt.exists() else p.absolute()
 
 
+def has_class_options(ds: DatasetConfig) -> bool:
+    return bool(ds.classes or ds.rename or ds.drop_empty_classes)
+
+
 def dataset_files(ds: DatasetConfig) -> tuple[str, str]:
-    """(ann_file, image_root) of a dataset entry; a shapes entry is generated here when missing."""
+    """(ann_file, image_root) of a dataset entry, as COCO json + image folder.
+
+    A shapes entry is generated here when missing; a voc / yolo / labelme / cvat entry (and a coco
+    entry with class options) is converted to a cached COCO json (detkit.data.formats).
+    """
+    from detkit.data import formats
+
     if ds.type == "shapes":
         root = Path(ds.root).expanduser()
         return ensure_shapes_dataset(params_from_config(ds), root if root.is_absolute() else Path.cwd() / root)
-    return str(resolve_path(ds.ann_file)), str(resolve_path(ds.image_root))
+    if ds.type == "coco" and not has_class_options(ds):
+        return str(resolve_path(ds.ann_file)), str(resolve_path(ds.image_root))
+    source = ds.ann_file if ds.type == "coco" else ds.path
+    if not source:
+        key = "ann_file" if ds.type == "coco" else "path"
+        raise DataError(
+            f"dataset {ds.name or ds.type!r} (type {ds.type}) has no {key}: set {key}: to "
+            + ("its COCO json" if ds.type == "coco" else "the folder or file the labelling tool wrote")
+        )
+    options = formats.dataset_options(ds)
+    if options["image_root"]:
+        options["image_root"] = str(resolve_path(options["image_root"]))
+    if ds.type == "coco" and not options["image_root"]:
+        raise DataError(f"dataset {ds.name or 'coco'!r} has no image_root: set image_root: to its image folder")
+    return formats.converted_coco_json(ds.type, resolve_path(source), options, name=ds.name)
 
 
 def load_dataset(ds: DatasetConfig) -> CocoDataset:
-    """Load (or generate and load) one dataset entry, validated; cached while the json is unchanged."""
+    """Load (or generate, or convert, and load) one dataset entry, validated; cached while the json
+    is unchanged."""
     ann_file, image_root = dataset_files(ds)
-    return load_coco_json_cached(
-        ann_file, image_root, name=ds.name or (f"shapes_{ds.split}" if ds.type == "shapes" else "")
+    default_name = (
+        f"shapes_{ds.split}" if ds.type == "shapes" else (f"{ds.type}_{ds.split}" if ds.type != "coco" else "")
     )
+    return load_coco_json_cached(ann_file, image_root, name=ds.name or default_name)
 
 
 def _entries(cfg: Config, split: str) -> Sequence[DatasetConfig]:
@@ -111,11 +141,20 @@ def _first_difference(a: CocoDataset, b: CocoDataset) -> str:
     return "none"
 
 
-def check_num_classes(cfg: Config, num_dataset_classes: int, what: str) -> None:
+def check_num_classes(cfg: Config, num_dataset_classes: int, what: str, empty_classes: Sequence[str] = ()) -> None:
+    """model.num_classes must equal the dataset's category count: one DataError saying both (and
+    naming the classes without a box, which a labelling tool's export may add)."""
     if cfg.model.num_classes != num_dataset_classes:
+        hint = (
+            f"; {len(empty_classes)} of them have no box ({', '.join(empty_classes[:10])}): "
+            "drop_empty_classes: true on the dataset entry removes them"
+            if empty_classes
+            else ""
+        )
         raise DataError(
             f"model.num_classes is {cfg.model.num_classes} but {what} has {num_dataset_classes} categories; "
             f"set model.num_classes: {num_dataset_classes} in the config (or pass model.num_classes={num_dataset_classes})"
+            + hint
         )
 
 
@@ -132,8 +171,11 @@ def load_split(
     datasets = [load_dataset(ds) for ds in entries]
     check_same_categories(datasets)
     names = ", ".join(repr(d.name) for d in datasets)
-    check_num_classes(cfg, len(datasets[0].category_ids), f"the {split} data ({names})")
     records = DetectionRecords.concat([d.records for d in datasets])
+    if cfg.model.num_classes != len(datasets[0].category_ids):
+        counts = np.bincount(records.labels, minlength=len(datasets[0].category_ids))
+        empty = [n for n, k in zip(datasets[0].class_names, counts) if k == 0]
+        check_num_classes(cfg, len(datasets[0].category_ids), f"the {split} data ({names})", empty)
     return datasets, records
 
 

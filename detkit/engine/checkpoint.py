@@ -145,7 +145,7 @@ def restore_rng_state(state: dict) -> None:
 # Files that say a training run happened in an output dir (a fresh run refuses to go over them),
 # and the other files a run writes there (removed with them by --overwrite).
 _RUN_MARKERS = (LAST_CHECKPOINT, FINAL_NAME, "metrics.jsonl")
-_RUN_FILES = ("config.yaml", "log.txt", "summary.json", "events.out.tfevents.*", TEMP_PREFIX + "*")
+_RUN_FILES = ("config.yaml", "classes.json", "log.txt", "summary.json", "events.out.tfevents.*", TEMP_PREFIX + "*")
 
 
 def existing_run_files(output_dir: str | Path) -> list[Path]:

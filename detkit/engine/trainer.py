@@ -57,6 +57,7 @@ from detkit.utils.metrics import MetricsWriter
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
+CLASSES_FILE = "classes.json"  # label -> category id -> name of the run
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,6 +247,17 @@ class Trainer:
         names, ids, _ = _dataset_info(self.cfg, "train")
         return names, ids
 
+    def _write_classes(self) -> None:
+        """output_dir/classes.json: the label -> category id -> class name table of this run (also in
+        every checkpoint), so predictions and detections can be read with the user's names."""
+        if not self.class_names:
+            return
+        table = [
+            {"label": label, "category_id": cid, "name": name}
+            for label, (cid, name) in enumerate(zip(self.category_ids, self.class_names))
+        ]
+        (self.output_dir / CLASSES_FILE).write_text(json.dumps(table, indent=2) + "\n")
+
     def _check_test_data(self) -> None:
         """Read the test annotations now, as the evaluation will (the test loader's and the
         evaluator's checks, which follow the same rules), so that a bad file stops the run before
@@ -410,6 +422,7 @@ class Trainer:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.output_dir / "config.yaml")
+            self._write_classes()
         logger.info(
             "training on %s x%d, amp %s, %d images/iteration (%d per process), iterations %d..%d",
             self.device,
