@@ -51,6 +51,7 @@ from detkit.engine.lr_schedule import build_lr_scheduler, build_optimizer
 from detkit.engine.preemption import PreemptionWatcher, TrainingPreempted, parse_signals
 from detkit.errors import CheckpointError, ConfigError, NonFiniteLossError
 from detkit.utils.env import AmpChoice, configure_backends, resolve_device, seed_all, select_amp
+from detkit.utils.files import atomic_write
 from detkit.utils.logging import WindowedValue, format_progress, peak_memory_mb
 from detkit.utils.metrics import MetricsWriter
 
@@ -256,7 +257,8 @@ class Trainer:
             {"label": label, "category_id": cid, "name": name}
             for label, (cid, name) in enumerate(zip(self.category_ids, self.class_names))
         ]
-        (self.output_dir / CLASSES_FILE).write_text(json.dumps(table, indent=2) + "\n")
+        text = json.dumps(table, indent=2) + "\n"
+        atomic_write(self.output_dir / CLASSES_FILE, lambda f: f.write(text), mode="w")
 
     def _check_test_data(self) -> None:
         """Read the test annotations now, as the evaluation will (the test loader's and the
