@@ -97,11 +97,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    type: Literal["coco", "shapes"] = "coco"
+    type: Literal["coco", "shapes", "voc"] = "coco"
     name: str = ""
     # type coco
     ann_file: str = ""
     image_root: str = ""
+    # type voc: the VOCdevkit year folder (Annotations/, JPEGImages/, ImageSets/Main/<split>.txt)
+    path: str = ""
     # type shapes: generated on first use under `root`, cached by these parameters
     root: str = "datasets/shapes"
     split: str = "train"
