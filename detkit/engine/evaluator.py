@@ -19,6 +19,9 @@ Bad input never reaches pycocotools' asserts: a predictions list with unknown im
 ids or malformed entries raises `DataError` naming the first offenders and the fix; an empty list
 is a documented zero result (AP 0 wherever there is ground truth) with a warning.
 
+Pascal VOC's metric (test.metric: voc07 | voc12) is detkit.engine.voc_evaluator.VOCEvaluator, with
+the same checks of ground truth and predictions; `build_evaluator` returns the one a config names.
+
 Backends: `pycocotools` (the reference) and `faster_coco_eval` (C++ matching and accumulation, the
 `fast-eval` extra). "auto" picks faster_coco_eval when it imports. Both give the same 12 stats: on
 the tests' hand-made data (crowd, empty images, ties, > 100 detections per image) the largest
