@@ -269,6 +269,7 @@ class VOCResult:
     ap: (T, K) AP of each IoU threshold (IOU_THRESHOLDS_PERCENT) and category, 0..1, NaN where undefined
     num_positives: (K,) ground-truth boxes per category that are not difficult
     num_detections: (K,) detections per category
+    metric: "voc07" | "voc12"
     """
 
     metrics: dict

@@ -418,6 +418,13 @@ def test_file_mode_with_the_voc_metric(tmp_path, capsys):
     assert f"{metrics['AP50']:.3f}" in stdout and f"{metrics['per_class']['a']:.3f}" in stdout
 
 
+def test_metric_flag_is_for_file_mode_only(tmp_path):
+    from detkit.cli.eval import main
+
+    with pytest.raises(ConfigError, match=r"in model mode set test\.metric=voc07"):
+        main(["configs/frcnn_r101_voc.yaml", "--weights", str(tmp_path / "model.pth"), "--metric", "voc07"])
+
+
 def test_undefined_classes_are_null_in_metrics_json_and_nan_in_the_table(tmp_path):
     classes, images, gt, dets = case("hand")
     metrics = VOCEvaluator(voc_dataset(classes, images, gt), "voc12").evaluate(model_predictions(images, dets))
