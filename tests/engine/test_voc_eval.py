@@ -461,11 +461,13 @@ def test_fast_rounding_equals_python_formatting():
 # --------------------------------------------------------------------------------------------
 
 
-def test_trainer_evaluation_reports_voc_metrics(tmp_path):
-    """evaluate_model with test.metric=voc07 on a random tiny model: the numbers of VOCEvaluator on the
-    same model's predictions, under the trainer's "bbox/" keys, with per-class "bbox/AP50-<name>".
-    The ground truth is made from the model's own detections (some marked difficult) so the AP is
-    far from 0."""
+@pytest.mark.slow  # two model builds and three inference passes of a tiny R18: a few seconds
+def test_trainer_evaluation_and_eval_command_report_voc_metrics(tmp_path, capsys):
+    """test.metric=voc07 on a random tiny model: evaluate_model (the trainer's periodic and final
+    evaluation) reports VOCEvaluator's numbers on the same model's predictions under the trainer's
+    "bbox/" keys, with per-class "bbox/AP50-<name>"; `detkit eval --weights` writes the same numbers
+    to metrics.json and prints the VOC tables. The ground truth is made from the model's own
+    detections (some marked difficult) so that the AP is far from 0."""
     from detkit.config import load_config
     from detkit.data.synthetic import ShapesParams, ensure_shapes_dataset
     from detkit.engine.trainer import evaluate_model
@@ -524,3 +526,27 @@ def test_trainer_evaluation_reports_voc_metrics(tmp_path):
         nan_ok=True,
     )
     assert results["per_class"] == pytest.approx(expected["per_class"], rel=1e-12, nan_ok=True)
+
+    # The eval command in model mode, on a checkpoint of the same model.
+    from detkit.cli.eval import main
+    from detkit.config import config_to_dict
+    from detkit.engine.checkpoint import save_checkpoint
+
+    checkpoint = tmp_path / "model.pth"
+    state = {
+        "model": model.state_dict(),
+        "config": config_to_dict(cfg),
+        "class_names": ["circle", "square", "triangle"],
+    }
+    save_checkpoint(state, checkpoint)
+    assert main(["--weights", str(checkpoint), f"output_dir={tmp_path / 'eval'}"]) == 0
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert list(written) == ["AP", "AP50", "AP75", "per_class"]
+    assert [written[k] for k in ("AP", "AP50", "AP75")] == pytest.approx(
+        [expected["AP"], expected["AP50"], expected["AP75"]], rel=1e-12
+    )
+    # A class without a box that is not difficult is null in metrics.json.
+    assert written["per_class"] == {
+        name: None if math.isnan(ap) else pytest.approx(ap, rel=1e-12) for name, ap in expected["per_class"].items()
+    }
+    assert "Pascal VOC metric voc07, 11-point" in capsys.readouterr().out
