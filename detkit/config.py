@@ -97,13 +97,20 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    type: Literal["coco", "shapes", "voc"] = "coco"
+    type: Literal["coco", "shapes", "voc", "yolo", "labelme", "cvat"] = "coco"
     name: str = ""
     # type coco
     ann_file: str = ""
-    image_root: str = ""
-    # type voc: the VOCdevkit year folder (Annotations/, JPEGImages/, ImageSets/Main/<split>.txt)
+    image_root: str = ""  # also voc / labelme / cvat: where the images are, when not the format's default
+    # types voc, yolo, labelme, cvat (detkit.data.formats): what the labelling tool wrote; `split` picks
+    # VOC's ImageSets/Main/<split>.txt ("" = every XML) or the data.yaml key of YOLO
     path: str = ""
+    subset: str = ""  # cvat: only the images of this subset
+    # every type but shapes: the class table (renamed, then selected, then empty classes dropped)
+    classes: tuple[str, ...] = ()  # keep these classes, in this order (ids 1..K)
+    rename: dict = field(default_factory=dict)  # {old: new}; one new name for several old ones merges them
+    drop_empty_classes: bool = False  # remove classes without a single box (always reported)
+    skip_bad: bool = False  # skip unparseable annotations (listed and counted) instead of stopping
     # type shapes: generated on first use under `root`, cached by these parameters
     root: str = "datasets/shapes"
     split: str = "train"
