@@ -175,7 +175,10 @@ class SolverConfig:
 class TestConfig:
     __test__ = False  # not a pytest class
     eval_period: int = 0
-    eval_backend: Literal["auto", "pycocotools", "faster_coco_eval"] = "auto"
+    # coco: COCOeval's 12 numbers; voc07 / voc12: Pascal VOC AP (11-point / area under the curve),
+    # Detectron2's PascalVOCDetectionEvaluator arithmetic (detkit.engine.voc_evaluator).
+    metric: Literal["coco", "voc07", "voc12"] = "coco"
+    eval_backend: Literal["auto", "pycocotools", "faster_coco_eval"] = "auto"  # for metric: coco
     ims_per_batch: int = 8
     amp: Literal["off", "bf16", "fp16", "auto"] = "off"  # inference precision (Detectron2: fp32)
 

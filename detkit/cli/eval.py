@@ -1,5 +1,6 @@
-"""`detkit eval` (also tools/eval.py, detkit-eval): COCO box AP of a model, or of an existing
-predictions file.
+"""`detkit eval` (also tools/eval.py, detkit-eval): box AP of a model, or of an existing
+predictions file: COCO's metric, or Pascal VOC's (test.metric=voc07 | voc12 in model mode,
+--metric in file mode; detkit.engine.voc_evaluator).
 
 Model mode (inference on the config's test set, then evaluation):
     detkit eval configs/shapes_r18.yaml --weights output/model_final.pth [key=value ...]
@@ -9,7 +10,7 @@ Model mode (inference on the config's test set, then evaluation):
     shard of the test set and rank 0 evaluates and writes.
 
 File mode (no model, predictions from any tool):
-    detkit eval --gt instances_val.json --predictions predictions.json [--out metrics.json]
+    detkit eval --gt instances_val.json --predictions predictions.json [--out metrics.json] [--metric voc07]
 """
 
 from __future__ import annotations
@@ -27,18 +28,21 @@ from detkit.errors import ConfigError
 logger = logging.getLogger("detkit.cli.eval")
 
 _BACKEND_CHOICES = ("auto", "pycocotools", "faster_coco_eval")
+_METRIC_CHOICES = ("coco", "voc07", "voc12")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="detkit eval",
-        description="COCO box evaluation. Model mode: CONFIG --weights CKPT [key=value ...]. "
+        description="Box evaluation (COCO or Pascal VOC AP). Model mode: CONFIG --weights CKPT [key=value ...]. "
         "File mode: --gt instances.json --predictions predictions.json [--out metrics.json].",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  detkit eval configs/shapes_r18.yaml --weights output/shapes_r18/model_final.pth output_dir=output/eval\n"
         "  detkit eval --model model.onnx output_dir=output/eval_onnx          # an exported file, its own config\n"
-        "  detkit eval --gt annotations/instances_val2017.json --predictions predictions.json",
+        "  detkit eval --gt annotations/instances_val2017.json --predictions predictions.json\n"
+        "  detkit eval configs/frcnn_r101_voc.yaml --weights model_final.pth    # test.metric: voc07 in the config\n"
+        "  detkit eval --gt voc2007_test.json --predictions predictions.json --metric voc07",
     )
     parser.add_argument("config", nargs="?", help="model mode: YAML config (default: the checkpoint's config)")
     parser.add_argument("overrides", nargs="*", help="model mode: config overrides key=value")
@@ -55,7 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         choices=_BACKEND_CHOICES,
         default=None,
-        help="evaluation backend (default: test.eval_backend in model mode, auto in file mode)",
+        help="evaluation backend of the COCO metric (default: test.eval_backend in model mode, auto in file mode)",
+    )
+    parser.add_argument(
+        "--metric",
+        choices=_METRIC_CHOICES,
+        default=None,
+        help="file mode: coco (default), voc07 (VOC2007 11-point AP) or voc12 (area under the PR curve); "
+        "the ground truth's 'difficult' annotations are ignored by the VOC metrics. "
+        "Model mode: set test.metric=... instead",
     )
     return parser
 
@@ -85,6 +97,10 @@ def main(argv: Sequence[str]) -> int:
         )
     if args.out:
         raise ConfigError("--out is for file mode; in model mode metrics.json goes to output_dir (output_dir=DIR)")
+    if args.metric:
+        raise ConfigError(
+            f"--metric is for file mode; in model mode set test.metric={args.metric} (a key=value override)"
+        )
     return _model_mode(args)
 
 
@@ -96,15 +112,16 @@ def _print_metrics(metrics: dict, header: str) -> None:
 
 
 def _file_mode(args: argparse.Namespace) -> int:
-    from detkit.engine.evaluator import COCOEvaluator, dump_metrics, load_predictions
+    from detkit.engine.evaluator import build_evaluator, dump_metrics, load_predictions
 
     predictions = load_predictions(args.predictions)
-    evaluator = COCOEvaluator(args.gt, backend=args.backend or "auto")
+    metric = args.metric or "coco"
+    evaluator = build_evaluator(args.gt, metric, backend=args.backend or "auto")
     metrics = evaluator.run(predictions, source=args.predictions).metrics
     _print_metrics(
         metrics,
         f"{len(predictions)} predictions on {len(evaluator.image_ids)} images of {args.gt} "
-        f"(backend {evaluator.backend}):",
+        f"({_method(metric, evaluator)}):",
     )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +147,7 @@ def _model_mode(args: argparse.Namespace) -> int:
     from detkit.data import build_test_loader, get_dataset_info
     from detkit.engine.checkpoint import load_checkpoint
     from detkit.engine.distributed import destroy, init_distributed
-    from detkit.engine.evaluator import COCOEvaluator, dump_metrics, dump_predictions, inference_on_dataset
+    from detkit.engine.evaluator import build_evaluator, dump_metrics, dump_predictions, inference_on_dataset
     from detkit.engine.predictor import build_model_from_checkpoint, check_checkpoint
     from detkit.utils.env import resolve_device, select_amp
 
@@ -164,7 +181,7 @@ def _model_mode(args: argparse.Namespace) -> int:
     info = get_dataset_info(cfg, split="test")
     category_ids = _category_ids_for(state, info, args.weights)
     # Load the ground truth before the long inference so a bad file fails fast.
-    evaluator = COCOEvaluator(info.ann_file, backend=backend) if dist.is_main else None
+    evaluator = build_evaluator(info.ann_file, cfg.test.metric, backend=backend) if dist.is_main else None
 
     if exported is None:
         model = build_model_from_checkpoint(state, cfg, device, source=args.weights)
@@ -186,10 +203,18 @@ def _model_mode(args: argparse.Namespace) -> int:
     dump_metrics(metrics, out_dir / "metrics.json")
     dump_config(cfg, out_dir / "eval_config.yaml")
     _print_metrics(
-        metrics, f"{args.weights} on {info.ann_file} ({len(predictions)} detections, backend {evaluator.backend}):"
+        metrics,
+        f"{args.weights} on {info.ann_file} ({len(predictions)} detections, {_method(cfg.test.metric, evaluator)}):",
     )
     print(f"predictions and metrics written to {out_dir}/predictions.json, {out_dir}/metrics.json")
     return 0
+
+
+def _method(metric: str, evaluator: Any) -> str:
+    """How the numbers were computed, for the header line: the COCO backend or the VOC metric."""
+    if metric == "coco":
+        return f"backend {evaluator.backend}"
+    return f"Pascal VOC metric {metric}, {'11-point' if metric == 'voc07' else 'area under the curve'}"
 
 
 def _category_ids_for(state: dict, info, weights: str) -> list[int]:

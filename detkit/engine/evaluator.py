@@ -19,6 +19,9 @@ Bad input never reaches pycocotools' asserts: a predictions list with unknown im
 ids or malformed entries raises `DataError` naming the first offenders and the fix; an empty list
 is a documented zero result (AP 0 wherever there is ground truth) with a warning.
 
+Pascal VOC's metric (test.metric: voc07 | voc12) is detkit.engine.voc_evaluator.VOCEvaluator, with
+the same checks of ground truth and predictions; `build_evaluator` returns the one a config names.
+
 Backends: `pycocotools` (the reference) and `faster_coco_eval` (C++ matching and accumulation, the
 `fast-eval` extra). "auto" picks faster_coco_eval when it imports. Both give the same 12 stats: on
 the tests' hand-made data (crowd, empty images, ties, > 100 detections per image) the largest
@@ -157,13 +160,27 @@ def load_ground_truth(ann_file: str | Path) -> dict:
     (COCOeval keys matches by id, and id 0 reads as "unmatched").
     """
     data = read_coco_dict(ann_file, "ground-truth")
+    return prepare_ground_truth(data, str(ann_file), errors_heading=f"ground-truth file {ann_file}")
+
+
+def prepare_ground_truth(data: dict, source: str, errors_heading: str | None = None) -> dict:
+    """`load_ground_truth` for a COCO-format dict already in memory (a dataset reader's output).
+
+    `source` names the data in messages (errors_heading, default "ground truth <source>", heads the
+    list of errors). The dict and its annotations are changed in place.
+    """
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(f"{source}: the COCO key {key!r} is missing or not a list")
+    if not isinstance(data.setdefault("annotations", []), list):
+        raise DataError(f"{source}: the COCO key 'annotations' must be a list")
     index = check_coco(data)
-    raise_coco_errors(index.errors, f"ground-truth file {ann_file}")
+    raise_coco_errors(index.errors, errors_heading or f"ground truth {source}")
     annotations = data["annotations"]
     if index.degenerate.any():
         logger.warning(
             "%s: %d boxes with w or h <= 0 or non-finite values dropped (first: %s)",
-            ann_file,
+            source,
             int(index.degenerate.sum()),
             ", ".join(degenerate_box_examples(annotations, index.degenerate)),
         )
@@ -174,10 +191,10 @@ def load_ground_truth(ann_file: str | Path) -> dict:
             ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
             filled_area += 1
     if filled_area:
-        logger.warning("%s: %d annotations had no 'area'; using bbox w*h", ann_file, filled_area)
+        logger.warning("%s: %d annotations had no 'area'; using bbox w*h", source, filled_area)
     ann_ids = [ann.get("id") for ann in annotations]
     if any(not _is_int(a) or a == 0 for a in ann_ids) or len(set(ann_ids)) != len(ann_ids):
-        logger.warning("%s: annotation ids are missing, 0 or duplicated; renumbering them 1..N", ann_file)
+        logger.warning("%s: annotation ids are missing, 0 or duplicated; renumbering them 1..N", source)
         for new_id, ann in enumerate(annotations, start=1):
             ann["id"] = new_id
     data["annotations"] = annotations
@@ -388,10 +405,35 @@ def _percent(stat: float) -> float:
     return float(stat * 100) if stat > -1 else math.nan
 
 
-def evaluate_files(gt_file: str | Path, predictions_file: str | Path, backend: str = "auto") -> dict:
+EVAL_METRICS = ("coco", "voc07", "voc12")
+
+
+def build_evaluator(
+    ground_truth: str | Path | dict, metric: str = "coco", backend: str = "auto", source: str | None = None
+) -> Any:
+    """The evaluator of `test.metric`: COCOEvaluator ("coco") or VOCEvaluator ("voc07", "voc12").
+
+    Both have .run(predictions, source) -> a result with .metrics, .evaluate(predictions) -> metrics,
+    .image_ids and .category_ids. ground_truth: a COCO json file (a COCO-format dict for VOC metrics
+    too). backend: COCO's (pycocotools / faster_coco_eval); VOC metrics have their own code.
+    """
+    if metric == "coco":
+        if isinstance(ground_truth, dict):
+            raise ConfigError("test.metric=coco evaluates a COCO json file; write the dataset with detkit-convert-data")
+        return COCOEvaluator(ground_truth, backend=backend)
+    if metric in EVAL_METRICS:
+        from detkit.engine.voc_evaluator import VOCEvaluator
+
+        return VOCEvaluator(ground_truth, metric=metric, source=source)
+    raise ConfigError(f"test.metric={metric!r} is not a metric; use {', '.join(EVAL_METRICS)}")
+
+
+def evaluate_files(
+    gt_file: str | Path, predictions_file: str | Path, backend: str = "auto", metric: str = "coco"
+) -> dict:
     """Metrics of a COCO results file against a COCO instances file (tools/eval.py file mode)."""
     predictions = load_predictions(predictions_file)
-    return COCOEvaluator(gt_file, backend=backend).run(predictions, source=str(predictions_file)).metrics
+    return build_evaluator(gt_file, metric, backend).run(predictions, source=str(predictions_file)).metrics
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,21 +474,34 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
+def _per_class_table(per_class: dict, columns: int, title: str, value_name: str) -> list[str]:
+    """[title, markdown table] of `per_class` {name: value}, `columns` name/value pairs a row; [] when empty."""
+    items = list(per_class.items())
+    if not items:
+        return []
+    columns = max(1, min(columns, len(items)))
+    cells = [c for name, ap in items for c in (name, _cell(ap))]
+    cells += [""] * (-len(cells) % (2 * columns))
+    rows = [cells[i : i + 2 * columns] for i in range(0, len(cells), 2 * columns)]
+    return [title, _markdown_table(["category", value_name] * columns, rows)]
+
+
 def format_metrics(metrics: dict, columns: int = 3) -> str:
-    """Markdown tables of the summary numbers and of the per-class AP (`columns` name/AP pairs a row)."""
+    """Markdown tables of the summary numbers and of the per-class AP (`columns` name/AP pairs a row).
+
+    A VOC metrics dict (no "APs"; see detkit.engine.voc_evaluator) gets the VOC tables.
+    """
+    if "APs" not in metrics and "AP50" in metrics:
+        from detkit.engine.voc_evaluator import format_voc_metrics
+
+        return format_voc_metrics(metrics, columns)
     ap_keys, ar_keys = METRIC_KEYS[:6], METRIC_KEYS[6:]
     parts = [
         "Box AP (COCO, IoU .50:.95 unless named):",
         _markdown_table(ap_keys, [[_cell(metrics[k]) for k in ap_keys]]),
         _markdown_table(ar_keys, [[_cell(metrics[k]) for k in ar_keys]]),
     ]
-    per_class = list(metrics.get("per_class", {}).items())
-    if per_class:
-        columns = max(1, min(columns, len(per_class)))
-        cells = [c for name, ap in per_class for c in (name, _cell(ap))]
-        cells += [""] * (-len(cells) % (2 * columns))
-        rows = [cells[i : i + 2 * columns] for i in range(0, len(cells), 2 * columns)]
-        parts += ["Per-class AP:", _markdown_table(["category", "AP"] * columns, rows)]
+    parts += _per_class_table(metrics.get("per_class", {}), columns, "Per-class AP:", "AP")
     return "\n".join(parts)
 
 

@@ -266,11 +266,13 @@ class Trainer:
         its first iteration rather than after its last one."""
         if not self.cfg.data.test:
             return
-        from detkit.engine.evaluator import load_ground_truth
+        from detkit.engine.evaluator import build_evaluator, load_ground_truth
 
         _, _, ann_file = _dataset_info(self.cfg, "test")
-        if ann_file:
+        if ann_file and self.cfg.test.metric == "coco":
             load_ground_truth(ann_file)
+        elif ann_file:  # the VOC evaluator also checks the "difficult" values
+            build_evaluator(ann_file, self.cfg.test.metric)
 
     def resume_or_load(self, resume: bool, accept_config_changes: bool = False) -> int:
         """With resume=True and a `last_checkpoint` in output_dir, restore everything from it.
@@ -652,7 +654,7 @@ class Trainer:
     # ---------------------------------------------------------------- evaluation --------------
 
     def evaluate(self) -> dict[str, Any]:
-        """COCO evaluation of the test set (rank 0 gets the numbers; every rank must call)."""
+        """Evaluation of the test set, `test.metric` (rank 0 gets the numbers; every rank must call)."""
         if not self.cfg.data.test:
             return {}
         model = unwrap(self.model)
@@ -706,12 +708,15 @@ class Trainer:
 def evaluate_model(
     cfg: Config, model: nn.Module, device: torch.device, rank: int = 0, world_size: int = 1
 ) -> dict[str, Any]:
-    """COCO evaluation of `model` on the first test dataset, in `test.amp` precision.
+    """Evaluation of `model` on the first test dataset (`test.metric`), in `test.amp` precision.
 
-    Returns {"bbox/AP": ..., "bbox/AP-<class>": ..., "per_class": {...}} (0..100) on rank 0, {} elsewhere.
+    Returns on rank 0 (0..100; {} elsewhere):
+      coco:          {"bbox/AP": ..., "bbox/AP50": ..., "bbox/AP-<class>": ..., "per_class": {...}}
+      voc07 / voc12: {"bbox/AP": ..., "bbox/AP50": ..., "bbox/AP75": ..., "bbox/AP50-<class>": ..., "per_class": {...}}
+    (a VOC per-class number is the AP at IoU 0.5, hence its name).
     """
     from detkit.data import build_test_loader
-    from detkit.engine.evaluator import COCOEvaluator, inference_on_dataset
+    from detkit.engine.evaluator import build_evaluator, inference_on_dataset
 
     _, category_ids, ann_file = _dataset_info(cfg, "test")
     loader = build_test_loader(cfg, rank=rank, world_size=world_size)
@@ -721,10 +726,11 @@ def evaluate_model(
     predictions = inference_on_dataset(model, loader, category_ids, device, amp_dtype=amp.dtype)
     if rank != 0:
         return {}
-    metrics = COCOEvaluator(ann_file, backend=cfg.test.eval_backend).evaluate(predictions)
+    metrics = build_evaluator(ann_file, cfg.test.metric, backend=cfg.test.eval_backend).evaluate(predictions)
     results: dict[str, Any] = {f"bbox/{k}": float(v) for k, v in metrics.items() if k != "per_class"}
+    per_class_key = "AP" if cfg.test.metric == "coco" else "AP50"
     for name, ap in (metrics.get("per_class") or {}).items():
-        results[f"bbox/AP-{name}"] = float(ap)
+        results[f"bbox/{per_class_key}-{name}"] = float(ap)
     results["per_class"] = dict(metrics.get("per_class") or {})
     logger.info(
         "evaluation of %d detections in %.1f s: %s",
