@@ -550,3 +550,33 @@ def test_trainer_evaluation_and_eval_command_report_voc_metrics(tmp_path, capsys
         name: None if math.isnan(ap) else pytest.approx(ap, rel=1e-12) for name, ap in expected["per_class"].items()
     }
     assert "Pascal VOC metric voc07, 11-point" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# The VOC reader and the VOC metric together: `difficult` travels from the XML to the evaluator
+
+
+def test_voc_files_read_by_the_reader_score_their_own_boxes_100_and_difficult_ones_are_ignored(tmp_path):
+    from detkit.data.formats import read_dataset
+    from tests.data.format_samples import read_options, write_voc
+
+    write_voc(tmp_path)
+    path, options = read_options("voc", tmp_path, "val")
+    gt = read_dataset("voc", path, **options)
+    difficult = [a for a in gt["annotations"] if a["difficult"]]
+    plain = [a for a in gt["annotations"] if not a["difficult"]]
+    assert difficult and plain  # the sample marks the first object of each val image difficult
+
+    def results(anns, score):
+        return [
+            {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": score}
+            for a in anns
+        ]
+
+    evaluator = VOCEvaluator(gt, metric="voc07")
+    # Every non-difficult box found: 100; a detection on a difficult box is neither TP nor FP, even
+    # ranked first; missing the difficult boxes costs nothing.
+    assert evaluator.evaluate(results(plain, 0.5))["AP50"] == pytest.approx(100.0)
+    assert evaluator.evaluate(results(difficult, 0.9) + results(plain, 0.5))["AP50"] == pytest.approx(100.0)
+    # Only the difficult ones found: nothing counts, AP 0 where a class has non-difficult boxes.
+    assert evaluator.evaluate(results(difficult, 0.9))["AP50"] == pytest.approx(0.0)
