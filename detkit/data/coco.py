@@ -317,7 +317,9 @@ class CocoIndex:
         for p in self.problems:
             if p.severity == WARNING:
                 by_kind[p.kind].append(p)
-        return [f"{len(ps)} {WARNING_TEXT.get(k, k)} (first: {_first(p.where for p in ps)})" for k, ps in by_kind.items()]
+        return [
+            f"{len(ps)} {WARNING_TEXT.get(k, k)} (first: {_first(p.where for p in ps)})" for k, ps in by_kind.items()
+        ]
 
 
 # What each warning kind of check_coco means, as the loaders' warning says it ("N <text>").
@@ -457,7 +459,11 @@ def check_coco(data: dict) -> CocoIndex:
         idx = index_of.get(ann.get("image_id"))
         if idx is None:
             unknown_img.append(f"annotation {aid}{source_of(ann)} -> image_id {ann.get('image_id')!r}")
-            error("annotation_unknown_image", annotation_name(ann, j), f"image_id {ann.get('image_id')!r} is not in 'images'")
+            error(
+                "annotation_unknown_image",
+                annotation_name(ann, j),
+                f"image_id {ann.get('image_id')!r} is not in 'images'",
+            )
         else:
             ann_image_idx[j] = idx
         ann_category_ids[j] = ann.get("category_id")
@@ -510,7 +516,7 @@ def check_coco(data: dict) -> CocoIndex:
     label_known = np.array([_known_category(c, cat_names) for c in ann_category_ids], dtype=bool)
     usable = known & label_known.reshape(len(anns)) & ~degenerate & ~outside & ~crowd
 
-    for j in np.flatnonzero(degenerate):
+    for j in np.flatnonzero(degenerate).tolist():
         bbox = anns[j].get("bbox") if isinstance(anns[j], dict) else None
         finite = np.isfinite(raw[j]).all()
         reason = (
@@ -518,8 +524,10 @@ def check_coco(data: dict) -> CocoIndex:
             if finite
             else "not 4 finite numbers (NaN, inf or missing values)"
         )
-        problems.append(Problem(WARNING, "box_degenerate", annotation_name(anns[j], j), f"bbox {bbox}: {reason}; dropped"))
-    for j in np.flatnonzero(outside):
+        problems.append(
+            Problem(WARNING, "box_degenerate", annotation_name(anns[j], j), f"bbox {bbox}: {reason}; dropped")
+        )
+    for j in np.flatnonzero(outside).tolist():
         i = ann_image_idx[j]
         problems.append(
             Problem(
@@ -530,7 +538,7 @@ def check_coco(data: dict) -> CocoIndex:
                 f"{file_names[i]}; dropped",
             )
         )
-    for j in np.flatnonzero(clipped):
+    for j in np.flatnonzero(clipped).tolist():
         i = ann_image_idx[j]
         problems.append(
             Problem(
@@ -543,8 +551,8 @@ def check_coco(data: dict) -> CocoIndex:
         )
 
     # --- categories no box uses (a labelling tool's placeholder class, e.g. id 0): a dead output
-    counts = {cid: 0 for cid in cat_names}
-    for j in np.flatnonzero(usable):
+    counts = dict.fromkeys(cat_names, 0)
+    for j in np.flatnonzero(usable).tolist():
         counts[ann_category_ids[j]] += 1
     for cid, n in counts.items():
         if n == 0:
