@@ -308,27 +308,57 @@ class CocoIndex:
     crowd: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (A,) iscrowd=1
     usable: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (A,) a training target
     category_box_counts: dict[int, int] = field(default_factory=dict)  # id -> usable boxes
-    problems: list[Problem] = field(default_factory=list)  # every offender, errors and warnings
+    error_problems: list[Problem] = field(default_factory=list)  # one per offender of `errors`
+    annotations: Sequence = field(default_factory=list, repr=False)  # the dict's, for the messages
+    _problems: list[Problem] | None = field(default=None, repr=False)
 
     @property
-    def warnings(self) -> list[str]:
-        """One line per kind of warning (the counts and first offenders), as the loaders log them."""
-        by_kind: dict[str, list[Problem]] = defaultdict(list)
-        for p in self.problems:
-            if p.severity == WARNING:
-                by_kind[p.kind].append(p)
-        return [
-            f"{len(ps)} {WARNING_TEXT.get(k, k)} (first: {_first(p.where for p in ps)})" for k, ps in by_kind.items()
-        ]
+    def problems(self) -> list[Problem]:
+        """Every offender: the errors, then one warning per degenerate, outside or clipped box and per
+        category without a usable box. Built on first use: a loader that only needs the counts and
+        the first examples does not format a line for each of (possibly) 100k clipped boxes."""
+        if self._problems is None:
+            self._problems = self.error_problems + self._box_problems()
+        return self._problems
 
-
-# What each warning kind of check_coco means, as the loaders' warning says it ("N <text>").
-WARNING_TEXT = {
-    "box_degenerate": "boxes with w or h <= 0 or non-finite values dropped",
-    "box_outside": "boxes entirely outside their image dropped",
-    "box_clipped": "boxes partly outside their image clipped",
-    "category_without_boxes": "categories without a single usable box (each still counts in model.num_classes)",
-}
+    def _box_problems(self) -> list[Problem]:
+        anns, problems = self.annotations, []
+        for j in np.flatnonzero(self.degenerate).tolist():
+            bbox = anns[j].get("bbox") if isinstance(anns[j], dict) else None
+            reason = (
+                "w or h <= 0 (a bbox is [x, y, w, h], not [x1, y1, x2, y2])"
+                if np.isfinite(self.bboxes_xywh[j]).all()
+                else "not 4 finite numbers (NaN, inf or missing values)"
+            )
+            problems.append(
+                Problem(WARNING, "box_degenerate", annotation_name(anns[j], j), f"bbox {bbox}: {reason}; dropped")
+            )
+        for kind, mask in (("box_outside", self.outside), ("box_clipped", self.clipped)):
+            for j in np.flatnonzero(mask).tolist():
+                i = self.ann_image_idx[j]
+                image = f"its {self.widths[i]}x{self.heights[i]} (w x h) image {self.file_names[i]}"
+                what = (
+                    f"lies entirely outside {image}; dropped"
+                    if kind == "box_outside"
+                    else f"reaches outside {image}; clipped to "
+                    f"{[round(float(v), 2) for v in self.clipped_xyxy[j]]} (x1, y1, x2, y2)"
+                )
+                problems.append(
+                    Problem(WARNING, kind, annotation_name(anns[j], j), f"bbox {anns[j].get('bbox')} {what}")
+                )
+        # categories no box uses (a labelling tool's placeholder class, e.g. id 0): a dead output
+        for cid, n in self.category_box_counts.items():
+            if n == 0:
+                problems.append(
+                    Problem(
+                        WARNING,
+                        "category_without_boxes",
+                        f"category {cid} {self.category_names[cid]!r}",
+                        "has no usable box; it still counts in model.num_classes (an output the model never "
+                        "learns): remove it from the categories unless its boxes come later",
+                    )
+                )
+        return problems
 
 
 def source_of(item: Any) -> str:
@@ -342,11 +372,6 @@ def annotation_name(ann: Any, j: int) -> str:
     if not isinstance(ann, dict):
         return f"annotation #{j}"
     return f"annotation {ann.get('id', f'#{j}')}{source_of(ann)}"
-
-
-def _known_category(category_id: Any, cat_names: dict[int, str]) -> bool:
-    # an integer id of the table; a list or dict id (unhashable) is simply unknown
-    return isinstance(category_id, int) and not isinstance(category_id, bool) and category_id in cat_names
 
 
 def check_coco(data: dict) -> CocoIndex:
@@ -449,6 +474,8 @@ def check_coco(data: dict) -> CocoIndex:
     ann_image_idx = np.full(len(anns), -1, dtype=np.int64)
     ann_category_ids: list = [None] * len(anns)
     crowd = np.zeros(len(anns), dtype=bool)
+    category_pos = {cid: k for k, cid in enumerate(cat_names)}
+    ann_category_pos = np.full(len(anns), -1, dtype=np.int64)  # position in cat_names, -1 if unknown
     unknown_cat, unknown_img = [], []
     for j, ann in enumerate(anns):
         if not isinstance(ann, dict):
@@ -466,8 +493,12 @@ def check_coco(data: dict) -> CocoIndex:
             )
         else:
             ann_image_idx[j] = idx
-        ann_category_ids[j] = ann.get("category_id")
-        if not _known_category(ann.get("category_id"), cat_names):
+        cid = ann_category_ids[j] = ann.get("category_id")
+        # an id of the table (1.0 finds 1 as before; a bool, string or list id is unknown)
+        pos = category_pos.get(cid) if type(cid) in (int, float) else None
+        if pos is not None:
+            ann_category_pos[j] = pos
+        else:
             unknown_cat.append(f"annotation {aid}{source_of(ann)} -> category_id {ann.get('category_id')!r}")
             error(
                 "annotation_unknown_category",
@@ -513,58 +544,11 @@ def check_coco(data: dict) -> CocoIndex:
             & ~((clipped_xyxy[:, 2] > clipped_xyxy[:, 0]) & (clipped_xyxy[:, 3] > clipped_xyxy[:, 1]))
         )
         clipped = known & ~degenerate & ~outside & ~crowd & (np.abs(clipped_xyxy - xyxy) > 1e-6).any(axis=1)
-    label_known = np.array([_known_category(c, cat_names) for c in ann_category_ids], dtype=bool)
-    usable = known & label_known.reshape(len(anns)) & ~degenerate & ~outside & ~crowd
+    usable = known & (ann_category_pos >= 0) & ~degenerate & ~outside & ~crowd
 
-    for j in np.flatnonzero(degenerate).tolist():
-        bbox = anns[j].get("bbox") if isinstance(anns[j], dict) else None
-        finite = np.isfinite(raw[j]).all()
-        reason = (
-            "w or h <= 0 (a bbox is [x, y, w, h], not [x1, y1, x2, y2])"
-            if finite
-            else "not 4 finite numbers (NaN, inf or missing values)"
-        )
-        problems.append(
-            Problem(WARNING, "box_degenerate", annotation_name(anns[j], j), f"bbox {bbox}: {reason}; dropped")
-        )
-    for j in np.flatnonzero(outside).tolist():
-        i = ann_image_idx[j]
-        problems.append(
-            Problem(
-                WARNING,
-                "box_outside",
-                annotation_name(anns[j], j),
-                f"bbox {anns[j].get('bbox')} lies entirely outside its {widths[i]}x{heights[i]} (w x h) image "
-                f"{file_names[i]}; dropped",
-            )
-        )
-    for j in np.flatnonzero(clipped).tolist():
-        i = ann_image_idx[j]
-        problems.append(
-            Problem(
-                WARNING,
-                "box_clipped",
-                annotation_name(anns[j], j),
-                f"bbox {anns[j].get('bbox')} reaches outside its {widths[i]}x{heights[i]} (w x h) image "
-                f"{file_names[i]}; clipped to {[round(float(v), 2) for v in clipped_xyxy[j]]} (x1, y1, x2, y2)",
-            )
-        )
-
-    # --- categories no box uses (a labelling tool's placeholder class, e.g. id 0): a dead output
-    counts = dict.fromkeys(cat_names, 0)
-    for j in np.flatnonzero(usable).tolist():
-        counts[ann_category_ids[j]] += 1
-    for cid, n in counts.items():
-        if n == 0:
-            problems.append(
-                Problem(
-                    WARNING,
-                    "category_without_boxes",
-                    f"category {cid} {cat_names[cid]!r}",
-                    "has no usable box; it still counts in model.num_classes (an output the model never learns): "
-                    "remove it from the categories unless its boxes come later",
-                )
-            )
+    # --- usable boxes per category (a category without any is a dead output: a warning)
+    per_position = np.bincount(ann_category_pos[usable], minlength=len(cat_names)).tolist()
+    counts = dict(zip(cat_names, per_position))
 
     return CocoIndex(
         cat_names,
@@ -584,7 +568,8 @@ def check_coco(data: dict) -> CocoIndex:
         crowd=crowd,
         usable=usable,
         category_box_counts=counts,
-        problems=problems,
+        error_problems=problems,
+        annotations=anns,
     )
 
 
