@@ -346,6 +346,21 @@ def _anchor_rows(index: CocoIndex, xyxy: np.ndarray, anchors: AnchorSpec) -> tup
     return coverage.scale_note, coverage.table()
 
 
+# The fix that a category table differing between datasets of one config needs.
+SAME_CATEGORIES = "datasets used together need the same category ids and names (the model predicts the training ones)"
+
+
+def category_table_difference(first: Sequence[tuple[int, str]], other: Sequence[tuple[int, str]]) -> str:
+    """'' when two (id, name) category tables are equal, else "its categories differ (<n other> vs
+    <n first>; first differing (id, name): <other's> vs <first's>)" (the check's and the trainer's words)."""
+    if list(first) == list(other):
+        return ""
+    padded_first: list = [*first, *[None] * len(other)]
+    padded_other: list = [*other, *[None] * len(first)]
+    a, b = next((a, b) for a, b in zip(padded_first, padded_other) if a != b)
+    return f"its categories differ ({len(other)} vs {len(first)}; first differing (id, name): {b} vs {a})"
+
+
 def split_problems(checks: Sequence[tuple[str, DatasetCheck]], num_classes: int | None = None) -> list[Problem]:
     """Problems between the datasets of a config: (split, check) pairs. Every dataset must share the
     first training dataset's category table (the model's outputs); model.num_classes must match it."""
@@ -355,23 +370,14 @@ def split_problems(checks: Sequence[tuple[str, DatasetCheck]], num_classes: int 
     first_split, first = checks[0]
     table = [(cid, name) for cid, name, _ in first.class_boxes]
     for split, other in checks[1:]:
-        other_table = [(cid, name) for cid, name, _ in other.class_boxes]
-        if other_table != table:
-            diff = next(
-                (
-                    f"{a} vs {b}"
-                    for a, b in zip(table + [None] * len(other_table), other_table + [None] * len(table))
-                    if a != b
-                ),
-                "",
-            )
+        diff = category_table_difference(table, [(cid, name) for cid, name, _ in other.class_boxes])
+        if diff:
             problems.append(
                 Problem(
                     ERROR,
                     "categories_differ",
                     f"{split} {other.name!r}",
-                    f"its categories differ from {first_split} {first.name!r}'s ({len(other_table)} vs {len(table)}; "
-                    f"first differing (id, name): {diff}); datasets used together need the same category ids and names",
+                    f"{diff} from those of {first_split} {first.name!r}; {SAME_CATEGORIES}",
                 )
             )
     if num_classes is not None and num_classes != len(table):

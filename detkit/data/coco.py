@@ -474,7 +474,7 @@ def check_coco(data: dict) -> CocoIndex:
     ann_image_idx = np.full(len(anns), -1, dtype=np.int64)
     ann_category_ids: list = [None] * len(anns)
     crowd = np.zeros(len(anns), dtype=bool)
-    category_pos = {cid: k for k, cid in enumerate(cat_names)}
+    category_pos: dict[Any, int] = {cid: k for k, cid in enumerate(cat_names)}
     ann_category_pos = np.full(len(anns), -1, dtype=np.int64)  # position in cat_names, -1 if unknown
     unknown_cat, unknown_img = [], []
     for j, ann in enumerate(anns):

@@ -202,7 +202,8 @@ def test_config_mode_checks_every_entry_and_num_classes(tmp_path, capsys):
     )
     assert check_data_main(["--config", str(config)]) == 2
     err = capsys.readouterr().err
-    assert "test 'te': its categories differ from train 'tr'" in err and "(2, 'dog') vs (2, 'bird')" in err
+    assert "test 'te': its categories differ (2 vs 2; first differing (id, name): (2, 'bird') vs (2, 'dog')) " in err
+    assert "from those of train 'tr'; datasets used together need the same category ids and names" in err
     (tmp_path / "test.json").write_text(json.dumps(train))
     assert check_data_main(["--config", str(config), "--no-decode"]) == 0
     capsys.readouterr()
@@ -244,3 +245,32 @@ def test_a_good_dataset_passes_and_counts_match_the_loader(tiny_coco, capsys):
     assert [n for _, _, n in result.class_boxes] == np.bincount(loaded.records.labels, minlength=2).tolist()
     assert cv2.imread(str(Path(image_root) / "img1.jpg")) is not None
     assert result.problems == []
+
+
+def test_the_trainer_stops_when_the_test_categories_are_not_the_training_ones(tmp_path):
+    """A test set whose ids or names differ would be scored against the wrong classes (AP near 0,
+    no error): the trainer stops before its first iteration, in the check's words."""
+    from detkit.engine.trainer import Trainer
+
+    write_image(tmp_path / "images" / "a.jpg", 32, 32, seed=1)
+    image = [{"id": 1, "file_name": "a.jpg", "height": 32, "width": 32}]
+    boxes = [ann(1, 1, 1, [2, 2, 8, 8]), ann(2, 1, 2, [10, 10, 8, 8])]
+    files = {}
+    for split, names in (("train", ("cat", "dog")), ("test", ("cat", "bird"))):
+        categories = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
+        files[split] = tmp_path / f"{split}.json"
+        files[split].write_text(json.dumps({"images": image, "annotations": boxes, "categories": categories}))
+    cfg = coco_config(
+        str(files["train"]),
+        str(tmp_path / "images"),
+        num_classes=2,
+        test=(str(files["test"]), str(tmp_path / "images")),
+        **{"model.depth": 18, "output_dir": str(tmp_path / "out")},
+    )
+    with pytest.raises(DataError) as info:
+        Trainer(cfg, load_weights=False)
+    assert str(info.value) == (
+        f"the test data ({files['test']}): its categories differ (2 vs 2; first differing (id, name): (2, 'bird') vs "
+        "(2, 'dog')) from those of the training data; datasets used together need the same category ids and names "
+        "(the model predicts the training ones)"
+    )
