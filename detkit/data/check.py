@@ -438,6 +438,7 @@ def format_report(
                 lines += _table(
                     keys,
                     [tuple(f"{v:.1f}" if isinstance(v, float) else v for v in r.values()) for r in c.anchor_rows],
+                    text_columns=1,
                 )
                 lines.append(f"  ({c.anchor_note})")
         undecoded = [f"{s} {c.name}" for s, c in checks if not c.images_decoded]
@@ -460,10 +461,11 @@ def format_report(
     return "\n".join(lines)
 
 
-def _table(head: Sequence[Any], rows: Sequence[Sequence[Any]]) -> list[str]:
+def _table(head: Sequence[Any], rows: Sequence[Sequence[Any]], text_columns: int = 2) -> list[str]:
+    """Aligned lines: the first `text_columns` columns left-aligned, the numbers right-aligned."""
     cells = [[str(v) for v in head]] + [[str(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
     return [
-        "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))).rstrip()
+        "  ".join(v.ljust(w) if i < text_columns else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))).rstrip()
         for r in cells
     ]
