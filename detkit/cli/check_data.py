@@ -1,7 +1,7 @@
 """`detkit check-data` (also tools/check_data.py, detkit-check-data): one check of a dataset before training.
 
     detkit check-data annotations.json --images images/            # a COCO json and its image folder
-    detkit check-data DATASET --format voc|yolo|labelme|cvat       # a labelling tool's export
+    detkit check-data DATASET --format voc|yolo|labelme|cvat [--split S] # a labelling tool's export
     detkit check-data --config configs/my_data.yaml [key=value ...] # every data.train and data.test entry
 
 Prints a table per dataset (images, boxes, crowd regions, images without boxes, classes), the boxes
@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", dest="json_path", metavar="PATH", help="also write the whole report as JSON")
     parser.add_argument("--no-decode", action="store_true", help="only check that the image files exist (faster)")
     parser.add_argument("--strict", action="store_true", help="warnings block too (exit 2)")
+    parser.add_argument(
+        "--split",
+        default="",
+        help="--format voc: ImageSets/Main/<split>.txt (default every XML); yolo: the data.yaml key",
+    )
     parser.add_argument(
         "--skip-bad", action="store_true", help="--format readers: skip unparseable annotations (listed as warnings)"
     )
@@ -127,7 +132,7 @@ def _resolve(args):
         entries = []
         for split in ("train", "test"):
             for ds in cfg.data.train if split == "train" else cfg.data.test:
-                entries.append((split, *_read_entry(ds, args.skip_bad)))
+                entries.append((split, *_read_entry(ds)))
         if not entries:
             raise ConfigError(f"{args.config} has no data.train or data.test dataset to check")
         return cfg, entries
@@ -145,13 +150,16 @@ def _resolve(args):
         data = read_coco_dict(path)
         image_root = args.images or data.get("image_root") or str(Path(path).parent)
         return cfg, [("data", Path(path).stem, str(path), data, image_root)]
-    data = _read_format(args.format, path, args.skip_bad)
+    options = {"skip_bad": args.skip_bad}
     if args.images:
-        data["image_root"] = args.images
+        options["image_root"] = args.images
+    if args.split:
+        options["split"] = args.split
+    data = _read_format(args.format, path, options)
     return cfg, [("data", Path(path).stem or Path(path).name, str(path), data, data.get("image_root"))]
 
 
-def _read_format(fmt: str, path: str, skip_bad: bool) -> dict:
+def _read_format(fmt: str, path: str, options: dict) -> dict:
     """A labelling tool's export -> the COCO-format dict of detkit.data.formats (imported here: only
     this path needs the readers)."""
     try:
@@ -161,21 +169,19 @@ def _read_format(fmt: str, path: str, skip_bad: bool) -> dict:
             f"--format {fmt}: this detkit has no dataset readers (detkit.data.formats: {exc}); "
             "convert the data to COCO json first"
         ) from None
-    return formats.read_dataset(fmt, path, skip_bad=skip_bad)
+    return formats.read_dataset(fmt, path, **options)
 
 
-def _read_entry(ds, skip_bad: bool) -> tuple[str, str, dict, str | None]:
-    """(name, source, COCO dict, image_root) of a config dataset entry."""
-    if ds.type in ("coco", "shapes"):
-        from detkit.data.coco import read_coco_dict
-        from detkit.data.datasets import dataset_files
+def _read_entry(ds) -> tuple[str, str, dict, str | None]:
+    """(name, source, COCO dict, image_root) of a config dataset entry, read as training reads it:
+    the shapes set generated, another format's entry converted to its cached COCO json (which keeps
+    the reader's "source" of every image and box, and the annotations it skipped)."""
+    from detkit.data.coco import read_coco_dict
+    from detkit.data.datasets import dataset_files
 
-        ann_file, image_root = dataset_files(ds)
-        return ds.name or Path(ann_file).stem, ann_file, read_coco_dict(ann_file), image_root
-    # Another format's entry (type voc | yolo | labelme | cvat): its reader, on the entry's path
-    path = str(getattr(ds, "path", "") or ds.ann_file or ds.root)
-    data = _read_format(ds.type, path, skip_bad)
-    return ds.name or ds.type, path, data, data.get("image_root")
+    ann_file, image_root = dataset_files(ds)
+    source = str(getattr(ds, "path", "") or ann_file)
+    return ds.name or Path(ann_file).stem, source, read_coco_dict(ann_file), image_root
 
 
 def entry_point() -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Sequence
@@ -331,7 +332,12 @@ class CocoIndex:
                 else "not 4 finite numbers (NaN, inf or missing values)"
             )
             problems.append(
-                Problem(WARNING, "box_degenerate", annotation_name(anns[j], j), f"bbox {bbox}: {reason}; dropped")
+                Problem(
+                    WARNING,
+                    "box_degenerate",
+                    annotation_name(anns[j], j),
+                    f"bbox {shown_bbox(bbox)}: {reason}; dropped",
+                )
             )
         for kind, mask in (("box_outside", self.outside), ("box_clipped", self.clipped)):
             for j in np.flatnonzero(mask).tolist():
@@ -344,7 +350,9 @@ class CocoIndex:
                     f"{[round(float(v), 2) for v in self.clipped_xyxy[j]]} (x1, y1, x2, y2)"
                 )
                 problems.append(
-                    Problem(WARNING, kind, annotation_name(anns[j], j), f"bbox {anns[j].get('bbox')} {what}")
+                    Problem(
+                        WARNING, kind, annotation_name(anns[j], j), f"bbox {shown_bbox(anns[j].get('bbox'))} {what}"
+                    )
                 )
         # categories no box uses (a labelling tool's placeholder class, e.g. id 0): a dead output
         for cid, n in self.category_box_counts.items():
@@ -359,6 +367,14 @@ class CocoIndex:
                     )
                 )
         return problems
+
+
+def shown_bbox(bbox: Any) -> Any:
+    """A bbox as a message shows it: floats rounded to 4 decimals (a converter's 102.39999999999999
+    reads as 102.4); anything else as given."""
+    if isinstance(bbox, (list, tuple)):
+        return [round(v, 4) if isinstance(v, float) and math.isfinite(v) else v for v in bbox]
+    return bbox
 
 
 def source_of(item: Any) -> str:
