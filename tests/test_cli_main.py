@@ -21,7 +21,19 @@ from detkit.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 # Written out, not read from detkit.cli.main.TASKS: dropping a task from the command must fail here.
-TASKS = ["train", "eval", "infer", "export", "analyze", "benchmark", "convert-weights", "convert-data", "plot", "demo"]
+TASKS = [
+    "train",
+    "eval",
+    "infer",
+    "export",
+    "check-data",
+    "analyze",
+    "benchmark",
+    "convert-weights",
+    "convert-data",
+    "plot",
+    "demo",
+]
 
 
 def detkit(*args, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -53,7 +65,17 @@ def test_console_script_is_the_same_main(capsys):
     # pyproject's `detkit` script names detkit.cli.main:main, the function `python -m detkit` runs.
     scripts = (ROOT / "pyproject.toml").read_text().split("[project.scripts]", 1)[1].split("\n[", 1)[0]
     assert re.search(r'^detkit = "detkit\.cli\.main:main"', scripts, re.M)
-    for alias in ("train", "eval", "infer", "export", "analyze", "benchmark", "convert-weights", "convert-data"):
+    for alias in (
+        "train",
+        "eval",
+        "infer",
+        "export",
+        "analyze",
+        "benchmark",
+        "convert-weights",
+        "convert-data",
+        "check-data",
+    ):
         assert re.search(rf'^detkit-{alias} = "detkit\.cli\.{alias.replace("-", "_")}:entry_point"', scripts, re.M)
     assert cli_main.main(["--version"]) == 0
     assert capsys.readouterr().out == f"detkit {pyproject_version()}\n"
@@ -111,7 +133,11 @@ def test_a_task_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
 
 
 def test_tools_launchers_still_run_their_task():
-    for tool, usage in (("plot.py", "usage: detkit plot "), ("demo.py", "usage: detkit demo ")):
+    for tool, usage in (
+        ("plot.py", "usage: detkit plot "),
+        ("demo.py", "usage: detkit demo "),
+        ("check_data.py", "usage: detkit check-data "),
+    ):
         proc = subprocess.run(
             [sys.executable, str(ROOT / "tools" / tool), "--help"],
             capture_output=True,
@@ -190,6 +216,7 @@ def test_tools_holds_the_user_tools_and_benchmarks_is_a_package_not_shipped():
     assert sorted(p.name for p in (ROOT / "tools").iterdir() if p.name != "__pycache__") == [
         "analyze.py",
         "benchmark.py",
+        "check_data.py",
         "convert_data.py",
         "convert_weights.py",
         "demo.py",

@@ -18,15 +18,24 @@ Everything that is wrong with a file is found in one pass and reported at once, 
   dropped with a warning  boxes with w or h <= 0 or a non-finite value, boxes entirely outside the
                           image; boxes partly outside are clipped to the image (also counted)
   kept out of targets     iscrowd=1 annotations (the evaluator still reads them from the json)
-  errors (DataError)      duplicate image ids, unknown category ids, annotations of unknown images,
-                          images without a positive width/height, missing image files; the message
-                          lists the first offenders of each kind and their counts.
+  errors (DataError)      duplicate image ids, two images with the same file_name, unknown category
+                          ids, annotations of unknown images, images without a positive width/height,
+                          missing image files; the message lists the first offenders of each kind and
+                          their counts.
+  noted with the warning  categories without a single usable box (they still count in
+                          model.num_classes: an output the model never learns)
+
+`check_coco` holds these rules for every reader (training and test loaders, the evaluator and
+`detkit check-data`, which adds the checks that need the image files: see detkit.data.check). Each
+offender is also one `Problem` with its annotation id and, when the dict has one, its "source"
+(the file and line a format reader took it from).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Sequence
@@ -42,6 +51,29 @@ logger = logging.getLogger(__name__)
 
 # How many offenders of one kind an error or warning names before it just counts.
 MAX_LISTED = 5
+
+# Problem.severity: "error" stops training (and `detkit check-data` exits 2); "warning" is a box
+# or category the loaders drop, clip or keep with a warning, so training can proceed.
+ERROR = "error"
+WARNING = "warning"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One offender: `where` names it ("annotation 12 (labels/a.txt:3)", "image 4 (a.jpg)",
+    "category 0 'umbrella'"), `kind` is a stable key (box_outside, image_unreadable, ...) and
+    `message` says what is wrong and what detkit does about it."""
+
+    severity: str
+    kind: str
+    where: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"severity": self.severity, "kind": self.kind, "where": self.where, "message": self.message}
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,6 +216,7 @@ class AnnotationReport:
     num_outside: int = 0  # entirely outside the image: dropped
     num_clipped: int = 0  # partly outside the image: clipped
     num_images_without_boxes: int = 0
+    empty_categories: list[str] = field(default_factory=list)  # "<id> '<name>'" of categories without a box
     examples: dict[str, list[str]] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -196,6 +229,12 @@ class AnnotationReport:
             if count:
                 listed = ", ".join(self.examples.get(key, []))
                 parts.append(f"{count} {what} (first: {listed})")
+        if self.empty_categories:
+            parts.append(
+                f"{len(self.empty_categories)} categories without a single usable box, each still counted in "
+                f"model.num_classes (first: {_first(self.empty_categories)}); remove them from the categories "
+                "unless their boxes come later"
+            )
         return "; ".join(parts)
 
 
@@ -250,7 +289,7 @@ def read_coco_dict(ann_file: str | os.PathLike, what: str = "annotation") -> dic
 
 @dataclass
 class CocoIndex:
-    """What `check_coco` parsed from a COCO dict: A annotations, I valid images."""
+    """What `check_coco` parsed from a COCO dict: A annotations, I valid images, K categories."""
 
     category_names: dict[int, str]  # id -> name
     image_index: dict[int, int]  # image id -> position among the valid images
@@ -263,6 +302,92 @@ class CocoIndex:
     ann_category_ids: list  # (A,) the raw category_id values
     degenerate: np.ndarray  # (A,) bool: w or h <= 0, a non-finite value, or not 4 numbers
     errors: list[str]
+    # (A, 4) float64 xyxy clipped to the image (NaN for degenerate boxes or unknown images)
+    clipped_xyxy: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    outside: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (A,) entirely outside: dropped
+    clipped: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (A,) partly outside, not crowd
+    crowd: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (A,) iscrowd=1
+    usable: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (A,) a training target
+    category_box_counts: dict[int, int] = field(default_factory=dict)  # id -> usable boxes
+    error_problems: list[Problem] = field(default_factory=list)  # one per offender of `errors`
+    annotations: Sequence = field(default_factory=list, repr=False)  # the dict's, for the messages
+    _problems: list[Problem] | None = field(default=None, repr=False)
+
+    @property
+    def problems(self) -> list[Problem]:
+        """Every offender: the errors, then one warning per degenerate, outside or clipped box and per
+        category without a usable box. Built on first use: a loader that only needs the counts and
+        the first examples does not format a line for each of (possibly) 100k clipped boxes."""
+        if self._problems is None:
+            self._problems = self.error_problems + self._box_problems()
+        return self._problems
+
+    def _box_problems(self) -> list[Problem]:
+        anns, problems = self.annotations, []
+        for j in np.flatnonzero(self.degenerate).tolist():
+            bbox = anns[j].get("bbox") if isinstance(anns[j], dict) else None
+            reason = (
+                "w or h <= 0 (a bbox is [x, y, w, h], not [x1, y1, x2, y2])"
+                if np.isfinite(self.bboxes_xywh[j]).all()
+                else "not 4 finite numbers (NaN, inf or missing values)"
+            )
+            problems.append(
+                Problem(
+                    WARNING,
+                    "box_degenerate",
+                    annotation_name(anns[j], j),
+                    f"bbox {shown_bbox(bbox)}: {reason}; dropped",
+                )
+            )
+        for kind, mask in (("box_outside", self.outside), ("box_clipped", self.clipped)):
+            for j in np.flatnonzero(mask).tolist():
+                i = self.ann_image_idx[j]
+                image = f"its {self.widths[i]}x{self.heights[i]} (w x h) image {self.file_names[i]}"
+                what = (
+                    f"lies entirely outside {image}; dropped"
+                    if kind == "box_outside"
+                    else f"reaches outside {image}; clipped to "
+                    f"{[round(float(v), 2) for v in self.clipped_xyxy[j]]} (x1, y1, x2, y2)"
+                )
+                problems.append(
+                    Problem(
+                        WARNING, kind, annotation_name(anns[j], j), f"bbox {shown_bbox(anns[j].get('bbox'))} {what}"
+                    )
+                )
+        # categories no box uses (a labelling tool's placeholder class, e.g. id 0): a dead output
+        for cid, n in self.category_box_counts.items():
+            if n == 0:
+                problems.append(
+                    Problem(
+                        WARNING,
+                        "category_without_boxes",
+                        f"category {cid} {self.category_names[cid]!r}",
+                        "has no usable box; it still counts in model.num_classes (an output the model never "
+                        "learns): remove it from the categories unless its boxes come later",
+                    )
+                )
+        return problems
+
+
+def shown_bbox(bbox: Any) -> Any:
+    """A bbox as a message shows it: floats rounded to 4 decimals (a converter's 102.39999999999999
+    reads as 102.4); anything else as given."""
+    if isinstance(bbox, (list, tuple)):
+        return [round(v, 4) if isinstance(v, float) and math.isfinite(v) else v for v in bbox]
+    return bbox
+
+
+def source_of(item: Any) -> str:
+    """' (<source>)' when a format reader recorded where an image or annotation came from, else ''."""
+    src = item.get("source") if isinstance(item, dict) else None
+    return f" ({src})" if isinstance(src, str) and src else ""
+
+
+def annotation_name(ann: Any, j: int) -> str:
+    """How a report names annotation j: 'annotation <id> (<source>)'."""
+    if not isinstance(ann, dict):
+        return f"annotation #{j}"
+    return f"annotation {ann.get('id', f'#{j}')}{source_of(ann)}"
 
 
 def check_coco(data: dict) -> CocoIndex:
@@ -270,10 +395,17 @@ def check_coco(data: dict) -> CocoIndex:
 
     Errors (collected, not raised): categories without an integer id or with duplicate ids, no
     categories, images without an integer id, a file_name or a positive height/width, duplicate
-    image ids, annotations of unknown images or categories. Degenerate boxes are flagged, not errors:
-    both training and evaluation leave them out with one warning (see `degenerate_box_warning`).
+    image ids, two images with the same file_name (each entry would train on the other's objects
+    as background), annotations of unknown images or categories. Degenerate boxes are flagged, not
+    errors: both training and evaluation leave them out with one warning (see
+    `degenerate_box_warning`); boxes entirely outside their image are dropped, partly outside
+    clipped, and categories without a usable box noted (warnings in `problems`).
     """
     errors: list[str] = []
+    problems: list[Problem] = []
+
+    def error(kind: str, where: str, message: str) -> None:
+        problems.append(Problem(ERROR, kind, where, message))
 
     # --- categories
     cat_names: dict[int, str] = {}
@@ -282,8 +414,10 @@ def check_coco(data: dict) -> CocoIndex:
         cid = cat.get("id") if isinstance(cat, dict) else None
         if isinstance(cid, bool) or not isinstance(cid, int):
             bad_cats.append(repr(cat)[:60])
+            error("category_bad", f"category {repr(cat)[:60]}", "has no integer 'id'")
         elif cid in cat_names:
             dup_cats.append(cid)
+            error("category_duplicate_id", f"category {cid}", f"id {cid} is used by two categories; give each its own")
         else:
             cat_names[cid] = str(cat.get("name", f"class_{cid}"))
     if bad_cats:
@@ -292,6 +426,7 @@ def check_coco(data: dict) -> CocoIndex:
         errors.append(f"{len(dup_cats)} duplicate category ids (first: {_first(dup_cats)})")
     if not cat_names and not bad_cats:
         errors.append("no categories: the 'categories' list is empty")
+        error("no_categories", "categories", "the 'categories' list is empty")
 
     # --- images
     index_of: dict[Any, int] = {}  # image id -> row; looked up with the annotations' raw JSON values
@@ -299,19 +434,34 @@ def check_coco(data: dict) -> CocoIndex:
     heights: list[int] = []
     widths: list[int] = []
     file_names: list[str] = []
-    dup_ids, bad_images = [], []
+    first_with_name: dict[str, int] = {}  # file_name -> id of the first image listing it
+    dup_ids, bad_images, dup_names = [], [], []
     for img in data["images"]:
         iid = img.get("id") if isinstance(img, dict) else None
         if isinstance(iid, bool) or not isinstance(iid, int) or not isinstance(img.get("file_name"), str):
             bad_images.append(repr(img)[:60])
+            error("image_bad", f"image {repr(img)[:60]}", "needs an integer 'id' and a 'file_name'")
             continue
+        where = f"image {iid} ({img['file_name']}){source_of(img)}"
         h, w = img.get("height"), img.get("width")
         if not (isinstance(h, (int, float)) and isinstance(w, (int, float)) and h > 0 and w > 0):
             bad_images.append(f"id {iid} ({img['file_name']}: height={h!r}, width={w!r})")
+            error("image_bad", where, f"height={h!r}, width={w!r}: both must be positive numbers")
             continue
         if iid in index_of:
             dup_ids.append(iid)
+            error("image_duplicate_id", where, f"image id {iid} is already used by an earlier image")
             continue
+        if img["file_name"] in first_with_name:
+            other = first_with_name[img["file_name"]]
+            dup_names.append(f"{img['file_name']!r} (ids {other} and {iid})")
+            error(
+                "image_duplicate_name",
+                where,
+                f"the file is already listed as image {other}: list it once, with all its boxes",
+            )
+            continue
+        first_with_name[img["file_name"]] = iid
         index_of[iid] = len(image_ids)
         image_ids.append(iid)
         heights.append(int(h))
@@ -319,9 +469,15 @@ def check_coco(data: dict) -> CocoIndex:
         file_names.append(img["file_name"])
     if not data["images"]:
         errors.append("no images: the 'images' list is empty")
+        error("no_images", "images", "the 'images' list is empty")
     if dup_ids:
         errors.append(
             f"{len(dup_ids)} duplicate image ids (first: {_first(dup_ids)}); every entry of 'images' needs its own id"
+        )
+    if dup_names:
+        errors.append(
+            f"{len(dup_names)} images share a file_name with an earlier image (first: {_first(dup_names)}); list each "
+            "file once with all its boxes (two entries train each other's objects as background)"
         )
     if bad_images:
         errors.append(
@@ -333,20 +489,39 @@ def check_coco(data: dict) -> CocoIndex:
     raw = np.full((len(anns), 4), np.nan, dtype=np.float64)
     ann_image_idx = np.full(len(anns), -1, dtype=np.int64)
     ann_category_ids: list = [None] * len(anns)
+    crowd = np.zeros(len(anns), dtype=bool)
+    category_pos: dict[Any, int] = {cid: k for k, cid in enumerate(cat_names)}
+    ann_category_pos = np.full(len(anns), -1, dtype=np.int64)  # position in cat_names, -1 if unknown
     unknown_cat, unknown_img = [], []
     for j, ann in enumerate(anns):
         if not isinstance(ann, dict):
             unknown_img.append(f"annotation #{j} is not an object")
+            error("annotation_bad", f"annotation #{j}", "is not a JSON object")
             continue
         aid = ann.get("id", f"#{j}")
         idx = index_of.get(ann.get("image_id"))
         if idx is None:
-            unknown_img.append(f"annotation {aid} -> image_id {ann.get('image_id')!r}")
+            unknown_img.append(f"annotation {aid}{source_of(ann)} -> image_id {ann.get('image_id')!r}")
+            error(
+                "annotation_unknown_image",
+                annotation_name(ann, j),
+                f"image_id {ann.get('image_id')!r} is not in 'images'",
+            )
         else:
             ann_image_idx[j] = idx
-        ann_category_ids[j] = ann.get("category_id")
-        if ann.get("category_id") not in cat_names:
-            unknown_cat.append(f"annotation {aid} -> category_id {ann.get('category_id')!r}")
+        cid = ann_category_ids[j] = ann.get("category_id")
+        # an id of the table (1.0 finds 1 as before; a bool, string or list id is unknown)
+        pos = category_pos.get(cid) if type(cid) in (int, float) else None
+        if pos is not None:
+            ann_category_pos[j] = pos
+        else:
+            unknown_cat.append(f"annotation {aid}{source_of(ann)} -> category_id {ann.get('category_id')!r}")
+            error(
+                "annotation_unknown_category",
+                annotation_name(ann, j),
+                f"category_id {ann.get('category_id')!r} is not one of the categories {_first(sorted(cat_names), 20)}",
+            )
+        crowd[j] = bool(ann.get("iscrowd", 0))
         bbox = ann.get("bbox")
         if isinstance(bbox, (list, tuple)) and len(bbox) == 4 and not any(isinstance(v, bool) for v in bbox):
             try:
@@ -362,6 +537,35 @@ def check_coco(data: dict) -> CocoIndex:
             f"{len(unknown_img)} annotations of image ids that are not in 'images' (first: {_first(unknown_img)})"
         )
     degenerate = ~np.isfinite(raw).all(axis=1) | ~(raw[:, 2] > 0) | ~(raw[:, 3] > 0)
+
+    # --- boxes against their image (vectorized over annotations): clip, or drop when nothing is left
+    known = ann_image_idx >= 0
+    img_h = np.where(known, np.asarray(heights + [0], dtype=np.float64)[ann_image_idx], np.nan)
+    img_w = np.where(known, np.asarray(widths + [0], dtype=np.float64)[ann_image_idx], np.nan)
+    x, y, w, h = raw.T
+    with np.errstate(invalid="ignore"):
+        xyxy = np.stack([x, y, x + w, y + h], axis=1)
+        clipped_xyxy = np.stack(
+            [
+                np.clip(xyxy[:, 0], 0, img_w),
+                np.clip(xyxy[:, 1], 0, img_h),
+                np.clip(xyxy[:, 2], 0, img_w),
+                np.clip(xyxy[:, 3], 0, img_h),
+            ],
+            axis=1,
+        )
+        outside = (
+            known
+            & ~degenerate
+            & ~((clipped_xyxy[:, 2] > clipped_xyxy[:, 0]) & (clipped_xyxy[:, 3] > clipped_xyxy[:, 1]))
+        )
+        clipped = known & ~degenerate & ~outside & ~crowd & (np.abs(clipped_xyxy - xyxy) > 1e-6).any(axis=1)
+    usable = known & (ann_category_pos >= 0) & ~degenerate & ~outside & ~crowd
+
+    # --- usable boxes per category (a category without any is a dead output: a warning)
+    per_position = np.bincount(ann_category_pos[usable], minlength=len(cat_names)).tolist()
+    counts = dict(zip(cat_names, per_position))
+
     return CocoIndex(
         cat_names,
         index_of,
@@ -374,6 +578,14 @@ def check_coco(data: dict) -> CocoIndex:
         ann_category_ids,
         degenerate,
         errors,
+        clipped_xyxy=clipped_xyxy,
+        outside=outside,
+        clipped=clipped,
+        crowd=crowd,
+        usable=usable,
+        category_box_counts=counts,
+        error_problems=problems,
+        annotations=anns,
     )
 
 
@@ -388,7 +600,7 @@ def raise_coco_errors(errors: Sequence[str], where: str) -> None:
 
 def degenerate_box_examples(anns: Sequence, degenerate: np.ndarray) -> list[str]:
     return [
-        f"annotation {anns[j].get('id', f'#{j}') if isinstance(anns[j], dict) else f'#{j}'} bbox {anns[j].get('bbox')}"
+        f"{annotation_name(anns[j], j)} bbox {anns[j].get('bbox') if isinstance(anns[j], dict) else None}"
         for j in np.flatnonzero(degenerate)[:MAX_LISTED]
     ]
 
@@ -427,14 +639,11 @@ def load_coco_json(
     image_ids, heights, widths, file_names = index.image_ids, index.heights, index.widths, index.file_names
     anns = data["annotations"]
     num_anns = len(anns)
-    raw = index.bboxes_xywh
     ann_image_idx = index.ann_image_idx
     ann_label = np.array(
         [label_of.get(c, -1) if not isinstance(c, bool) else -1 for c in index.ann_category_ids], dtype=np.int64
     ).reshape(num_anns)
-    ann_crowd = np.array(
-        [bool(a.get("iscrowd", 0)) if isinstance(a, dict) else False for a in anns], dtype=bool
-    ).reshape(num_anns)
+    ann_crowd = index.crowd
 
     if check_image_files and file_names:
         if not root.is_dir():
@@ -451,37 +660,19 @@ def load_coco_json(
 
     # --- boxes: drop degenerate, clip to the image, keep crowd out (all vectorized over annotations)
     report = AnnotationReport(num_images=len(image_ids), num_annotations=num_anns)
-    aid_text = (
-        np.array([str(a.get("id", f"#{j}")) for j, a in enumerate(anns)], dtype=object)
-        if num_anns
-        else np.zeros(0, object)
-    )
-    img_h = np.asarray(heights, dtype=np.float64)[ann_image_idx] if num_anns else np.zeros(0)
-    img_w = np.asarray(widths, dtype=np.float64)[ann_image_idx] if num_anns else np.zeros(0)
-    x, y, w, h = raw.T
-    degenerate = index.degenerate
-    with np.errstate(invalid="ignore"):
-        xyxy = np.stack([x, y, x + w, y + h], axis=1)
-        clipped_xyxy = np.stack(
-            [
-                np.clip(xyxy[:, 0], 0, img_w),
-                np.clip(xyxy[:, 1], 0, img_h),
-                np.clip(xyxy[:, 2], 0, img_w),
-                np.clip(xyxy[:, 3], 0, img_h),
-            ],
-            axis=1,
-        )
-        outside = ~degenerate & ~((clipped_xyxy[:, 2] > clipped_xyxy[:, 0]) & (clipped_xyxy[:, 3] > clipped_xyxy[:, 1]))
-        clipped = ~degenerate & ~outside & (np.abs(clipped_xyxy - xyxy) > 1e-6).any(axis=1)
-    keep = ~degenerate & ~outside & ~ann_crowd
+    # check_coco clipped, flagged and chose the targets (usable: not degenerate, outside or crowd)
+    degenerate, outside, clipped = index.degenerate, index.outside, index.clipped
+    clipped_xyxy = index.clipped_xyxy
+    keep = index.usable
     report.num_crowd = int(ann_crowd.sum())
     report.num_degenerate = int(degenerate.sum())
     report.num_outside = int(outside.sum())
-    report.num_clipped = int((clipped & ~ann_crowd).sum())
-    for key, mask in (("degenerate", degenerate), ("outside", outside), ("clipped", clipped & ~ann_crowd)):
+    report.num_clipped = int(clipped.sum())
+    report.empty_categories = [f"{cid} {cat_names[cid]!r}" for cid, n in index.category_box_counts.items() if n == 0]
+    for key, mask in (("degenerate", degenerate), ("outside", outside), ("clipped", clipped)):
         if mask.any():
             js = np.flatnonzero(mask)[:MAX_LISTED]
-            report.examples[key] = [f"annotation {aid_text[j]} bbox {anns[j].get('bbox')}" for j in js]
+            report.examples[key] = [f"{annotation_name(anns[j], j)} bbox {anns[j].get('bbox')}" for j in js]
 
     kept = np.flatnonzero(keep)
     order = kept[np.argsort(ann_image_idx[kept], kind="stable")]

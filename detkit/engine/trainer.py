@@ -49,7 +49,7 @@ from detkit.engine.checkpoint import (
 from detkit.engine.distributed import unwrap
 from detkit.engine.lr_schedule import build_lr_scheduler, build_optimizer
 from detkit.engine.preemption import PreemptionWatcher, TrainingPreempted, parse_signals
-from detkit.errors import CheckpointError, ConfigError, NonFiniteLossError
+from detkit.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from detkit.utils.env import AmpChoice, configure_backends, resolve_device, seed_all, select_amp
 from detkit.utils.files import atomic_write
 from detkit.utils.logging import WindowedValue, format_progress, peak_memory_mb
@@ -268,11 +268,18 @@ class Trainer:
             return
         from detkit.engine.evaluator import build_evaluator, load_ground_truth
 
-        _, _, ann_file = _dataset_info(self.cfg, "test")
+        names, ids, ann_file = _dataset_info(self.cfg, "test")
         if ann_file and self.cfg.test.metric == "coco":
             load_ground_truth(ann_file)
         elif ann_file:  # the VOC evaluator also checks the "difficult" values
             build_evaluator(ann_file, self.cfg.test.metric)
+        # The model predicts the training categories: a test set with other ids or names would be
+        # scored against the wrong classes (AP near 0 and no error), so it stops here, as in check-data.
+        from detkit.data.check import SAME_CATEGORIES, category_table_difference
+
+        diff = category_table_difference(list(zip(self.category_ids, self.class_names)), list(zip(ids, names)))
+        if self.category_ids and diff:
+            raise DataError(f"the test data ({ann_file}): {diff} from those of the training data; {SAME_CATEGORIES}")
 
     def resume_or_load(self, resume: bool, accept_config_changes: bool = False) -> int:
         """With resume=True and a `last_checkpoint` in output_dir, restore everything from it.
