@@ -274,3 +274,28 @@ def test_the_trainer_stops_when_the_test_categories_are_not_the_training_ones(tm
         "(2, 'dog')) from those of the training data; datasets used together need the same category ids and names "
         "(the model predicts the training ones)"
     )
+
+
+def test_format_mode_names_the_bad_yolo_line_and_skip_bad_counts_it(tmp_path, capsys):
+    """--format yolo: a label line with 4 numbers stops the check with its file and line; with
+    --skip-bad the line is skipped, listed as a warning, and the rest is checked."""
+    from tests.data.format_samples import write_yolo
+
+    write_yolo(tmp_path)
+    label = sorted((tmp_path / "labels" / "train").glob("*.txt"))[3]
+    good_lines = label.read_text().splitlines()
+    label.write_text("\n".join([*good_lines, "0 0.5 0.5 0.2"]) + "\n")
+    bad_line = len(good_lines) + 1
+    where = f"{label.name}:{bad_line}"
+
+    from detkit.cli.common import run_cli
+
+    # As the command runs it: the reader's DataError is one line on stderr and exit status 2.
+    assert run_cli(check_data_main, [str(tmp_path / "data.yaml"), "--format", "yolo", "--split", "train"]) == 2
+    _, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1
+    assert where in err and "4" in err
+
+    assert check_data_main([str(tmp_path / "data.yaml"), "--format", "yolo", "--split", "train", "--skip-bad"]) == 0
+    out, _ = capsys.readouterr()
+    assert where in out
