@@ -84,7 +84,9 @@ class BestModelTracker:
     @classmethod
     def from_config(cls, test_cfg: Any) -> BestModelTracker:
         """From the `test` section: best_metric, best_mode, early_stop_patience, early_stop_min_delta."""
-        return cls(test_cfg.best_metric, test_cfg.best_mode, test_cfg.early_stop_patience, test_cfg.early_stop_min_delta)
+        return cls(
+            test_cfg.best_metric, test_cfg.best_mode, test_cfg.early_stop_patience, test_cfg.early_stop_min_delta
+        )
 
     @property
     def enabled(self) -> bool:
@@ -104,7 +106,9 @@ class BestModelTracker:
         value = float(raw) if isinstance(raw, (int, float)) and math.isfinite(raw) else None
         improved = value is not None and self._better(value, self.value, 0.0)
         if improved:
-            previous = "none before" if self.value is None else f"previous {self.value:.4g} at iteration {self.iteration}"
+            previous = (
+                "none before" if self.value is None else f"previous {self.value:.4g} at iteration {self.iteration}"
+            )
             logger.info("best %s %.4g at iteration %d (%s)", self.metric, value, iteration, previous)
             self.value, self.iteration = value, iteration
         if value is not None and self._better(value, self.stop_reference, self.min_delta):
@@ -174,6 +178,9 @@ class BestModelTracker:
         self.stopped_at = state.get("stopped_at")
         if self.stopped_at is not None and not (0 < self.patience <= self.evals_without_improvement):
             # The run stopped early, and this config's patience (raised, or 0) lets it go on.
-            logger.info("the run stopped early at iteration %d; test.early_stop_patience=%d lets it continue",
-                        self.stopped_at, self.patience)
+            logger.info(
+                "the run stopped early at iteration %d; test.early_stop_patience=%d lets it continue",
+                self.stopped_at,
+                self.patience,
+            )
             self.stopped_at = None

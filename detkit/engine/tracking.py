@@ -86,9 +86,7 @@ def check_tracker_packages(trackers: tuple[str, ...] | list[str]) -> None:
 
 def _numeric(values: Mapping[str, Any]) -> dict[str, float]:
     """The finite-or-not numbers of a metrics row (None, strings and booleans dropped)."""
-    return {
-        k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 class MLflowRun:

@@ -49,7 +49,12 @@ class MetricsWriter:
     """
 
     def __init__(
-        self, output_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True, sinks: Sequence[MetricsSink] = ()
+        self,
+        output_dir: str | Path,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        sinks: Sequence[MetricsSink] = (),
     ):
         self.enabled = enabled
         self.path = Path(output_dir) / METRICS_FILE

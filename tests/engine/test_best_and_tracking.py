@@ -27,7 +27,9 @@ from detkit.modeling import build_model
 
 
 def tiny_overrides(tmp: Path, weights: Path, *extra: str) -> list[str]:
-    """The tiny detector on 16 training and 4 test shapes images (64 px), one intra-op thread's worth."""
+    """The tiny detector on 16 training and 4 test shapes images (64 px). Anchors of the objects'
+    sizes, 64 proposals and score_thresh 0 give detections that overlap the shapes from the first
+    iterations on, so the APs of a few iterations are small but differ from one evaluation to the next."""
     data = tmp.parent / "shapes"  # shared by the runs of this module
     return [
         f"output_dir={tmp}",
@@ -38,8 +40,8 @@ def tiny_overrides(tmp: Path, weights: Path, *extra: str) -> list[str]:
         f"model.backbone.weights={weights}",
         "model.backbone.freeze_at=4",
         "model.rpn={pre_nms_topk_train: 200, post_nms_topk_train: 32, pre_nms_topk_test: 100, "
-        "post_nms_topk_test: 16, batch_size_per_image: 32}",
-        "model.roi_heads={batch_size_per_image: 8, pooler_resolution: 4}",
+        "post_nms_topk_test: 64, batch_size_per_image: 32, anchor_sizes: [16, 32]}",
+        "model.roi_heads={batch_size_per_image: 8, pooler_resolution: 4, score_thresh: 0.0}",
         f"data.train=[{{type: shapes, root: {data}, split: train, num_images: 16, image_size: [64, 64], "
         "num_classes: 3, max_objects: 3}]",
         f"data.test=[{{type: shapes, root: {data}, split: val, num_images: 4, image_size: [64, 64], "
@@ -167,15 +169,19 @@ def test_state_comes_back_from_a_checkpoint_dict_and_another_metric_starts_afres
     state = json.loads(json.dumps(best.state_dict()))  # plain values only
     again = BestModelTracker("bbox/AP", "max", patience=3)
     again.load_state_dict(state)
-    assert again.state_dict() == best.state_dict() == {
-        "metric": "bbox/AP",
-        "mode": "max",
-        "value": 4.0,
-        "iteration": 2,
-        "stop_reference": 4.0,
-        "evals_without_improvement": 1,
-        "stopped_at": None,
-    }
+    assert (
+        again.state_dict()
+        == best.state_dict()
+        == {
+            "metric": "bbox/AP",
+            "mode": "max",
+            "value": 4.0,
+            "iteration": 2,
+            "stop_reference": 4.0,
+            "evals_without_improvement": 1,
+            "stopped_at": None,
+        }
+    )
     other = BestModelTracker("bbox/AP50", "max")
     other.load_state_dict(state)
     assert (other.value, other.iteration) == (None, None)
@@ -240,6 +246,7 @@ def test_model_best_holds_the_first_best_evaluation_and_survives_pruning(tracked
     output, cfg = tracked["output"], tracked["cfg"]
     evals = eval_rows(output)
     assert [r["iteration"] for r in evals] == [2, 4, 6]  # periodic, and the final evaluation
+    assert len({r["bbox/AP"] for r in evals}) > 1  # (a choice between equal values would prove little)
     top = max(r["bbox/AP"] for r in evals)
     first_best = next(r for r in evals if r["bbox/AP"] == top)
     saved = load_checkpoint(output / BEST_NAME)
@@ -393,7 +400,16 @@ def test_early_stopping_count_survives_resume_and_stops_with_the_final_checkpoin
     final = load_checkpoint(output / "model_final.pth")
     assert final["iteration"] == 3 and final["best"]["stopped_at"] == 3
     assert (output / "last_checkpoint").read_text().strip() == "model_final.pth"
-    assert load_checkpoint(output / BEST_NAME)["iteration"] == 1
+    # The best value (iteration 1's) came back with the resumed run: its evaluation at 3, better
+    # than 2's but not than 1's, did not replace model_best.pth.
+    evals = {r["iteration"]: r["bbox/AP"] for r in eval_rows(output)}
+    assert evals[1] > max(evals[2], evals[3])
+    assert load_checkpoint(output / BEST_NAME)["best"] == {
+        "metric": "bbox/AP",
+        "mode": "max",
+        "value": evals[1],
+        "iteration": 1,
+    }
     stops = [line for line in early["log"] if line.startswith("early stopping at iteration 3:")]
     assert len(stops) == 1 and "for 2 evaluations (test.early_stop_patience=2)" in stops[0]
     assert stops[0].endswith(f"final checkpoint {output / 'model_final.pth'}")
