@@ -468,6 +468,8 @@ def _validate(obj: Any, prefix: str, where: str) -> None:
             raise bad("early_stop_min_delta", "must be >= 0 (an improvement must exceed it)")
         if obj.early_stop_patience > 0 and not obj.best_metric:
             raise bad("early_stop_patience", "needs test.best_metric (the metric whose improvement it waits for)")
+        if obj.early_stop_patience > 0 and obj.eval_period <= 0:
+            raise bad("early_stop_patience", "needs test.eval_period > 0 (it counts the periodic evaluations)")
     elif isinstance(obj, LoggingConfig):
         unknown = [t for t in obj.trackers if t not in TRACKERS]
         if unknown:

@@ -200,7 +200,20 @@ def test_config_checks_trackers_and_early_stopping_keys():
     with pytest.raises(ConfigError, match=r"early_stop_patience=-1.*must be >= 0"):
         load_config(None, ["test.early_stop_patience=-1"])
     with pytest.raises(ConfigError, match=r"early_stop_patience=2.*needs test.best_metric"):
-        load_config(None, ["test.early_stop_patience=2", "test.best_metric="])
+        load_config(None, ["test.early_stop_patience=2", "test.best_metric=", "test.eval_period=5"])
+    with pytest.raises(ConfigError, match=r"early_stop_patience=2.*needs test.eval_period > 0"):
+        load_config(None, ["test.early_stop_patience=2"])
+
+
+def test_a_metric_the_evaluation_does_not_report_stops_before_the_first_iteration(tmp_path, standin_imagenet_r18):
+    cfg = load_config(
+        None, tiny_overrides(tmp_path / "run", standin_imagenet_r18, "test.eval_period=2", "test.best_metric=bbox/mAP")
+    )
+    with pytest.raises(ConfigError) as err:
+        Trainer(cfg)
+    assert str(err.value).startswith("test.best_metric='bbox/mAP' is not a metric the evaluation reports; use one of: ")
+    assert "bbox/AP50" in str(err.value) and "bbox/AP-triangle" in str(err.value)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 @pytest.mark.parametrize("tracker", ["mlflow", "wandb"])
