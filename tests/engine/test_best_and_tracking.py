@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
 import struct
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch
 from detkit.config import load_config
 from detkit.engine.best import BEST_NAME, BestModelTracker
 from detkit.engine.checkpoint import load_checkpoint
+from detkit.engine.preemption import TrainingPreempted
 from detkit.engine.tracking import flatten_config
 from detkit.engine.trainer import Trainer, evaluate_model
 from detkit.errors import ConfigError
@@ -351,21 +354,22 @@ def test_wandb_offline_run_file_holds_the_config_every_metrics_row_and_the_best_
 # --------------------------------------------------------------------------------------------
 
 
-class StopAt:
-    """A hook that raises after iteration `iteration` (its checkpoint is written by then)."""
+class SignalAt:
+    """A hook that sends this process SIGUSR1 (a preemption signal) after iteration `iteration`: the
+    trainer sees it at the next step and stops there after its evaluation and checkpoint."""
 
     def __init__(self, iteration: int):
         self.iteration = iteration
 
     def __call__(self, trainer):
         if trainer.iteration == self.iteration:
-            raise RuntimeError(f"interrupted after iteration {self.iteration}")
+            os.kill(os.getpid(), signal.SIGUSR1)
 
 
 @pytest.fixture(scope="module")
 def early(tmp_path_factory, standin_imagenet_r18):
     """Evaluations at every iteration; min_delta 1000 makes every one after the first count as no
-    improvement, so patience 2 stops at iteration 3. The run dies after iteration 2 (whose
+    improvement, so patience 2 stops at iteration 3. The run is preempted at iteration 2 (whose
     checkpoint holds 1 evaluation without improvement) and resumes: it must stop at 3, not 4."""
     tmp = tmp_path_factory.mktemp("early")
     output = tmp / "run"
@@ -384,9 +388,12 @@ def early(tmp_path_factory, standin_imagenet_r18):
     )
     with pytest.MonkeyPatch.context() as mp, Messages() as log:
         mp.setenv("OMP_NUM_THREADS", "1")
-        with pytest.raises(RuntimeError, match="interrupted after iteration 2"):
-            Trainer(cfg, hooks=[StopAt(2)]).train()
+        with pytest.raises(TrainingPreempted) as preempted:
+            Trainer(cfg, hooks=[SignalAt(1)]).train()
         first_run_id = load_checkpoint(output / "model_0000002.pth")["tracking"]["mlflow_run_id"]
+        from mlflow.tracking import MlflowClient
+
+        status_when_preempted = MlflowClient((tmp / "mlruns").as_uri()).get_run(first_run_id).info.status
         resumed = Trainer(cfg)
         resumed.resume_or_load(resume=True)
         restored = resumed.best.state_dict()
@@ -401,6 +408,8 @@ def early(tmp_path_factory, standin_imagenet_r18):
         "restored": restored,
         "log": log.lines,
         "first_run_id": first_run_id,
+        "preempted_at": preempted.value.iteration,
+        "status_when_preempted": status_when_preempted,
         "uri": (tmp / "mlruns").as_uri(),
     }
 
@@ -408,6 +417,7 @@ def early(tmp_path_factory, standin_imagenet_r18):
 @pytest.mark.slow
 def test_early_stopping_count_survives_resume_and_stops_with_the_final_checkpoint(early):
     output = early["output"]
+    assert early["preempted_at"] == 2
     assert early["restored"]["evals_without_improvement"] == 1 and early["restored"]["iteration"] == 1
     assert [r["iteration"] for r in eval_rows(output)] == [1, 2, 3]
     final = load_checkpoint(output / "model_final.pth")
@@ -438,9 +448,10 @@ def test_mlflow_continues_the_same_run_after_resume(early):
     assert load_checkpoint(output / "model_final.pth")["tracking"]["mlflow_run_id"] == early["first_run_id"]
     from mlflow.tracking import MlflowClient
 
+    assert early["status_when_preempted"] == "KILLED"
     client = MlflowClient(tracking_uri=early["uri"])
     run = client.get_run(early["first_run_id"])
     assert run.info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(early["first_run_id"], "total_loss"))
-    assert steps == [1, 2, 3]  # iterations 1-2 of the first process, 3 of the resumed one
+    assert steps == [1, 2, 3]  # iterations 1-2 before the preemption, 3 after --resume
     assert len(client.search_runs([run.info.experiment_id])) == 1
