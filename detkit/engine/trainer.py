@@ -11,7 +11,9 @@ One iteration (k = 1..max_iter, as logged; `self.iteration` counts completed ite
     loss values -> host (one sync; averaged over ranks) -> stop if any is non-finite
     clip (optional) -> optimizer.step() -> scheduler.step()
     every log_period: progress line + metrics.jsonl row; every checkpoint_period: checkpoint;
-    every test.eval_period (and at the end): evaluation
+    every test.eval_period (and at the end): evaluation, before that iteration's checkpoint; it keeps
+    model_best.pth and may stop the run early (detkit.engine.best); rows also go to MLflow / W&B
+    (detkit.engine.tracking, logging.trackers)
 
 Exact resume: a checkpoint holds model, optimizer, scaler, iteration, every rank's python/numpy/
 torch/CUDA RNG states and the data position; the loader restarts at that position
