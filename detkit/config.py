@@ -181,6 +181,29 @@ class TestConfig:
     eval_backend: Literal["auto", "pycocotools", "faster_coco_eval"] = "auto"  # for metric: coco
     ims_per_batch: int = 8
     amp: Literal["off", "bf16", "fp16", "auto"] = "off"  # inference precision (Detectron2: fp32)
+    # With eval_period > 0: model_best.pth holds the weights of the evaluation with the best value
+    # of this metric (any key the evaluation writes to metrics.jsonl; "" = no model_best.pth).
+    best_metric: str = "bbox/AP"
+    best_mode: Literal["max", "min"] = "max"
+    # Stop training after this many evaluations in a row without an improvement larger than
+    # early_stop_min_delta over the best value (0 = never stop early).
+    early_stop_patience: int = 0
+    early_stop_min_delta: float = 0.0
+
+
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    # Where metrics go besides metrics.jsonl (rank 0 only): tensorboard (when the package is
+    # installed), mlflow (the `mlflow` extra), wandb (the `wandb` extra).
+    trackers: tuple[str, ...] = ("tensorboard",)
+    experiment: str = "detkit"  # MLflow experiment name / W&B project
+    run_name: str = ""  # "" = the output_dir folder's name
+    mlflow_tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else the file store ./mlruns
+    wandb_mode: Literal["", "online", "offline", "disabled"] = ""  # "" = $WANDB_MODE, else online
+    wandb_entity: str = ""  # W&B team or user ("" = the account's default)
 
 
 @dataclass(frozen=True)
@@ -194,6 +217,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     test: TestConfig = field(default_factory=TestConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,6 +473,21 @@ def _validate(obj: Any, prefix: str, where: str) -> None:
             raise bad("steps", "must be increasing")
         if obj.max_iter < 1:
             raise bad("max_iter", "must be >= 1")
+    elif isinstance(obj, TestConfig):
+        if obj.early_stop_patience < 0:
+            raise bad("early_stop_patience", "must be >= 0 (0 = no early stopping)")
+        if obj.early_stop_min_delta < 0:
+            raise bad("early_stop_min_delta", "must be >= 0 (an improvement must exceed it)")
+        if obj.early_stop_patience > 0 and not obj.best_metric:
+            raise bad("early_stop_patience", "needs test.best_metric (the metric whose improvement it waits for)")
+        if obj.early_stop_patience > 0 and obj.eval_period <= 0:
+            raise bad("early_stop_patience", "needs test.eval_period > 0 (it counts the periodic evaluations)")
+    elif isinstance(obj, LoggingConfig):
+        unknown = [t for t in obj.trackers if t not in TRACKERS]
+        if unknown:
+            raise bad("trackers", f"unknown tracker {unknown[0]!r}; choose from {', '.join(TRACKERS)}")
+        if len(set(obj.trackers)) != len(obj.trackers):
+            raise bad("trackers", "lists a tracker twice")
     elif isinstance(obj, DataConfig):
         if not obj.min_size_train:
             raise bad("min_size_train", "needs at least one size")

@@ -10,7 +10,8 @@ A checkpoint is one `torch.save`d dict of plain containers, numbers, strings and
      "rng": [one `capture_rng_state()` per rank], "data": {"start_iter": ..., "world_size": ...}}
 
 Files in the output dir: model_{iteration:07d}.pth (periodic, the newest `max_to_keep` kept),
-model_final.pth (always kept) and `last_checkpoint`, a one-line text file naming the newest file.
+model_final.pth (always kept) and `last_checkpoint`, a one-line text file naming the newest file;
+the trainer adds model_best.pth (detkit.engine.best), which pruning never matches.
 Every file is written to a temporary file in the same directory, flushed, fsynced and renamed over
 its final name (detkit.utils.files.atomic_write), so a crash (or SIGKILL) at any moment leaves either
 the old or the new complete file.
@@ -145,7 +146,15 @@ def restore_rng_state(state: dict) -> None:
 # Files that say a training run happened in an output dir (a fresh run refuses to go over them),
 # and the other files a run writes there (removed with them by --overwrite).
 _RUN_MARKERS = (LAST_CHECKPOINT, FINAL_NAME, "metrics.jsonl")
-_RUN_FILES = ("config.yaml", "classes.json", "log.txt", "summary.json", "events.out.tfevents.*", TEMP_PREFIX + "*")
+_RUN_FILES = (
+    "config.yaml",
+    "classes.json",
+    "log.txt",
+    "summary.json",
+    "model_best.pth",
+    "events.out.tfevents.*",
+    TEMP_PREFIX + "*",
+)
 
 
 def existing_run_files(output_dir: str | Path) -> list[Path]:

@@ -11,7 +11,9 @@ One iteration (k = 1..max_iter, as logged; `self.iteration` counts completed ite
     loss values -> host (one sync; averaged over ranks) -> stop if any is non-finite
     clip (optional) -> optimizer.step() -> scheduler.step()
     every log_period: progress line + metrics.jsonl row; every checkpoint_period: checkpoint;
-    every test.eval_period (and at the end): evaluation
+    every test.eval_period (and at the end): evaluation, before that iteration's checkpoint; it keeps
+    model_best.pth and may stop the run early (detkit.engine.best); rows also go to MLflow / W&B
+    (detkit.engine.tracking, logging.trackers)
 
 Exact resume: a checkpoint holds model, optimizer, scaler, iteration, every rank's python/numpy/
 torch/CUDA RNG states and the data position; the loader restarts at that position
@@ -38,17 +40,21 @@ from torch.nn.parallel import DistributedDataParallel
 
 from detkit.config import Config, config_to_dict, dump_config
 from detkit.engine import distributed as dist
+from detkit.engine.best import BEST_NAME, BestModelTracker, check_metric_name, evaluation_metric_names
 from detkit.engine.checkpoint import (
     FINAL_NAME,
     Checkpointer,
     capture_rng_state,
     checkpoint_name,
+    describe_write_error,
     load_checkpoint,
     restore_rng_state,
+    save_checkpoint,
 )
 from detkit.engine.distributed import unwrap
 from detkit.engine.lr_schedule import build_lr_scheduler, build_optimizer
 from detkit.engine.preemption import PreemptionWatcher, TrainingPreempted, parse_signals
+from detkit.engine.tracking import Tracking
 from detkit.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from detkit.utils.env import AmpChoice, configure_backends, resolve_device, seed_all, select_amp
 from detkit.utils.files import atomic_write
@@ -118,6 +124,7 @@ RESUME_HARMLESS = (
     "solver.max_to_keep",
     "solver.preempt_signals",
     "test.",
+    "logging.",
     "data.test",
     "data.num_workers",
     "data.pin_memory",
@@ -196,6 +203,9 @@ class Trainer:
         self.amp: AmpChoice = select_amp(solver.amp, self.device)
         self.output_dir = Path(cfg.output_dir)
         self.is_main = self.dist.is_main
+        # MLflow / W&B: a missing package stops every rank here, before the model is built.
+        self.tracking = Tracking(cfg, self.output_dir, enabled=self.is_main)
+        self._tracking_resume_state: dict | None = None
 
         if model is None:
             from detkit.modeling import build_model, check_initialisation
@@ -221,12 +231,22 @@ class Trainer:
         self.hooks = list(hooks)
 
         self.checkpointer = Checkpointer(self.output_dir, max_to_keep=solver.max_to_keep, enabled=self.is_main)
-        self.metrics = MetricsWriter(self.output_dir, enabled=self.is_main)
+        self.metrics = MetricsWriter(
+            self.output_dir,
+            enabled=self.is_main,
+            tensorboard="tensorboard" in cfg.logging.trackers,
+            sinks=[self.tracking],
+        )
         self.iteration = 0  # completed iterations
         self.start_iter = 0
         self._rng_to_restore: dict | None = None
         self.class_names, self.category_ids = self._class_info()
         self._check_test_data()
+        # model_best.pth and early stopping, from the periodic evaluations (test.eval_period > 0).
+        self.best = BestModelTracker.from_config(cfg.test)
+        if self.best.enabled and cfg.test.eval_period > 0 and cfg.data.test:
+            names = evaluation_metric_names(_dataset_info(cfg, "test")[0], cfg.test.metric)
+            check_metric_name(cfg.test.best_metric, names)
         self.last_losses: dict[str, float] = {}
         self.eval_results: dict[str, Any] = {}
         parse_signals(solver.preempt_signals)  # a bad name stops the run now, not at train()
@@ -336,6 +356,8 @@ class Trainer:
                 self.dist.world_size,
             )
         self.metrics.truncate_after(self.start_iter)
+        self.best.load_state_dict(state.get("best"))
+        self._tracking_resume_state = state.get("tracking")
         logger.info("resumed from %s at iteration %d", path, self.start_iter)
 
     def check_resumed_config(self, state: dict, path: str | Path, accept: bool = False) -> None:
@@ -408,6 +430,9 @@ class Trainer:
                 "ims_per_batch": self.cfg.solver.ims_per_batch,
                 "seed": self.cfg.seed,
             },
+            # The best value so far and the early-stopping count, and the tracker run ids: --resume continues them.
+            "best": self.best.state_dict(),
+            "tracking": self.tracking.state_dict(),
         }
 
     def save_checkpoint(self, name: str) -> Path | None:
@@ -450,9 +475,18 @@ class Trainer:
         # main process has saved and shuts them down.
         with PreemptionWatcher(solver.preempt_signals) as self.preemption:
             try:
-                return self._train_loop()
+                self.tracking.start(self._tracking_resume_state, self.start_iter)
+                summary = self._train_loop()
+            except TrainingPreempted:
+                self.tracking.finish("KILLED")  # --resume continues the MLflow run
+                raise
+            except BaseException:
+                self.tracking.finish("FAILED")
+                raise
             finally:
                 self.preemption = None
+        self.tracking.finish("FINISHED")
+        return summary
 
     def _train_loop(self) -> dict:
         solver = self.cfg.solver
@@ -466,7 +500,9 @@ class Trainer:
         loss_sums: dict[str, float] = {}
         loss_count = 0
         train_start = time.perf_counter()
-        while self.iteration < solver.max_iter:
+        if self.best.stopped_at is not None:
+            logger.info("this run stopped early at iteration %d: nothing to continue", self.best.stopped_at)
+        while self.iteration < solver.max_iter and self.best.stopped_at is None:
             t0 = time.perf_counter()
             batch = self._next_batch(batches)
             data_time = time.perf_counter() - t0
@@ -484,26 +520,32 @@ class Trainer:
                 self.last_losses = {k: v / loss_count for k, v in loss_sums.items()}
                 self._log(self.last_losses, lr, iter_times, data_times)
                 loss_sums, loss_count = {}, 0
+            # The evaluation comes before this iteration's checkpoint, so that the checkpoint holds
+            # its best value and early-stopping count (a resumed run does not evaluate it again).
+            stop_early = False
+            if self.cfg.test.eval_period > 0 and it % self.cfg.test.eval_period == 0 and not last:
+                self.evaluate()
+                stop_early = self.best.stopped_at is not None  # agreed: rank 0's decision, broadcast
+                # A signal during the evaluation (minutes on a large test set) is honoured now
+                # rather than after one more step: one small collective per evaluation.
+                self.preempt_agreed = self.preempt_agreed or self._any_rank_preempted()
             saved: str | None = None  # the name of this iteration's checkpoint, if one was written
-            if last:
+            if last or stop_early:
                 saved = FINAL_NAME
             elif solver.checkpoint_period > 0 and it % solver.checkpoint_period == 0:
                 saved = checkpoint_name(it)
             if saved is not None:
                 self.save_checkpoint(saved)
-            if self.cfg.test.eval_period > 0 and it % self.cfg.test.eval_period == 0 and not last:
-                self.evaluate()
-                # A signal during the evaluation (minutes on a large test set) is honoured now
-                # rather than after one more step: one small collective per evaluation.
-                self.preempt_agreed = self.preempt_agreed or self._any_rank_preempted()
+            if stop_early and self.is_main:
+                logger.info("%s; final checkpoint %s", self.best.stop_reason(), self.output_dir / FINAL_NAME)
             for hook in self.hooks:
                 hook(self)
             if self.preempt_agreed:  # every rank gets here at the same iteration
                 self._stop_preempted(saved)
 
         wall = time.perf_counter() - train_start
-        if self.cfg.data.test:
-            self.evaluate()
+        if self.cfg.data.test and self.best.stopped_at is None:  # (an early stop has just evaluated)
+            self.evaluate(final=True)
         summary = self._summary(wall)
         self.metrics.close()
         return summary
@@ -660,8 +702,12 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation --------------
 
-    def evaluate(self) -> dict[str, Any]:
-        """Evaluation of the test set, `test.metric` (rank 0 gets the numbers; every rank must call)."""
+    def evaluate(self, final: bool = False) -> dict[str, Any]:
+        """Evaluation of the test set, `test.metric` (rank 0 gets the numbers; every rank must call).
+
+        With test.eval_period > 0 the result also updates model_best.pth and the early-stopping
+        count (`final`: the evaluation after the last iteration, which counts for the best model
+        but cannot stop anything)."""
         if not self.cfg.data.test:
             return {}
         model = unwrap(self.model)
@@ -672,7 +718,38 @@ class Trainer:
             flat = {k: v for k, v in results.items() if isinstance(v, (int, float))}
             self.metrics.write(self.iteration, flat)
         self.eval_results = results
+        if self.cfg.test.eval_period > 0 and self.best.enabled:
+            self._update_best(results, final)
         return results
+
+    def _update_best(self, results: dict[str, Any], final: bool) -> None:
+        """Rank 0 has the numbers and decides; every rank takes the decision (an early stop ends all
+        ranks at the same iteration: one broadcast per evaluation). Rank 0 writes model_best.pth."""
+        update = self.best.update(self.iteration, results, allow_stop=not final) if self.is_main else None
+        state, update = dist.broadcast_object((self.best.state_dict(), update) if self.is_main else None)
+        if not self.is_main:
+            self.best.load_state_dict(state)
+        if not (update.improved and self.is_main):
+            return
+        path = self.output_dir / BEST_NAME
+        model = unwrap(self.model)
+        record = self.best.record()
+        best_state = {
+            "model": model.state_dict(),
+            "config": config_to_dict(self.cfg),
+            "class_names": list(self.class_names),
+            "category_ids": list(self.category_ids),
+            "iteration": self.iteration,
+            "best": record,
+        }
+        try:
+            save_checkpoint(best_state, path)
+        except (OSError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"cannot write {path}: {describe_write_error(exc)}; the previous {BEST_NAME}, if any, is intact. "
+                f"Free space in {self.output_dir}, then continue with --resume"
+            ) from exc
+        logger.info("saved %s: %s %.4g at iteration %d", path, record["metric"], record["value"], self.iteration)
 
     def _summary(self, wall_seconds: float) -> dict:
         done = self.iteration - self.start_iter
@@ -690,6 +767,21 @@ class Trainer:
             "checkpoint": str(self.output_dir / FINAL_NAME),
             "metrics": str(self.output_dir / "metrics.jsonl"),
         }
+        best_path = self.output_dir / BEST_NAME
+        if self.best.iteration is not None and self.cfg.test.eval_period > 0:
+            summary["best"] = {**self.best.record(), "checkpoint": str(best_path)}
+        if self.best.stopped_at is not None:
+            summary["early_stopped"] = self.best.stop_reason()
+        final: dict[str, Any] = {"final_checkpoint": summary["checkpoint"]}
+        if "best" in summary:
+            final.update(
+                {
+                    "best_checkpoint": str(best_path),
+                    f"best/{self.best.metric}": self.best.value,
+                    "best_iteration": self.best.iteration,
+                }
+            )
+        self.tracking.log_summary(final)
         if self.is_main:
             (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
             logger.info(

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 from detkit.utils.files import write_text_atomic
 
@@ -34,16 +35,31 @@ def _plain(value):
     return value
 
 
+class MetricsSink(Protocol):
+    """Something that takes every row too (detkit.engine.tracking.Tracking: MLflow, W&B)."""
+
+    def log_metrics(self, step: int, values: Mapping[str, Any]) -> None: ...
+
+
 class MetricsWriter:
     """Appends rows to output_dir/metrics.jsonl and, when `tensorboard` is installed, to event files.
 
+    sinks: more receivers of every row (called with the iteration and the row's values).
     With `enabled=False` (ranks other than 0) every method does nothing.
     """
 
-    def __init__(self, output_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        sinks: Sequence[MetricsSink] = (),
+    ):
         self.enabled = enabled
         self.path = Path(output_dir) / METRICS_FILE
         self._tb = None
+        self.sinks = list(sinks)
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,6 +115,9 @@ class MetricsWriter:
             for key, value in row.items():
                 if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(key, value, iteration)
+        values_only = {key: value for key, value in row.items() if key != "iteration"}
+        for sink in self.sinks:
+            sink.log_metrics(int(iteration), values_only)
 
     def close(self) -> None:
         if self._tb is not None:
