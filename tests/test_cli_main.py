@@ -21,7 +21,7 @@ from detkit.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 # Written out, not read from detkit.cli.main.TASKS: dropping a task from the command must fail here.
-TASKS = ["train", "eval", "infer", "export", "analyze", "benchmark", "convert-weights", "plot", "demo"]
+TASKS = ["train", "eval", "infer", "serve", "export", "analyze", "benchmark", "convert-weights", "plot", "demo"]
 
 
 def detkit(*args, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
