@@ -202,6 +202,7 @@ def create_app(options: ServeOptions, state: ServiceState | None = None):
         threads=threads,
         warmup_hw=(480, 640),
         on_batch=metrics.on_batch,
+        split_by_padded_size=options.split_by_padded_size,
     )
     batcher_holder["batcher"] = batcher
     decode_limiter = anyio.CapacityLimiter(DECODE_THREADS)
