@@ -34,11 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="detkit serve",
         description="Serve a detector over HTTP: POST /v1/detect, /healthz, /readyz, /metrics, /docs.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
+        epilog="requests (docs/serving.md):\n"
+        "  curl -s --data-binary @photo.jpg -H 'Content-Type: image/jpeg' localhost:8000/v1/detect\n"
+        "  curl -s -F image=@photo.jpg 'localhost:8000/v1/detect?score_thresh=0.7'\n"
+        "  curl -s localhost:8000/readyz; curl -s localhost:8000/metrics\n\n"
+        "examples:\n"
         "  detkit serve --weights output/shapes_r18/model_final.pth --port 8000\n"
         "  detkit serve --backend onnxruntime --model model.onnx --max-batch 8 --max-wait-ms 10\n"
-        "  curl -s --data-binary @photo.jpg -H 'Content-Type: image/jpeg' localhost:8000/v1/detect\n"
-        "  curl -s -F image=@photo.jpg 'localhost:8000/v1/detect?score_thresh=0.7'",
+        "  detkit serve --weights output/shapes_r18/model_final.pth --host 0.0.0.0 --max-batch 1 --threads 2",
     )
     parser.add_argument("--weights", help="detkit checkpoint (.pth); brings config and class names (--backend pytorch)")
     parser.add_argument(
