@@ -345,6 +345,13 @@ def test_bad_requests_get_4xx_with_one_line_and_the_server_goes_on(server, image
         status, _, answer = detect(server, data, query, ctype)
         assert status == want_status, (what, answer)
         assert set(answer) == {"error"} and words in answer["error"] and "\n" not in answer["error"], (what, answer)
+    # A chunked upload has no Content-Length: the limit holds while the body is read.
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    chunks = [b"\xff\xd8" + bytes(MAX_BYTES // 4)] * 5
+    conn.request("POST", "/v1/detect", body=iter(chunks), headers={"Content-Type": "image/jpeg"}, encode_chunked=True)
+    response = conn.getresponse()
+    assert response.status == 413 and "--max-bytes" in json.loads(response.read())["error"]
+    conn.close()
     status, _, answer = detect(server, jpeg, f"?score_thresh={SCORE_THRESH}")
     assert status == 200 and answer["scores"]
     assert server.proc.poll() is None
