@@ -48,3 +48,13 @@ class NonFiniteLossError(DetkitError):
 
 class ExportError(DetkitError):
     """A model that cannot be exported as asked, or an export extra that is not installed."""
+
+
+class RequestError(DetkitError):
+    """A request to the detection service that cannot be answered as sent (detkit serve): `status`
+    is the HTTP status to answer with (400, 413, 415), `reason` one line saying what to change."""
+
+    def __init__(self, status: int, reason: str):
+        self.status = status
+        self.reason = reason
+        super().__init__(reason)

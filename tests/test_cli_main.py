@@ -25,6 +25,7 @@ TASKS = [
     "train",
     "eval",
     "infer",
+    "serve",
     "export",
     "check-data",
     "analyze",
@@ -75,6 +76,7 @@ def test_console_script_is_the_same_main(capsys):
         "convert-weights",
         "convert-data",
         "check-data",
+        "serve",
     ):
         assert re.search(rf'^detkit-{alias} = "detkit\.cli\.{alias.replace("-", "_")}:entry_point"', scripts, re.M)
     assert cli_main.main(["--version"]) == 0
@@ -224,9 +226,10 @@ def test_tools_holds_the_user_tools_and_benchmarks_is_a_package_not_shipped():
         "export.py",
         "infer.py",
         "plot.py",
+        "serve.py",
         "train.py",
     ]
-    for name in ("frozen_bn", "gemm_conv", "int8", "loader", "matching", "video", "trace_export_parity"):
+    for name in ("frozen_bn", "gemm_conv", "int8", "loader", "matching", "video", "trace_export_parity", "load_test"):
         module = importlib.import_module(f"benchmarks.{name}")
         assert callable(module.main), name
         assert f"`python -m benchmarks.{name} " in (ROOT / "benchmarks" / "README.md").read_text(), name

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from detkit.data.transforms import resized_hw
-from detkit.engine.evaluator import _unique_names
+from detkit.engine.eval_common import _unique_names
 from detkit.modeling.anchors import cell_anchors
 
 # COCO's area ranges (pixels^2 of the original image), the ones APs / APm / APl use.

@@ -47,7 +47,8 @@ from dataclasses import dataclass
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from detkit.engine.evaluator import _make_coco, _unique_names
+from detkit.engine.eval_common import _unique_names
+from detkit.engine.evaluator import _make_coco
 
 AREA_NAMES = ("all", "small", "medium", "large")
 ANALYZE_TYPES = ("C75", "C50", "Loc", "Sim", "Oth", "BG", "FN")

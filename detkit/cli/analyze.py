@@ -148,13 +148,8 @@ def analyze(
     from detkit.analysis.dataset import anchor_coverage, box_statistics
     from detkit.analysis.errors import ANALYZE_TYPES, AREA_NAMES, TIDE_SPECIAL, TIDE_TYPES, analyze_errors
     from detkit.analysis.report import HtmlReport, write_json_atomic
-    from detkit.engine.evaluator import (
-        METRIC_KEYS,
-        COCOEvaluator,
-        check_predictions,
-        load_ground_truth,
-        load_predictions,
-    )
+    from detkit.engine.eval_common import check_predictions, load_ground_truth, load_predictions
+    from detkit.engine.evaluator import METRIC_KEYS, COCOEvaluator
 
     out_dir.mkdir(parents=True, exist_ok=True)
     gt = load_ground_truth(gt_path)

@@ -112,7 +112,8 @@ def _print_metrics(metrics: dict, header: str) -> None:
 
 
 def _file_mode(args: argparse.Namespace) -> int:
-    from detkit.engine.evaluator import build_evaluator, dump_metrics, load_predictions
+    from detkit.engine.eval_common import load_predictions
+    from detkit.engine.evaluator import build_evaluator, dump_metrics
 
     predictions = load_predictions(args.predictions)
     metric = args.metric or "coco"

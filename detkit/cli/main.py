@@ -26,6 +26,7 @@ TASKS: dict[str, tuple[str, str]] = {
     "train": ("detkit.cli.train", "train a detector from a YAML config (or --eval-only a checkpoint)"),
     "eval": ("detkit.cli.eval", "COCO box AP of a checkpoint or exported model, or of a predictions file"),
     "infer": ("detkit.cli.infer", "detect objects in images, videos, a camera or a stream; draw them"),
+    "serve": ("detkit.cli.serve", "an HTTP service with dynamic batching: POST /v1/detect, /metrics, /readyz"),
     "export": ("detkit.cli.export", "write a checkpoint as one ONNX or TorchScript file (optionally int8 res5)"),
     "check-data": ("detkit.cli.check_data", "check a dataset before training: counts, anchor fit, every problem"),
     "analyze": ("detkit.cli.analyze", "error analysis of predictions (TIDE, confusion, PR curves), dataset report"),
@@ -42,6 +43,7 @@ examples:
   detkit train configs/frcnn_r101.yaml solver.ims_per_batch=8 solver.base_lr=0.01
   detkit eval configs/shapes_r18.yaml --weights output/shapes_r18/model_final.pth
   detkit infer --weights output/shapes_r18/model_final.pth --input photos/ --output out/
+  detkit serve --weights output/shapes_r18/model_final.pth --port 8000
   detkit convert-weights --from detectron2 model_final_298dad.pkl weights/frcnn_r101_c4_3x.pth \\
       --config configs/frcnn_r101_detectron2.yaml
 """

@@ -286,7 +286,8 @@ class Trainer:
         its first iteration rather than after its last one."""
         if not self.cfg.data.test:
             return
-        from detkit.engine.evaluator import build_evaluator, load_ground_truth
+        from detkit.engine.eval_common import load_ground_truth
+        from detkit.engine.evaluator import build_evaluator
 
         names, ids, ann_file = _dataset_info(self.cfg, "test")
         if ann_file and self.cfg.test.metric == "coco":

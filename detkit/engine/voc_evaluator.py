@@ -288,7 +288,7 @@ class VOCEvaluator:
     """
 
     def __init__(self, ground_truth: str | Path | dict, metric: str = "voc07", source: str | None = None):
-        from detkit.engine.evaluator import _unique_names, load_ground_truth, prepare_ground_truth
+        from detkit.engine.eval_common import _unique_names, load_ground_truth, prepare_ground_truth
 
         self.metric = check_metric(metric)
         if isinstance(ground_truth, dict):
@@ -329,7 +329,7 @@ class VOCEvaluator:
 
     def run(self, predictions: Sequence[dict], source: str = "predictions") -> VOCResult:
         """Evaluate COCO results; checks them as COCOEvaluator does (DataError naming the offenders)."""
-        from detkit.engine.evaluator import check_predictions
+        from detkit.engine.eval_common import check_predictions
 
         start = time.perf_counter()
         checked = check_predictions(predictions, self.image_ids, self.category_ids, source)
@@ -408,7 +408,7 @@ def summarize(ap_percent: np.ndarray, class_names: Sequence[str]) -> dict[str, A
 
 def format_voc_metrics(metrics: dict, columns: int = 3) -> str:
     """Markdown tables of the VOC summary and of the per-class AP at IoU 0.5."""
-    from detkit.engine.evaluator import _cell, _markdown_table, _per_class_table
+    from detkit.engine.eval_common import _cell, _markdown_table, _per_class_table
 
     parts = [
         "Box AP (Pascal VOC: AP50 is the mAP at IoU > 0.5; AP the mean over IoU .50:.95):",
