@@ -135,10 +135,15 @@ def train(cfg, resume: bool = False, overwrite: bool = False, accept_config_chan
     from detkit.engine.checkpoint import existing_run_files, remove_run_files
     from detkit.engine.preemption import PREEMPTED_EXIT_STATUS, TrainingPreempted
     from detkit.engine.trainer import Trainer
-    from detkit.errors import ConfigError
+    from detkit.errors import ConfigError, PeerFailedError
 
     info = dist.dist_info_from_env()
     output_dir = Path(cfg.output_dir)
+    # torchrun --max-restarts N starts the whole group again after a worker died (SIGKILL, OOM
+    # killer, a lost node): the restarted attempt continues the run, with --resume's config check.
+    restart = dist.elastic_restart_count()
+    if restart > 0:
+        resume, overwrite = True, False
     # Every rank decides from the same files before any rank can write one (the first write
     # follows the process group's rendezvous), so all ranks stop or all go on.
     earlier = existing_run_files(output_dir) if not resume else []
@@ -160,6 +165,8 @@ def train(cfg, resume: bool = False, overwrite: bool = False, accept_config_chan
     try:
         if info.is_main:
             logger.info("command: %s", command_line())
+            if restart > 0:
+                logger.info("torchrun restart %d: continuing from the last checkpoint in %s", restart, output_dir)
             if earlier:
                 logger.info("--overwrite: removed %d files of the earlier run in %s", len(removed), output_dir)
         # A resumed run gets every tensor from the checkpoint: skip reading the initial weights files.
@@ -188,6 +195,15 @@ def train(cfg, resume: bool = False, overwrite: bool = False, accept_config_chan
             print(done + (f"; {metrics}" if metrics else ""))
             print(f"outputs in {output_dir}/: model_final.pth, metrics.jsonl, log.txt, summary.json")
         return 0
+    except Exception as exc:
+        # Every rank of a group stops on one rank's exception (detkit.engine.distributed); the one
+        # that failed prints its error, the others name it (and rank 0 writes it into log.txt).
+        failure = dist.report_failure(exc)
+        if isinstance(failure, PeerFailedError):
+            dist.log_peer_failure_to_files(failure.rank, failure.kind, failure.message)
+        if failure is exc:
+            raise
+        raise failure from None
     finally:
         dist.destroy()
         if file_handler is not None:

@@ -269,6 +269,7 @@ class Trainer:
         if path is None:
             if resume:
                 logger.info("--resume: no checkpoint in %s, starting from iteration 0", self.output_dir)
+                self.metrics.truncate_after(0)  # rows of an attempt that died before its first checkpoint
             return 0
         self.load_training_state(path, accept_config_changes=accept_config_changes)
         return self.start_iter
@@ -427,6 +428,15 @@ class Trainer:
         with PreemptionWatcher(solver.preempt_signals) as self.preemption:
             try:
                 return self._train_loop()
+            except TrainingPreempted:
+                raise
+            except Exception as exc:
+                # One rank's exception stops every rank: published here for the others, which stop
+                # with PeerFailedError (detkit.engine.distributed); a no-op with one process.
+                failure = dist.report_failure(exc)
+                if failure is exc:
+                    raise
+                raise failure from None
             finally:
                 self.preemption = None
 
