@@ -53,6 +53,8 @@ an output_dir that holds a run (checkpoints or metrics.jsonl):
 exit status: 0 done, 2 a configuration/data/checkpoint error or a non-finite loss (one line on
 stderr; --debug for the traceback), 75 preempted: a signal of solver.preempt_signals (SIGTERM,
 SIGUSR1) came, the iteration it came in was saved, --resume continues; 130 interrupted (Ctrl-C).
+Under torchrun: one rank's error stops every rank within seconds (the others exit 2, naming it);
+a group restarted by --max-restarts continues from the last checkpoint without --resume.
 
 examples:
   detkit train configs/shapes_r18.yaml                                # the CPU demo model, ~7 min on 2 cores
