@@ -109,12 +109,27 @@ def _two_process_worker(rank: int, out: str, port: int) -> None:
     second = Trainer(tiny_cfg(root / "cut"), model=TinyDetector(), train_loader_fn=tiny_loader())
     resumed_from = second.resume_or_load(resume=True)
     second.train()
-    (root / f"rank{rank}.json").write_text(json.dumps({"stopped": stopped, "resumed_from": resumed_from}))
+    # Rank 1 alone gets the signal during the evaluation after iteration 2: both stop at 2.
+    during_eval = SignalDuring(
+        tiny_cfg(root / "eval", "test.eval_period=2"),
+        model=TinyDetector(),
+        train_loader_fn=tiny_loader(),
+        during="eval" if rank == 1 else "",
+    )
+    try:
+        during_eval.train()
+        eval_stop = None
+    except TrainingPreempted as stop:
+        eval_stop = stop.iteration
+    (root / f"rank{rank}.json").write_text(
+        json.dumps({"stopped": stopped, "resumed_from": resumed_from, "eval_stop": eval_stop})
+    )
     dist.destroy()
 
 
 @pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_iteration_and_resume_matches(tmp_path):
+    """Also: the signal to one process during an evaluation stops both after it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -126,6 +141,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_iteration_and_resume_
     assert reports[1]["stopped"] == {"iteration": 5, "signal": "SIGTERM", "checkpoint": checkpoint}
     assert load_checkpoint(checkpoint)["iteration"] == 5 and len(load_checkpoint(checkpoint)["rng"]) == 2
     assert [r["resumed_from"] for r in reports] == [5, 5]
+    assert [r["eval_stop"] for r in reports] == [2, 2]  # not one step later
+    assert load_checkpoint(tmp_path / "eval" / "model_0000002.pth")["iteration"] == 2
     a = load_checkpoint(tmp_path / "full" / "model_final.pth")["model"]
     b = load_checkpoint(tmp_path / "cut" / "model_final.pth")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
