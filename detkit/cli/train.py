@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -142,9 +143,13 @@ def train(cfg, resume: bool = False, overwrite: bool = False, accept_config_chan
     info = dist.dist_info_from_env()
     output_dir = Path(cfg.output_dir)
     # torchrun --max-restarts N starts the whole group again after a worker died (SIGKILL, OOM
-    # killer, a lost node): the restarted attempt continues the run, with --resume's config check.
-    restart = dist.elastic_restart_count()
-    if restart > 0:
+    # killer, a lost node): the restarted attempt continues the run, with --resume's config check,
+    # when this torchrun started it (its first attempt's line in log.txt). A first attempt that
+    # stopped on another run's files is not a run to continue: its restarts stop the same way.
+    restart, run_id = dist.elastic_restart_count(), os.environ.get("TORCHELASTIC_RUN_ID", "")
+    started_line = f"torchrun run {run_id}, attempt 0"
+    restarted = restart > 0 and run_id != "" and _log_mentions(output_dir / "log.txt", started_line)
+    if restarted:
         resume, overwrite = True, False
     # Every rank decides from the same files before any rank can write one (the first write
     # follows the process group's rendezvous), so all ranks stop or all go on.
@@ -167,7 +172,9 @@ def train(cfg, resume: bool = False, overwrite: bool = False, accept_config_chan
     try:
         if info.is_main:
             logger.info("command: %s", command_line())
-            if restart > 0:
+            if run_id:
+                logger.info("torchrun run %s, attempt %d", run_id, restart)
+            if restarted:
                 logger.info("torchrun restart %d: continuing from the last checkpoint in %s", restart, output_dir)
             if earlier:
                 logger.info("--overwrite: removed %d files of the earlier run in %s", len(removed), output_dir)
@@ -212,6 +219,13 @@ def train(cfg, resume: bool = False, overwrite: bool = False, accept_config_chan
             # Leave no handler behind when main() is called in-process (tests, notebooks).
             logging.getLogger("detkit").removeHandler(file_handler)
             file_handler.close()
+
+
+def _log_mentions(log_file: Path, text: str) -> bool:
+    try:
+        return text in log_file.read_text(errors="replace")
+    except OSError:  # no log yet
+        return False
 
 
 def _handler_for(log_file: Path):

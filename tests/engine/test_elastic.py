@@ -330,3 +330,26 @@ def test_failure_watch_publishes_the_first_failure_and_names_it_on_the_other_ran
     assert isinstance(peer, PeerFailedError) and (peer.rank, peer.kind) == (1, "ValueError")
     assert str(peer) == "rank 1 failed with ValueError, so this process stopped too; rank 1's error line says why"
     assert json.loads(store.get(rank0.key)) == [1, "ValueError", "cannot read image x.jpg"]  # the first one kept
+
+
+def test_a_restart_continues_only_the_run_its_own_torchrun_started(cfg, tmp_path, monkeypatch):
+    """TORCHELASTIC_RESTART_COUNT > 0 resumes only when log.txt shows this torchrun's first attempt:
+    a first attempt refused for another run's files is refused again, not turned into a resume."""
+    from detkit.cli.train import main as train_main
+    from detkit.errors import CheckpointError, ConfigError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save({"note": "an earlier run's file"}, out / "model_0000050.pth")
+    (out / "last_checkpoint").write_text("model_0000050.pth\n")
+    (out / "log.txt").write_text("[12/01 10:00:00 detkit.cli.train] torchrun run earlier-job, attempt 0\n")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "this-job")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train_main([str(cfg), f"output_dir={out}"])
+    # The same files after this torchrun's own first attempt: the restart resumes from them.
+    with open(out / "log.txt", "a") as log:
+        log.write("[12/07 10:00:00 detkit.cli.train] torchrun run this-job, attempt 0\n")
+    with pytest.raises(CheckpointError, match=r"model_0000050\.pth is not a training checkpoint"):
+        train_main([str(cfg), f"output_dir={out}"])
+    assert "torchrun restart 1: continuing from the last checkpoint" in (out / "log.txt").read_text()
