@@ -307,7 +307,9 @@ def test_a_rank_0_only_failure_while_resuming_stops_rank_1_too(cfg, reference):
     assert status != 0
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len([e for e in errors if "names 'model_0000099.pth', which does not exist" in e]) == 1, output
-    assert "rank 0 failed with CheckpointError" in output  # rank 1 names it instead of waiting
+    # Rank 1, waiting in the broadcast of the checkpoint's name, ended within seconds: it names rank
+    # 0's failure, unless torchrun (seeing rank 0 exit) ended it first with SIGTERM.
+    assert "rank 0 failed with CheckpointError" in output or "Signal 15 (SIGTERM) received" in stderr, output
     assert seconds < 60, output
 
 
