@@ -217,6 +217,7 @@ class FailureWatch:
                 continue
             if self._stop.wait(self.grace_s):
                 return  # the main thread stopped on its own
+            log_peer_failure_to_files(*peer)
             logger.error(
                 "rank %d failed with %s and this rank (%d) is still waiting for it, probably in a collective: "
                 "ending this process; rank %d's error line says why",
@@ -225,7 +226,6 @@ class FailureWatch:
                 self.rank,
                 peer[0],
             )
-            log_peer_failure_to_files(*peer)
             for handler in logging.getLogger("detkit").handlers:
                 handler.flush()
             os._exit(PEER_FAILED_EXIT_STATUS)

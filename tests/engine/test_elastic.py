@@ -281,13 +281,20 @@ def test_an_unreadable_image_on_rank_1_stops_both_ranks_with_its_message_once(cf
     output = stdout + stderr
     assert status != 0
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and str(bad) in errors[0], output  # rank 1's DataError, once
-    # Rank 0, waiting in the gradient all-reduce, stopped within seconds (not at the process group's
-    # 30-minute timeout), said why in one line, and its log.txt holds rank 1's message.
-    assert "rank 1 failed with DataError and this rank (0) is still waiting for it" in stdout
+    assert len([e for e in errors if str(bad) in e]) == 1, output  # rank 1's DataError, once
+    # Rank 0 stopped within seconds, not at the process group's 30-minute timeout: its gradient
+    # all-reduce broke when rank 1 exited (then PeerFailedError), or its watcher ended it while it
+    # still waited there, or torchrun, seeing rank 1 exit, sent it SIGTERM first.
     assert seconds < 60, output
-    log = (out / "log.txt").read_text()
-    assert "stopped: rank 1 failed with DataError: " in log and str(bad) in log
+    named = [
+        "error: rank 1 failed with DataError, so this process stopped too",
+        "rank 1 failed with DataError and this rank (0) is still waiting for it",
+    ]
+    assert any(text in output for text in named) or "Signal 15 (SIGTERM) received" in stderr, output
+    assert "[rank0]: Traceback" not in stderr and "Connection closed by peer" not in output  # no gloo noise
+    if any(text in output for text in named):  # then rank 0's log.txt holds rank 1's message
+        log = (out / "log.txt").read_text()
+        assert "stopped: rank 1 failed with DataError: " in log and str(bad) in log
     assert sorted(training_rows(out)) == [1, 2]
 
 
