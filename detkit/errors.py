@@ -42,6 +42,17 @@ class CheckpointError(DetkitError):
     """A checkpoint or weights file that is missing, unsafe or does not fit the model."""
 
 
+class PeerFailedError(DetkitError):
+    """Another process of a multi-process run failed, so this one stopped too; that process prints
+    the reason (its own error), this one names it."""
+
+    def __init__(self, rank: int, kind: str, message: str):
+        self.rank, self.kind, self.message = rank, kind, message
+        super().__init__(
+            f"rank {rank} failed with {kind}, so this process stopped too; rank {rank}'s error line says why"
+        )
+
+
 class NonFiniteLossError(DetkitError):
     """A training loss became nan or inf; the run stopped after saving the last good state."""
 

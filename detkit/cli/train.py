@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,6 +54,8 @@ an output_dir that holds a run (checkpoints or metrics.jsonl):
 exit status: 0 done, 2 a configuration/data/checkpoint error or a non-finite loss (one line on
 stderr; --debug for the traceback), 75 preempted: a signal of solver.preempt_signals (SIGTERM,
 SIGUSR1) came, the iteration it came in was saved, --resume continues; 130 interrupted (Ctrl-C).
+Under torchrun: one rank's error stops every rank within seconds (the others exit 2, naming it);
+a group restarted by --max-restarts continues from the last checkpoint without --resume.
 
 examples:
   detkit train configs/shapes_r18.yaml                                # the CPU demo model, ~7 min on 2 cores
@@ -135,10 +138,19 @@ def train(cfg, resume: bool = False, overwrite: bool = False, accept_config_chan
     from detkit.engine.checkpoint import existing_run_files, remove_run_files
     from detkit.engine.preemption import PREEMPTED_EXIT_STATUS, TrainingPreempted
     from detkit.engine.trainer import Trainer
-    from detkit.errors import ConfigError
+    from detkit.errors import ConfigError, PeerFailedError
 
     info = dist.dist_info_from_env()
     output_dir = Path(cfg.output_dir)
+    # torchrun --max-restarts N starts the whole group again after a worker died (SIGKILL, OOM
+    # killer, a lost node): the restarted attempt continues the run, with --resume's config check,
+    # when this torchrun started it (its first attempt's line in log.txt). A first attempt that
+    # stopped on another run's files is not a run to continue: its restarts stop the same way.
+    restart, run_id = dist.elastic_restart_count(), os.environ.get("TORCHELASTIC_RUN_ID", "")
+    started_line = f"torchrun run {run_id}, attempt 0"
+    restarted = restart > 0 and run_id != "" and _log_mentions(output_dir / "log.txt", started_line)
+    if restarted:
+        resume, overwrite = True, False
     # Every rank decides from the same files before any rank can write one (the first write
     # follows the process group's rendezvous), so all ranks stop or all go on.
     earlier = existing_run_files(output_dir) if not resume else []
@@ -160,6 +172,10 @@ def train(cfg, resume: bool = False, overwrite: bool = False, accept_config_chan
     try:
         if info.is_main:
             logger.info("command: %s", command_line())
+            if run_id:
+                logger.info("torchrun run %s, attempt %d", run_id, restart)
+            if restarted:
+                logger.info("torchrun restart %d: continuing from the last checkpoint in %s", restart, output_dir)
             if earlier:
                 logger.info("--overwrite: removed %d files of the earlier run in %s", len(removed), output_dir)
         # A resumed run gets every tensor from the checkpoint: skip reading the initial weights files.
@@ -188,12 +204,28 @@ def train(cfg, resume: bool = False, overwrite: bool = False, accept_config_chan
             print(done + (f"; {metrics}" if metrics else ""))
             print(f"outputs in {output_dir}/: model_final.pth, metrics.jsonl, log.txt, summary.json")
         return 0
+    except Exception as exc:
+        # Every rank of a group stops on one rank's exception (detkit.engine.distributed); the one
+        # that failed prints its error, the others name it (and rank 0 writes it into log.txt).
+        failure = dist.report_failure(exc)
+        if isinstance(failure, PeerFailedError):
+            dist.log_peer_failure_to_files(failure.rank, failure.kind, failure.message)
+        if failure is exc:
+            raise
+        raise failure from None
     finally:
         dist.destroy()
         if file_handler is not None:
             # Leave no handler behind when main() is called in-process (tests, notebooks).
             logging.getLogger("detkit").removeHandler(file_handler)
             file_handler.close()
+
+
+def _log_mentions(log_file: Path, text: str) -> bool:
+    try:
+        return text in log_file.read_text(errors="replace")
+    except OSError:  # no log yet
+        return False
 
 
 def _handler_for(log_file: Path):

@@ -313,6 +313,7 @@ class Trainer:
         if path is None:
             if resume:
                 logger.info("--resume: no checkpoint in %s, starting from iteration 0", self.output_dir)
+                self.metrics.truncate_after(0)  # rows of an attempt that died before its first checkpoint
             return 0
         self.load_training_state(path, accept_config_changes=accept_config_changes)
         return self.start_iter
@@ -481,6 +482,14 @@ class Trainer:
             except TrainingPreempted:
                 self.tracking.finish("KILLED")  # --resume continues the MLflow run
                 raise
+            except Exception as exc:
+                self.tracking.finish("FAILED")
+                # One rank's exception stops every rank: published here for the others, which stop
+                # with PeerFailedError (detkit.engine.distributed); a no-op with one process.
+                failure = dist.report_failure(exc)
+                if failure is exc:
+                    raise
+                raise failure from None
             except BaseException:
                 self.tracking.finish("FAILED")
                 raise

@@ -1,16 +1,20 @@
-"""Preemption on the tiny stand-in model, in this process: a signal becomes a checkpoint of the
-iteration it came in, TrainingPreempted, and a --resume that ends equal to an uninterrupted run; a
-signal during an evaluation or a checkpoint write is honoured after it; a second signal kills.
-(The real detector through tools/train.py, 1 and 2 processes: tests/test_tools_train.py.)"""
+"""Preemption on the tiny stand-in model, in this process (and in 2 gloo processes): a signal becomes
+a checkpoint of the iteration it came in, TrainingPreempted, and a --resume that ends equal to an
+uninterrupted run; a signal during an evaluation or a checkpoint write is honoured after it; a second
+signal kills. (The real detector through tools/train.py: tests/test_tools_train.py with 1 process,
+tests/engine/test_elastic.py with 2 under torchrun.)"""
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from test_trainer import TinyDetector, _seeded, rows, tiny_cfg, tiny_loader
 
 from detkit.engine.checkpoint import load_checkpoint
@@ -76,6 +80,76 @@ def test_sigusr1_on_a_checkpoint_iteration_reuses_that_checkpoint(tmp_path):
         str(tmp_path / "model_0000003.pth"),
     )
     assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["model_0000003.pth"]
+
+
+def _two_process_worker(rank: int, out: str, port: int) -> None:
+    """One of 2 gloo processes: an uninterrupted run, then a run whose rank 1 alone gets SIGTERM after
+    iteration 4, then its --resume; writes what each run reported to out/rank{rank}.json."""
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
+    torch.set_num_threads(1)
+    from detkit.engine import distributed as dist
+
+    root = Path(out)
+    Trainer(tiny_cfg(root / "full"), model=_seeded(TinyDetector), train_loader_fn=tiny_loader()).train()
+    hooks = [signal_at(4)] if rank == 1 else []
+    first = Trainer(tiny_cfg(root / "cut"), model=_seeded(TinyDetector), train_loader_fn=tiny_loader(), hooks=hooks)
+    try:
+        first.train()
+        stopped = None
+    except TrainingPreempted as stop:
+        stopped = {"iteration": stop.iteration, "signal": stop.signal_name, "checkpoint": stop.checkpoint}
+    second = Trainer(tiny_cfg(root / "cut"), model=TinyDetector(), train_loader_fn=tiny_loader())
+    resumed_from = second.resume_or_load(resume=True)
+    second.train()
+    # Rank 1 alone gets the signal during the evaluation after iteration 2: both stop at 2.
+    during_eval = SignalDuring(
+        tiny_cfg(root / "eval", "test.eval_period=2"),
+        model=TinyDetector(),
+        train_loader_fn=tiny_loader(),
+        during="eval" if rank == 1 else "",
+    )
+    try:
+        during_eval.train()
+        eval_stop = None
+    except TrainingPreempted as stop:
+        eval_stop = stop.iteration
+    (root / f"rank{rank}.json").write_text(
+        json.dumps({"stopped": stopped, "resumed_from": resumed_from, "eval_stop": eval_stop})
+    )
+    dist.destroy()
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_iteration_and_resume_matches(tmp_path):
+    """Also: the signal to one process during an evaluation stops both after it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_process_worker, args=(str(tmp_path), port), nprocs=2, join=True)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    checkpoint = str(tmp_path / "cut" / "model_0000005.pth")
+    # Rank 1's signal after iteration 4 rode in step 5's loss all-reduce: both ranks stopped there.
+    assert reports[0]["stopped"] == {"iteration": 5, "signal": "another rank's signal", "checkpoint": checkpoint}
+    assert reports[1]["stopped"] == {"iteration": 5, "signal": "SIGTERM", "checkpoint": checkpoint}
+    assert load_checkpoint(checkpoint)["iteration"] == 5 and len(load_checkpoint(checkpoint)["rng"]) == 2
+    assert [r["resumed_from"] for r in reports] == [5, 5]
+    assert [r["eval_stop"] for r in reports] == [2, 2]  # not one step later
+    assert load_checkpoint(tmp_path / "eval" / "model_0000002.pth")["iteration"] == 2
+    a = load_checkpoint(tmp_path / "full" / "model_final.pth")["model"]
+    b = load_checkpoint(tmp_path / "cut" / "model_final.pth")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    full, cut = rows(tmp_path / "full" / "metrics.jsonl"), rows(tmp_path / "cut" / "metrics.jsonl")
+    assert [r["iteration"] for r in cut] == [1, 2, 3, 4, 5, 6]
+    assert [r["total_loss"] for r in cut] == [r["total_loss"] for r in full]
+    assert len({r["total_loss"] for r in full}) > 3  # the losses moved
 
 
 class SignalDuring(Trainer):
