@@ -84,6 +84,11 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - bytes that are no checkpoint at all reach torch's legacy reader,
+        # which fails with IndexError, ValueError, KeyError, ... depending on the bytes
+        raise CheckpointError(
+            f"{path} is not a checkpoint (neither a torch zip file nor a legacy pickle): {type(exc).__name__}: {exc}"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} does not hold a checkpoint dict (got {type(state).__name__})")
     return state
