@@ -129,9 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--export-dir", metavar="DIR", help="keep the exported .onnx / .pt2 here (default: a temporary folder)"
     )
-    export.add_argument(
-        "--aoti", action="store_true", help="also compile an AOTInductor package (minutes) and time it"
-    )
+    export.add_argument("--aoti", action="store_true", help="also compile an AOTInductor package (minutes) and time it")
     export.add_argument(
         "--int8", action="store_true", help="also quantize res5 to int8 (detkit export --int8-res5) and time that file"
     )

@@ -26,7 +26,10 @@ TASKS: dict[str, tuple[str, str]] = {
     "train": ("detkit.cli.train", "train a detector from a YAML config (or --eval-only a checkpoint)"),
     "eval": ("detkit.cli.eval", "COCO box AP of a checkpoint or exported model, or of a predictions file"),
     "infer": ("detkit.cli.infer", "detect objects in images, videos, a camera or a stream; draw them"),
-    "export": ("detkit.cli.export", "write a checkpoint as one ONNX, torch.export or AOTInductor file (optionally int8 res5)"),
+    "export": (
+        "detkit.cli.export",
+        "write a checkpoint as one ONNX, torch.export or AOTInductor file (optionally int8 res5)",
+    ),
     "analyze": ("detkit.cli.analyze", "error analysis of predictions (TIDE, confusion, PR curves), dataset report"),
     "benchmark": ("detkit.cli.benchmark", "speed of detkit vs torchvision, of evaluation, the loader, exported files"),
     "convert-weights": ("detkit.cli.convert_weights", "Detectron2 / MSRA / torchvision weights -> a detkit checkpoint"),

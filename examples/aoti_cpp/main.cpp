@@ -21,8 +21,9 @@
 #include <string>
 #include <vector>
 
-#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+// torch.h first: the loader's header relies on declarations it brings in.
 #include <torch/torch.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
 namespace {
 
@@ -80,10 +81,14 @@ int main(int argc, char** argv) {
     std::cerr << "usage: " << argv[0] << " MODEL.pt2 IMAGE.ppm [SCORE_THRESH]\n";
     return 2;
   }
-  // Register torchvision's nms / roi_align before the package needs them.
-  if (std::string(DETKIT_TORCHVISION_LIB).size() && !dlopen(DETKIT_TORCHVISION_LIB, RTLD_NOW | RTLD_GLOBAL)) {
-    std::cerr << "cannot load torchvision's operators: " << dlerror() << "\n";
-    return 2;
+  // Register torchvision's nms / roi_align before the package needs them. The pip wheel's
+  // torchvision library links libtorch_python, whose Python symbols libpython provides (loaded, never
+  // initialised); a torchvision built against libtorch needs no PYTHON_LIB.
+  for (const char* library : {DETKIT_PYTHON_LIB, DETKIT_TORCHVISION_LIB}) {
+    if (std::string(library).size() && !dlopen(library, RTLD_NOW | RTLD_GLOBAL)) {
+      std::cerr << "cannot load " << library << ": " << dlerror() << "\n";
+      return 2;
+    }
   }
   const float score_thresh = argc > 3 ? std::stof(argv[3]) : 0.5f;
   try {
