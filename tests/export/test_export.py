@@ -205,19 +205,22 @@ def test_infer_onnxruntime_writes_what_the_pytorch_backend_writes(exported, tmp_
         assert np.array_equal(drawn, drawn_ref)  # boxes within 1e-3 px round to the same pixels here
 
 
-def test_eval_of_the_onnx_model_equals_eval_of_the_checkpoint(exported):
-    tmp, cfg_path, weights, _, onnx_path, _ = exported
-    run_tool(ROOT / "tools" / "eval.py", cfg_path, "--weights", weights, f"output_dir={tmp / 'eval_pt'}")
-    proc = run_tool(ROOT / "tools" / "eval.py", "--model", onnx_path, cfg_path, f"output_dir={tmp / 'eval_ort'}")
+@pytest.mark.parametrize("name", ["onnx", "pt2"])
+def test_eval_of_the_exported_model_equals_eval_of_the_checkpoint(exported, name):
+    tmp, cfg_path, weights, _, onnx_path, pt2_path = exported
+    if not (tmp / "eval_pt" / "metrics.json").exists():  # the checkpoint's evaluation, once for both
+        run_tool(ROOT / "tools" / "eval.py", cfg_path, "--weights", weights, f"output_dir={tmp / 'eval_pt'}")
+    model = {"onnx": onnx_path, "pt2": pt2_path}[name]
+    proc = run_tool(ROOT / "tools" / "eval.py", "--model", model, cfg_path, f"output_dir={tmp / ('eval_' + name)}")
     assert "Per-class AP:" in proc.stdout
     ref = json.loads((tmp / "eval_pt" / "predictions.json").read_text())
-    got = json.loads((tmp / "eval_ort" / "predictions.json").read_text())
+    got = json.loads((tmp / f"eval_{name}" / "predictions.json").read_text())
     assert len(ref) >= 20 and len(got) == len(ref)
     for a, b in zip(ref, got):
         assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
         assert b["bbox"] == pytest.approx(a["bbox"], abs=1e-3) and b["score"] == pytest.approx(a["score"], abs=1e-4)
     metrics_ref = json.loads((tmp / "eval_pt" / "metrics.json").read_text())
-    metrics = json.loads((tmp / "eval_ort" / "metrics.json").read_text())
+    metrics = json.loads((tmp / f"eval_{name}" / "metrics.json").read_text())
     for key in ("AP", "AP50", "AP75", "AR100"):
         assert metrics[key] == pytest.approx(metrics_ref[key], abs=1e-6, nan_ok=True), key
 
