@@ -80,6 +80,12 @@ def exported(tmp_path_factory):
     return tmp, cfg_path, weights, predictor, onnx_path, pt2_path
 
 
+@pytest.fixture(scope="module")
+def loaded_pt2(exported):
+    """The pt2 file loaded once (torch.export.load parses the program's symbolic shapes: seconds)."""
+    return ExportedPredictor(exported[5])
+
+
 def run_tool(*args, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([PY, *map(str, args)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     if check and proc.returncode != 0:
@@ -113,10 +119,9 @@ def test_onnx_runtime_gives_the_pytorch_detections_at_three_sizes(exported):
     assert shapes == {(3, 58, 96), (3, 96, 58), (3, 64, 64)}
 
 
-def test_pt2_is_bit_identical_to_pytorch_at_three_sizes(exported):
-    _, _, _, predictor, _, pt2_path = exported
-    program = ExportedPredictor(pt2_path, score_thresh=predictor.score_thresh)
-    assert program.backend == "pt2"
+def test_pt2_is_bit_identical_to_pytorch_at_three_sizes(exported, loaded_pt2):
+    predictor, program = exported[3], loaded_pt2
+    assert program.backend == "pt2" and program.score_thresh == predictor.score_thresh
     for index, (h, w) in enumerate(PARITY_SIZES):
         image = smooth_random_image(h, w, seed=index)
         ref, got = predictor(image), program(image)
@@ -140,10 +145,9 @@ def test_onnx_graph_keeps_height_and_width_symbolic(exported):
     assert {"NonMaxSuppression", "RoiAlign", "TopK", "NonZero", "Softmax"} <= ops  # all of it inside
 
 
-def test_metadata_travels_with_both_files(exported):
-    _, _, _, predictor, onnx_path, pt2_path = exported
-    for path in (onnx_path, pt2_path):
-        loaded = ExportedPredictor(path)
+def test_metadata_travels_with_both_files(exported, loaded_pt2):
+    _, _, _, predictor, onnx_path, _ = exported
+    for loaded in (ExportedPredictor(onnx_path), loaded_pt2):
         assert loaded.class_names == CLASS_NAMES and loaded.category_ids == CATEGORY_IDS
         assert loaded.score_thresh == pytest.approx(0.05)
         assert loaded.cfg.data.min_size_test == 64 and loaded.cfg.data.max_size_test == 96
