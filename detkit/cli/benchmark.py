@@ -5,7 +5,7 @@ evaluation speed, data-loader speed, exported files' speed.
     detkit benchmark --device cpu --image-size 480 640 --step infer --iters 3 --warmup 1
     detkit benchmark --mode eval                     # 5000 images x 100 detections
     detkit benchmark --mode loader --workers 0 2 4   # the training loader alone
-    detkit benchmark --mode export --image-size 480 640 --iters 3 --warmup 1 --threads 2  # eager/TorchScript/ORT
+    detkit benchmark --mode export --image-size 480 640 --iters 3 --warmup 1 --threads 2  # eager/pt2/ORT
 
 Speed mode times, on identical inputs and shared (calibrated random) weights, one inference and
 one training step (forward, backward, SGD) of detkit's R101-C4 and of torchvision's FasterRCNN
@@ -127,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup --num-classes --models --threads)"
     )
     export.add_argument(
-        "--export-dir", metavar="DIR", help="keep the exported .onnx / .pt here (default: a temporary folder)"
+        "--export-dir", metavar="DIR", help="keep the exported .onnx / .pt2 here (default: a temporary folder)"
     )
+    export.add_argument("--aoti", action="store_true", help="also compile an AOTInductor package (minutes) and time it")
     export.add_argument(
         "--int8", action="store_true", help="also quantize res5 to int8 (detkit export --int8-res5) and time that file"
     )
@@ -392,6 +393,7 @@ def _run(args: argparse.Namespace) -> int:
             seed=args.seed,
             keep_dir=args.export_dir,
             int8=args.int8,
+            aoti=args.aoti,
             int8_calibration=args.int8_calibration,
             int8_images=args.int8_images,
         )

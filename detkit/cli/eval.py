@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", help="model mode: detkit checkpoint (.pth)")
     parser.add_argument(
         "--model",
-        help="model mode: an exported model (.onnx: ONNX Runtime, .pt: TorchScript) "
+        help="model mode: an exported model (.onnx: ONNX Runtime, .pt2: torch.export or AOTInductor) "
         "written by detkit export, instead of --weights",
     )
     parser.add_argument("--gt", help="file mode: COCO instances json (ground truth)")
@@ -187,7 +187,7 @@ def _model_mode(args: argparse.Namespace) -> int:
     if exported is None:
         model = build_model_from_checkpoint(state, cfg, device, source=args.weights)
         amp_dtype = select_amp(cfg.test.amp, device, key="test.amp").dtype
-    else:  # ONNX Runtime / TorchScript behind the eager model's call (ImageBatch -> detections)
+    else:  # ONNX Runtime / pt2 / aoti behind the eager model's call (ImageBatch -> detections)
         model, amp_dtype = exported.as_module(), None
     loader = build_test_loader(cfg, rank=dist.rank, world_size=dist.world_size)
     try:

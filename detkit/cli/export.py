@@ -1,14 +1,15 @@
-"""`detkit export` (also tools/export.py, detkit-export): a detkit checkpoint as one ONNX or
-TorchScript file.
+"""`detkit export` (also tools/export.py, detkit-export): a detkit checkpoint as one ONNX,
+torch.export (pt2) or AOTInductor (aoti) file.
 
     detkit export --weights output/model_final.pth --format onnx --output model.onnx
-    detkit export --weights model_final.pth --config configs/shapes_r18.yaml --format torchscript \\
-        --output model.pt [key=value ...]
+    detkit export --weights model_final.pth --config configs/shapes_r18.yaml --format pt2 \\
+        --output model.pt2 [key=value ...]
+    detkit export --weights model_final.pth --format aoti --output model_aoti.pt2   # compiled for this CPU
 
 The file takes one resized image (3, h, w) uint8 in the model's channel order (any h, w) and its
 original size (2,) int64, and returns boxes (D, 4) xyxy in original pixels, scores (D,) and
 labels (D,); class names, the resize rule and the rest travel in the file (README, Export).
---check SIZES runs the exported file (ONNX Runtime / TorchScript) and the PyTorch model on smooth
+--check SIZES runs the exported file (ONNX Runtime / pt2 / aoti) and the PyTorch model on smooth
 random images of those original sizes and reports the largest differences; a different number
 of detections or different labels is an error (exit 1).
 --int8-res5 --calibration DIR (ONNX only) writes res5 in int8, calibrated on the first
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from detkit.cli.common import run_cli, setup_logging
 from detkit.errors import ConfigError
+from detkit.export.exporter import FORMATS, RETIRED_FORMATS
 
 logger = logging.getLogger("detkit.cli.export")
 
@@ -32,21 +34,30 @@ logger = logging.getLogger("detkit.cli.export")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="detkit export",
-        description="Export a detkit checkpoint (image in, detections out) to ONNX or TorchScript.",
+        description="Export a detkit checkpoint (image in, detections out) to ONNX, torch.export (pt2) "
+        "or an AOTInductor package (aoti).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  detkit export --weights output/model_final.pth --format onnx --output model.onnx\n"
-        "  detkit export --weights output/model_final.pth --format torchscript --output model.pt "
+        "  detkit export --weights output/model_final.pth --format pt2 --output model.pt2 "
         "--check 300x400,480x640\n"
         "  detkit export --weights output/model_final.pth --format onnx --output model_int8.onnx "
         "--int8-res5 --calibration datasets/coco/val2017",
     )
     parser.add_argument("--weights", required=True, help="detkit checkpoint (.pth); brings config and class names")
-    parser.add_argument("--format", dest="fmt", choices=("onnx", "torchscript"), default="onnx", help="onnx (default)")
+    parser.add_argument(
+        "--format",
+        dest="fmt",
+        choices=(*FORMATS, *RETIRED_FORMATS),
+        metavar="{" + ",".join(FORMATS) + "}",
+        default="onnx",
+        help="onnx (default; ONNX Runtime), pt2 (torch.export, bit-identical to eager) or aoti (AOTInductor, "
+        "compiled for this machine's CPU, loadable from C++); torchscript was retired (use pt2)",
+    )
     parser.add_argument(
         "--output",
         required=True,
-        help="file to write (.onnx, or .pt for TorchScript); an existing file is kept unless --overwrite",
+        help="file to write (.onnx, or .pt2 for pt2 / aoti); an existing file is kept unless --overwrite",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --output when it exists")
     parser.add_argument("--config", help="YAML config replacing the checkpoint's (e.g. another test size)")
@@ -92,6 +103,8 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_intermixed_args(list(argv))
     setup_logging()
+    if args.fmt in RETIRED_FORMATS:
+        raise ConfigError(f"--format {args.fmt}: {RETIRED_FORMATS[args.fmt]}")
     sizes = parse_sizes(args.check)
     output = Path(args.output)
     if not output.parent.is_dir():

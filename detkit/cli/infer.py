@@ -64,17 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
         "examples:\n"
         "  detkit infer --weights output/shapes_r18/model_final.pth --input photos/ --output out/ --score-thresh 0.5\n"
         "  detkit infer --weights weights/frcnn_r101_c4_3x.pth --input clip.mp4 --output out_clip/ --every 5\n"
-        "  detkit infer --backend onnxruntime --model model.onnx --input 'photos/*.jpg' --output out_onnx/",
+        "  detkit infer --backend onnxruntime --model model.onnx --input 'photos/*.jpg' --output out_onnx/\n"
+        "  detkit infer --backend pt2 --model model.pt2 --input photos/ --output out_pt2/",
     )
     parser.add_argument("--weights", help="detkit checkpoint (.pth); brings config and class names (--backend pytorch)")
     parser.add_argument(
         "--backend",
-        choices=("pytorch", "onnxruntime", "torchscript"),
+        choices=("pytorch", "onnxruntime", "pt2", "aoti", "torchscript"),
+        metavar="{pytorch,onnxruntime,pt2,aoti}",
         default="pytorch",
-        help="pytorch: the checkpoint in --weights; onnxruntime / torchscript: the file in --model "
-        "written by detkit export (README, Export)",
+        help="pytorch: the checkpoint in --weights; onnxruntime / pt2 / aoti: the file in --model "
+        "written by detkit export (README, Export); torchscript was retired (export with --format pt2)",
     )
-    parser.add_argument("--model", help="exported model (.onnx, .pt) for --backend onnxruntime / torchscript")
+    parser.add_argument("--model", help="exported model (.onnx, .pt2) for --backend onnxruntime / pt2 / aoti")
     parser.add_argument(
         "--input",
         required=True,

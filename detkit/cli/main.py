@@ -27,7 +27,10 @@ TASKS: dict[str, tuple[str, str]] = {
     "eval": ("detkit.cli.eval", "COCO box AP of a checkpoint or exported model, or of a predictions file"),
     "infer": ("detkit.cli.infer", "detect objects in images, videos, a camera or a stream; draw them"),
     "serve": ("detkit.cli.serve", "an HTTP service with dynamic batching: POST /v1/detect, /metrics, /readyz"),
-    "export": ("detkit.cli.export", "write a checkpoint as one ONNX or TorchScript file (optionally int8 res5)"),
+    "export": (
+        "detkit.cli.export",
+        "write a checkpoint as one ONNX, torch.export or AOTInductor file (optionally int8 res5)",
+    ),
     "check-data": ("detkit.cli.check_data", "check a dataset before training: counts, anchor fit, every problem"),
     "analyze": ("detkit.cli.analyze", "error analysis of predictions (TIDE, confusion, PR curves), dataset report"),
     "benchmark": ("detkit.cli.benchmark", "speed of detkit vs torchvision, of evaluation, the loader, exported files"),

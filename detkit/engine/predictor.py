@@ -78,7 +78,7 @@ def detections_from_arrays(
 ) -> Detections:
     """The detections of one image scoring at least `score_thresh`, best first (stable).
 
-    boxes (D, 4), scores (D,), labels (D,): a model's outputs (eager, ONNX Runtime or TorchScript).
+    boxes (D, 4), scores (D,), labels (D,): a model's outputs (eager, ONNX Runtime, pt2 or aoti).
     """
     labels = labels.astype(np.int64)
     keep = np.flatnonzero(scores >= score_thresh)

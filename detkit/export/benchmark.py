@@ -1,14 +1,14 @@
-"""CPU inference of one model three ways: PyTorch eager, the TorchScript file, ONNX Runtime
-(`tools/benchmark.py --mode export`).
+"""CPU inference of one model several ways: PyTorch eager, the torch.export (pt2) file, ONNX
+Runtime, optionally the AOTInductor package and int8 res5 (`tools/benchmark.py --mode export`).
 
 The model is the speed benchmark's (detkit.benchmark): random weights calibrated so that the
 RPN keeps the full post-NMS top-k (1000 proposals per image for the R101-C4 defaults) and the box
-head passes a realistic number of candidates to NMS. It is exported to both formats in a temporary
+head passes a realistic number of candidates to NMS. It is exported to each format in a temporary
 folder, then
 - parity: each backend runs images of `parity_sizes` (and the timing image); detections are
   compared with eager's (count, labels, max box and score differences);
-- speed: the three backends (and optionally the int8 res5 file of detkit.export.quantize and
-  torchvision's reference model) run the timing image interleaved A, B, C, A, B, C, ... with the
+- speed: the backends (optionally also the AOTInductor package, the int8 res5 file of
+  detkit.export.quantize and torchvision's reference model) run the timing image interleaved A, B, C, A, B, C, ... with the
   same number of threads, min and median over repeats.
 
 Shapes: (h, w) image sizes; D detections.
@@ -47,6 +47,7 @@ class ExportBenchOptions:
     int8: bool = False  # also quantize res5 to int8 (detkit.export.quantize) and time that file
     int8_images: int = 16  # calibration images for int8 (each runs the whole model once)
     int8_calibration: str | None = None  # a folder of calibration images; None: generated like the timed image
+    aoti: bool = False  # also compile the AOTInductor package (minutes on 2 cores) and time it
 
 
 def _eager_detections(model, image: torch.Tensor) -> dict:
@@ -160,9 +161,12 @@ def run_export_benchmark(options: ExportBenchOptions) -> dict:
         folder = Path(options.keep_dir or tmp)
         folder.mkdir(parents=True, exist_ok=True)
         runners = {}
-        for fmt, name, suffix in (("torchscript", "torchscript", ".pt"), ("onnx", "onnxruntime", ".onnx")):
+        formats = [("pt2", "pt2", "model.pt2"), ("onnx", "onnxruntime", "model.onnx")]
+        if options.aoti:
+            formats.append(("aoti", "aoti", "model_aoti.pt2"))
+        for fmt, name, file_name in formats:
             start = time.perf_counter()
-            path = export_model(source, folder / f"model{suffix}", fmt)
+            path = export_model(source, folder / file_name, fmt)
             result["export_s"][fmt] = time.perf_counter() - start
             runners[name] = load_exported(path, num_threads=threads)
         if options.int8:

@@ -1,20 +1,20 @@
-"""Write a detkit checkpoint as one self-contained ONNX or TorchScript file (`tools/export.py`).
+"""Write a detkit checkpoint as one self-contained ONNX, torch.export or AOTInductor file (`tools/export.py`).
 
     predictor = Predictor("output/model_final.pth", device="cpu")
-    export_model(predictor, "model.onnx", fmt="onnx")            # or fmt="torchscript", "model.pt"
+    export_model(predictor, "model.onnx", fmt="onnx")            # or fmt="pt2" / "aoti", "model.pt2"
 
 The file holds the whole test-time model of `detkit.export.graph.SingleImageDetector` (image in,
-detections out) and, as ONNX metadata_props / TorchScript extra files, everything a consumer needs
-besides it (`export_metadata`): class names and dataset category ids, the input channel order, the
-pixel statistics (already inside the graph; informative), the test-time resize rule and the
-detkit config it was built from.
+detections out) and, as ONNX metadata_props / torch.export extra files / AOTInductor package
+metadata, everything a consumer needs besides it (`export_metadata`): class names and dataset
+category ids, the input channel order, the pixel statistics (already inside the graph;
+informative), the test-time resize rule and the detkit config it was built from.
 
-Why two exporters: ONNX goes through torch's dynamo-based exporter (`torch.export` + onnxscript),
-which keeps H and W symbolic and lowers the data-dependent parts (nonzero, top-k of min(k, M),
-torchvision's nms and roi_align) to ONNX ops; TorchScript goes through `torch.jit.script` of the
-post-processing with the convolutional parts traced (graph.trace_parts_), because scripting the
-model's modules as they are would need TorchScript-only rewrites of them, and a full trace would
-freeze the padding, the top-k size and the number of detections of the example image.
+All three go through `torch.export` with H and W symbolic (`export_program`): ONNX then lowers the
+program with onnxscript (nonzero, top-k of min(k, M), torchvision's nms and roi_align become ONNX
+ops); "pt2" saves the ExportedProgram itself (`torch.export.save`, run by `torch.export.load`: the
+eager kernels, bit-identical); "aoti" compiles it ahead of time with AOTInductor into a `.pt2`
+package of a shared library for the CPU it is built on (loadable from Python and from C++).
+TorchScript (`--format torchscript`) is retired: RETIRED_FORMATS says why and what replaces it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,14 @@ from detkit.utils.files import atomic_output
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "pt2", "aoti")
+# Formats detkit wrote before, with the one-line reason and replacement shown to whoever asks for them.
+RETIRED_FORMATS = {
+    "torchscript": "TorchScript was retired: PyTorch deprecates it in favour of torch.export, and torch 2.14 "
+    "no longer supports torch.jit.save / torch.jit.load on Python 3.14+; use --format pt2 (torch.export, "
+    "bit-identical to eager, run with --backend pt2) or --format aoti (compiled, loadable from C++)",
+}
+SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2", "aoti": ".pt2"}
 # Bumped when the inputs, outputs or metadata keys change; consumers check it.
 EXPORT_FORMAT_VERSION = "1"
 METADATA_VERSION_KEY = "detkit_export_version"
@@ -108,7 +115,7 @@ def build_single_image_detector(predictor):
 
 
 def export_model(predictor, output: str | Path, fmt: str) -> Path:
-    """Write `predictor`'s model to `output` as `fmt` ("onnx" | "torchscript"); returns the path.
+    """Write `predictor`'s model to `output` as `fmt` ("onnx" | "pt2" | "aoti"); returns the path.
 
     predictor: a `Predictor`, or anything with its `model`, `cfg`, `class_names`, `category_ids`
     and `iteration` (the export benchmark passes a calibrated model that has no checkpoint).
@@ -116,6 +123,8 @@ def export_model(predictor, output: str | Path, fmt: str) -> Path:
     The file is written next to `output` and renamed over it, so an interrupted export leaves
     no half-written model.
     """
+    if fmt in RETIRED_FORMATS:
+        raise ExportError(f"--format {fmt}: {RETIRED_FORMATS[fmt]}")
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     output = Path(output)
@@ -130,12 +139,49 @@ def export_model(predictor, output: str | Path, fmt: str) -> Path:
     with atomic_output(output) as tmp_path:
         if fmt == "onnx":
             _export_onnx(detector, image, original_size, metadata, str(tmp_path))
+        elif fmt == "pt2":
+            program = export_program(detector, image, original_size)
+            torch.export.save(program, str(tmp_path), extra_files=metadata)
         else:
-            _export_torchscript(detector, image, original_size, metadata, str(tmp_path))
+            _export_aoti(export_program(detector, image, original_size), metadata, str(tmp_path))
     logger.info(
         "exported %s (%s, %.1f MB) in %.1f s", output, fmt, output.stat().st_size / 2**20, time.perf_counter() - start
     )
     return output
+
+
+def export_program(detector, image: torch.Tensor, original_size: torch.Tensor) -> torch.export.ExportedProgram:
+    """`detector` (graph.SingleImageDetector) as a torch.export ExportedProgram with the image's
+    h and w symbolic: image (3, h, w) uint8, original_size (2,) int64 -> boxes, scores, labels.
+
+    Non-strict export (the Python of the model runs on fake tensors): the model's code needs no
+    rewrite, and the shapes it branches on (backbone.small_map_conv2d) stay free. ExportError
+    naming the failing line of detkit's code when it cannot be exported.
+    """
+    from torch.export import Dim
+
+    dynamic_shapes = ({1: Dim.DYNAMIC, 2: Dim.DYNAMIC}, None)  # image (3, h, w): h and w free
+    try:
+        with torch.no_grad():
+            return torch.export.export(detector, (image, original_size), dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:  # torch.export raises many kinds; name the part instead of a trace
+        where, error = _failing_part(exc)
+        raise ExportError(f"torch.export failed at {where}: {type(error).__name__}: {one_line(error)}") from exc
+
+
+def _export_aoti(program: torch.export.ExportedProgram, metadata: dict[str, str], path: str) -> None:
+    """AOTInductor: the program compiled to C++ / a shared library for this machine's CPU, packaged
+    with its weights and `metadata` (AOTIModelPackageLoader::get_metadata in C++) into `path`."""
+    try:
+        # torch 2.14 has no public successor of this entry point yet (torch._inductor's own docs use it).
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=path, inductor_configs={"aot_inductor.metadata": dict(metadata)}
+        )
+    except Exception as exc:  # a C++ compiler error, a missing compiler, an unsupported op
+        raise ExportError(
+            f"AOTInductor compilation failed: {type(exc).__name__}: {one_line(exc)}; --format aoti needs a C++ "
+            "compiler (g++ or clang++) on PATH and the Python headers; --format pt2 needs neither"
+        ) from exc
 
 
 def _failing_part(exc: BaseException) -> tuple[str, BaseException]:
@@ -194,17 +240,6 @@ def _export_onnx(detector, image, original_size, metadata: dict[str, str], path:
     onnx.save(model, path)
 
 
-def _export_torchscript(detector, image, original_size, metadata: dict[str, str], path: str) -> None:
-    from detkit.export.graph import trace_parts_
-
-    try:
-        scripted = torch.jit.script(trace_parts_(detector, image, original_size))
-    except Exception as exc:
-        where, error = _failing_part(exc)
-        raise ExportError(f"TorchScript export failed at {where}: {type(error).__name__}: {one_line(error)}") from exc
-    torch.jit.save(scripted, path, _extra_files={key: value.encode() for key, value in metadata.items()})
-
-
 def check_metadata(metadata: dict[str, str], path: str | Path) -> dict[str, str]:
     """`metadata` if it is detkit's (export_metadata); CheckpointError for another tool's model."""
     from detkit.errors import CheckpointError
@@ -218,7 +253,7 @@ def check_metadata(metadata: dict[str, str], path: str | Path) -> dict[str, str]
 
 
 REQUIRED_METADATA = ("class_names", "category_ids", "input_format", "score_thresh", "config")
-# Every key export_metadata writes (TorchScript extra files are read by name).
+# Every key export_metadata writes (torch.export extra files are read by name).
 METADATA_KEYS = (
     METADATA_VERSION_KEY,
     *REQUIRED_METADATA,

@@ -1,4 +1,4 @@
-"""The whole detector on one image as flat tensors: what `tools/export.py` writes to ONNX / TorchScript.
+"""The whole detector on one image as flat tensors: what `tools/export.py` writes to ONNX / pt2 / AOTInductor.
 
 Shapes: h x w the resized input image; Hp x Wp it padded to `size_divisibility`; M = H * W * A
 anchors of the res4 grid; K candidates before the RPN's NMS; P proposals (<= post-NMS top-k);
@@ -25,7 +25,6 @@ where that code itself chooses at run time (`nms_top_k(..., use_batched_nms=Fals
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,10 +36,6 @@ from detkit.modeling.detector import FasterRCNN
 from detkit.modeling.postprocess import box_head_candidates, nms_top_k, rescale_detections, rpn_candidates, rpn_top_k
 from detkit.modeling.roi_heads import Res5ROIHeads
 from detkit.structures.boxes import BoxCoder
-
-# The parts of SingleImageDetector that hold no data-dependent control flow: `tools/export.py
-# --format torchscript` traces each of them (exact at every size, tested) and scripts the rest.
-TRACEABLE_PARTS = ("trunk", "rpn_head", "anchors", "rpn_decode", "box_head", "box_decode")
 
 
 class GridAnchors(nn.Module):
@@ -82,12 +77,11 @@ class SingleImageDetector(nn.Module):
 
     Holds the model's own submodules (no copy of the weights). `forward(image, original_size)`:
     image (3, h, w) uint8 (or float 0..255); original_size (2,) int64 (h0, w0), the size the boxes
-    are rescaled to (pass (h, w) when the image was not resized). The forward is TorchScript-able
-    once the TRACEABLE_PARTS are traced.
+    are rescaled to (pass (h, w) when the image was not resized). One eager code path: torch.export
+    (exporter.export_program) records this forward with h and w symbolic for every format.
     """
 
-    # Declared for the type checker only: torch.jit.script reads a module's class annotations and
-    # cannot resolve them as strings (this module uses postponed annotations).
+    # Declared for the type checker only (register_buffer hides the attribute types from it).
     if TYPE_CHECKING:
         pixel_mean: Tensor  # (1, 3, 1, 1) buffer, registered in __init__
         pixel_std: Tensor  # (1, 3, 1, 1) buffer
@@ -157,34 +151,3 @@ class SingleImageDetector(nn.Module):
         det_boxes, det_scores, det_labels = det_boxes[keep], det_scores[keep], det_labels[keep]
         det_boxes, nonempty = rescale_detections(det_boxes, image_size[None, :], original_size[None, :])
         return det_boxes[nonempty], det_scores[nonempty], det_labels[nonempty]
-
-
-def trace_parts_(detector: SingleImageDetector, image: Tensor, original_size: Tensor) -> SingleImageDetector:
-    """Replace the TRACEABLE_PARTS by torch.jit traces recorded on one example image, so that
-    torch.jit.script(detector) compiles (the rest of the forward is plain TorchScript)."""
-    captured: dict[str, tuple] = {}
-
-    def capture(name):
-        def hook(module, args):
-            captured.setdefault(name, tuple(a.detach() for a in args))
-
-        return hook
-
-    handles = [getattr(detector, name).register_forward_pre_hook(capture(name)) for name in TRACEABLE_PARTS]
-    try:
-        with torch.no_grad():
-            detector(image, original_size)
-    finally:
-        for handle in handles:
-            handle.remove()
-    for name in TRACEABLE_PARTS:
-        if name not in captured:
-            raise RuntimeError(f"the example image never reached {name}")
-        with torch.no_grad(), warnings.catch_warnings():
-            # backbone.Conv2d picks its GEMM path from the map size; the trace keeps the example's
-            # choice, which is the library convolution for every trunk map above 4 x 4 cells, and
-            # for res5 the same as eager (its RoI maps have one size). Tested bit-exact.
-            # TracerWarning is public API but missing from torch.jit.__all__ (so not re-exported).
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # type: ignore[attr-defined]
-            setattr(detector, name, torch.jit.trace(getattr(detector, name), captured[name], check_trace=False))
-    return detector

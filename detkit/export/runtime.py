@@ -1,6 +1,6 @@
-"""Run an exported detkit model (ONNX Runtime or TorchScript) behind the `Predictor` interface.
+"""Run an exported detkit model (ONNX Runtime, torch.export, AOTInductor) behind the `Predictor` interface.
 
-    predictor = ExportedPredictor("model.onnx")                 # or "model.pt" (TorchScript)
+    predictor = ExportedPredictor("model.onnx")                 # or "model.pt2" (pt2 or aoti)
     dets = predictor(read_image("street.jpg"))                   # same Detections as Predictor
     predictor.predict_preprocessed(tensors, original_sizes)      # what tools/infer.py calls
     predictor.as_module()                                        # ImageBatch -> detections, for tools/eval.py
@@ -32,12 +32,30 @@ from detkit.structures.image_batch import ImageBatch
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("onnxruntime", "torchscript")
+BACKENDS = ("onnxruntime", "pt2", "aoti")
+RETIRED_BACKENDS = {
+    "torchscript": "TorchScript was retired (PyTorch deprecates it; torch.jit.load is not supported on "
+    "Python 3.14+): export the checkpoint again with tools/export.py --format pt2 and run it with --backend pt2",
+}
 
 
 def backend_for(path: str | Path) -> str:
-    """'onnxruntime' for .onnx files, 'torchscript' otherwise."""
-    return "onnxruntime" if Path(path).suffix.lower() == ".onnx" else "torchscript"
+    """'onnxruntime' for .onnx files; for a .pt2 zip 'aoti' when it holds an AOTInductor package,
+    else 'pt2' (torch.export.save); 'torchscript' (retired) for .pt / .ts files."""
+    import zipfile
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return "onnxruntime"
+    if suffix in (".pt", ".ts"):
+        return "torchscript"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            # AOTInductor packages keep their shared library under <name>/data/aotinductor/.
+            if any("/data/aotinductor/" in name for name in archive.namelist()):
+                return "aoti"
+    return "pt2"
 
 
 class _OnnxRuntimeModel:
@@ -62,21 +80,43 @@ class _OnnxRuntimeModel:
         return boxes, scores, labels
 
 
-class _TorchScriptModel:
+class _ExportedProgramModel:
+    """A torch.export.save file: the ExportedProgram's graph of aten ops, the eager kernels."""
+
     def __init__(self, path: Path):
-        import torchvision  # noqa: F401  registers torchvision::nms and roi_align, which the file calls
+        import torchvision  # noqa: F401  registers torchvision::nms and roi_align, which the program calls
 
         from detkit.export.exporter import METADATA_KEYS
 
-        # torch.jit.load replaces the values of the keys it finds with the stored bytes.
-        files: dict[str, str | bytes] = dict.fromkeys(METADATA_KEYS, "")
+        # torch.export.load fills in the values of the keys it finds in the file.
+        files: dict[str, str] = dict.fromkeys(METADATA_KEYS, "")
         try:
-            self.module = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
-        except Exception as exc:  # noqa: BLE001 - zip / pickle / TorchScript errors
-            raise CheckpointError(f"--model {path} is not a TorchScript file: {one_line(exc)}") from None
-        decoded = {k: v.decode() if isinstance(v, bytes) else v for k, v in files.items() if v}
-        self.metadata = check_metadata(decoded, path)
-        self.module.eval()
+            program = torch.export.load(str(path), extra_files=files)
+        except Exception as exc:  # noqa: BLE001 - zip / serialization errors have no common base class
+            raise CheckpointError(f"--model {path} is not a torch.export (.pt2) file: {one_line(exc)}") from None
+        self.metadata = check_metadata({k: v for k, v in files.items() if v}, path)
+        self.module = program.module()
+
+    @torch.no_grad()
+    def __call__(self, image: torch.Tensor, original_size: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        boxes, scores, labels = self.module(image, original_size)
+        return boxes.numpy(), scores.numpy(), labels.numpy()
+
+
+class _AotiModel:
+    """An AOTInductor package: the compiled shared library, run through torch's package loader."""
+
+    def __init__(self, path: Path):
+        import torchvision  # noqa: F401  the package calls torchvision's nms and roi_align through torch's dispatcher
+
+        try:
+            self.module = torch._inductor.aoti_load_package(str(path))
+        except Exception as exc:  # noqa: BLE001 - loader errors are plain RuntimeErrors
+            raise CheckpointError(
+                f"--model {path} is not an AOTInductor package for this machine: {one_line(exc)}; "
+                "compile it here with tools/export.py --format aoti, or export --format pt2 to run anywhere"
+            ) from None
+        self.metadata = check_metadata(self.module.get_metadata(), path)
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor, original_size: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -85,25 +125,31 @@ class _TorchScriptModel:
 
 
 def load_exported(path: str | Path, backend: str | None = None, num_threads: int | None = None):
-    """The runnable model and its metadata: backend 'onnxruntime' (.onnx) or 'torchscript'."""
+    """The runnable model and its metadata: backend 'onnxruntime' (.onnx), 'pt2' or 'aoti' (.pt2;
+    None: from the file). num_threads: ONNX Runtime's intra-op threads (pt2 and aoti follow
+    torch.set_num_threads)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"--model {path}: no such file")
     backend = backend or backend_for(path)
+    if backend in RETIRED_BACKENDS:
+        raise ConfigError(f"--model {path} (backend {backend}): {RETIRED_BACKENDS[backend]}")
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend == "onnxruntime":
         return _OnnxRuntimeModel(path, num_threads)
-    return _TorchScriptModel(path)
+    if backend == "aoti":
+        return _AotiModel(path)
+    return _ExportedProgramModel(path)
 
 
 class ExportedPredictor:
     """An exported model with the interface of `detkit.engine.predictor.Predictor`.
 
-    model: a file written by tools/export.py. backend: "onnxruntime" | "torchscript" (None: from the
-    suffix). score_thresh: keep detections scoring at least this (None: the exported model's own
+    model: a file written by tools/export.py. backend: "onnxruntime" | "pt2" | "aoti" (None: from
+    the file). score_thresh: keep detections scoring at least this (None: the exported model's own
     threshold). batch_size: images per `predict` chunk (run one by one). num_threads: ONNX Runtime
-    intra-op threads (None: its default; TorchScript follows torch.set_num_threads).
+    intra-op threads (None: its default; pt2 and aoti follow torch.set_num_threads).
     """
 
     def __init__(

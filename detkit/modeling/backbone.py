@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.fx
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.nn import functional as F
 
 # depth -> (block kind, blocks in res2..res5)
@@ -147,10 +148,14 @@ def small_map_conv2d(
         h, w = input.shape[-2:]
         ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        if h == w == 1 and ho == wo == 1 and dh == dw == 1 and 0 <= ph < kh and 0 <= pw < kw:
+        # statically_known_true: plain bool() on ints; on torch.export's symbolic sizes (the trunk
+        # maps of an image of free h, w) False without a guard, so the exported program runs the
+        # library convolution at every size instead of asserting h != w and h * w > 16 cells.
+        one_by_one = all(statically_known_true(size == 1) for size in (h, w, ho, wo))
+        if one_by_one and dh == dw == 1 and 0 <= ph < kh and 0 <= pw < kw:
             # A 1x1 map: every tap but (ph, pw) reads padding, so the conv is one (Cin -> Cout) matmul.
             out = (input.flatten(1) @ weight[:, :, ph, pw].t())[:, :, None]  # (N, Cin) @ (Cin, Cout) -> (N, Cout, 1)
-        elif 0 < ho * wo <= GEMM_CONV_MAX_POSITIONS:
+        elif statically_known_true(ho * wo <= GEMM_CONV_MAX_POSITIONS) and statically_known_true(ho * wo > 0):
             cols = F.unfold(input, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
             out = weight.reshape(weight.shape[0], -1) @ cols  # (Cout, Cin*kh*kw) @ (N, Cin*kh*kw, L)
         else:

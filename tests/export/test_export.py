@@ -1,4 +1,4 @@
-"""Export to ONNX / TorchScript: the files hold the same model as the checkpoint.
+"""Export to ONNX / torch.export (pt2): the files hold the same model as the checkpoint.
 
 One randomly initialised ResNet-18 C4 (64 px test size, 100 / 16 proposals, 4 x 4 RoIAlign) is
 saved as a detkit checkpoint and exported once to each format (the ONNX export is the slow part,
@@ -56,7 +56,7 @@ test: {{ims_per_batch: 2}}
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """(tmp dir, config path, checkpoint, Predictor, ONNX path, TorchScript path)."""
+    """(tmp dir, config path, checkpoint, Predictor, ONNX path, pt2 path)."""
     tmp = tmp_path_factory.mktemp("export")
     cfg_path = tmp / "tiny.yaml"
     cfg_path.write_text(CONFIG.format(base=ROOT / "configs" / "base.yaml", data=tmp / "shapes"))
@@ -76,8 +76,14 @@ def exported(tmp_path_factory):
     )
     predictor = Predictor(weights, device="cpu")
     onnx_path = export_model(predictor, tmp / "model.onnx", "onnx")
-    ts_path = export_model(predictor, tmp / "model.pt", "torchscript")
-    return tmp, cfg_path, weights, predictor, onnx_path, ts_path
+    pt2_path = export_model(predictor, tmp / "model.pt2", "pt2")
+    return tmp, cfg_path, weights, predictor, onnx_path, pt2_path
+
+
+@pytest.fixture(scope="module")
+def loaded_pt2(exported):
+    """The pt2 file loaded once (torch.export.load parses the program's symbolic shapes: seconds)."""
+    return ExportedPredictor(exported[5])
 
 
 def run_tool(*args, check: bool = True) -> subprocess.CompletedProcess:
@@ -88,7 +94,7 @@ def run_tool(*args, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
-    """stderr lines that are not Python warnings (torch.jit.load warns that it is deprecated)."""
+    """stderr lines that are not Python warnings (torchvision's meta registrations warn under torch.export)."""
     return [
         line
         for line in proc.stderr.splitlines()
@@ -113,12 +119,12 @@ def test_onnx_runtime_gives_the_pytorch_detections_at_three_sizes(exported):
     assert shapes == {(3, 58, 96), (3, 96, 58), (3, 64, 64)}
 
 
-def test_torchscript_is_bit_identical_to_pytorch_at_three_sizes(exported):
-    _, _, _, predictor, _, ts_path = exported
-    scripted = ExportedPredictor(ts_path, score_thresh=predictor.score_thresh)
+def test_pt2_is_bit_identical_to_pytorch_at_three_sizes(exported, loaded_pt2):
+    predictor, program = exported[3], loaded_pt2
+    assert program.backend == "pt2" and program.score_thresh == predictor.score_thresh
     for index, (h, w) in enumerate(PARITY_SIZES):
         image = smooth_random_image(h, w, seed=index)
-        ref, got = predictor(image), scripted(image)
+        ref, got = predictor(image), program(image)
         assert len(ref) >= 10
         np.testing.assert_array_equal(got.boxes, ref.boxes)
         np.testing.assert_array_equal(got.scores, ref.scores)
@@ -139,10 +145,9 @@ def test_onnx_graph_keeps_height_and_width_symbolic(exported):
     assert {"NonMaxSuppression", "RoiAlign", "TopK", "NonZero", "Softmax"} <= ops  # all of it inside
 
 
-def test_metadata_travels_with_both_files(exported):
-    _, _, _, predictor, onnx_path, ts_path = exported
-    for path in (onnx_path, ts_path):
-        loaded = ExportedPredictor(path)
+def test_metadata_travels_with_both_files(exported, loaded_pt2):
+    _, _, _, predictor, onnx_path, _ = exported
+    for loaded in (ExportedPredictor(onnx_path), loaded_pt2):
         assert loaded.class_names == CLASS_NAMES and loaded.category_ids == CATEGORY_IDS
         assert loaded.score_thresh == pytest.approx(0.05)
         assert loaded.cfg.data.min_size_test == 64 and loaded.cfg.data.max_size_test == 96
@@ -204,32 +209,35 @@ def test_infer_onnxruntime_writes_what_the_pytorch_backend_writes(exported, tmp_
         assert np.array_equal(drawn, drawn_ref)  # boxes within 1e-3 px round to the same pixels here
 
 
-def test_eval_of_the_onnx_model_equals_eval_of_the_checkpoint(exported):
-    tmp, cfg_path, weights, _, onnx_path, _ = exported
-    run_tool(ROOT / "tools" / "eval.py", cfg_path, "--weights", weights, f"output_dir={tmp / 'eval_pt'}")
-    proc = run_tool(ROOT / "tools" / "eval.py", "--model", onnx_path, cfg_path, f"output_dir={tmp / 'eval_ort'}")
+@pytest.mark.parametrize("name", ["onnx", "pt2"])
+def test_eval_of_the_exported_model_equals_eval_of_the_checkpoint(exported, name):
+    tmp, cfg_path, weights, _, onnx_path, pt2_path = exported
+    if not (tmp / "eval_pt" / "metrics.json").exists():  # the checkpoint's evaluation, once for both
+        run_tool(ROOT / "tools" / "eval.py", cfg_path, "--weights", weights, f"output_dir={tmp / 'eval_pt'}")
+    model = {"onnx": onnx_path, "pt2": pt2_path}[name]
+    proc = run_tool(ROOT / "tools" / "eval.py", "--model", model, cfg_path, f"output_dir={tmp / ('eval_' + name)}")
     assert "Per-class AP:" in proc.stdout
     ref = json.loads((tmp / "eval_pt" / "predictions.json").read_text())
-    got = json.loads((tmp / "eval_ort" / "predictions.json").read_text())
+    got = json.loads((tmp / f"eval_{name}" / "predictions.json").read_text())
     assert len(ref) >= 20 and len(got) == len(ref)
     for a, b in zip(ref, got):
         assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
         assert b["bbox"] == pytest.approx(a["bbox"], abs=1e-3) and b["score"] == pytest.approx(a["score"], abs=1e-4)
     metrics_ref = json.loads((tmp / "eval_pt" / "metrics.json").read_text())
-    metrics = json.loads((tmp / "eval_ort" / "metrics.json").read_text())
+    metrics = json.loads((tmp / f"eval_{name}" / "metrics.json").read_text())
     for key in ("AP", "AP50", "AP75", "AR100"):
         assert metrics[key] == pytest.approx(metrics_ref[key], abs=1e-6, nan_ok=True), key
 
 
 def test_export_cli_check_reports_parity_and_writes_a_loadable_file(exported, tmp_path):
     _, _, weights, _, _, _ = exported
-    out = tmp_path / "cli.pt"
+    out = tmp_path / "cli.pt2"
     proc = run_tool(
         ROOT / "tools" / "export.py",
         "--weights",
         weights,
         "--format",
-        "torchscript",
+        "pt2",
         "--output",
         out,
         "--check",
@@ -293,11 +301,11 @@ def test_an_onnx_file_from_another_tool_is_one_line_and_exit_2(exported, tmp_pat
     )
     assert proc.returncode == 2
     assert len(error_lines(proc)) == 1 and "not written by tools/export.py" in proc.stderr
-    # A TorchScript file given to the ONNX backend (and the other way round): one message too.
+    # A pt2 file given to the ONNX backend (and the other way round): one message too.
     with pytest.raises(CheckpointError, match="is not an ONNX file"):
         ExportedPredictor(exported[5], backend="onnxruntime")
-    with pytest.raises(CheckpointError, match="is not a TorchScript file"):
-        ExportedPredictor(exported[4], backend="torchscript")
+    with pytest.raises(CheckpointError, match=r"is not a torch.export \(\.pt2\) file"):
+        ExportedPredictor(exported[4], backend="pt2")
 
 
 def test_missing_export_packages_name_the_extra(monkeypatch):
@@ -414,7 +422,7 @@ def test_int8_res5_cli_writes_a_file_tools_can_run(exported, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--int8-res5", "--format", "torchscript", "--calibration", "."], "--int8-res5 needs --format onnx"),
+        (["--int8-res5", "--format", "pt2", "--calibration", "."], "--int8-res5 needs --format onnx"),
         (["--int8-res5"], "--int8-res5 needs --calibration DIR"),
         (["--int8-res5", "--calibration", "no/such/folder"], "--calibration no/such/folder: no such folder"),
         (["--int8-res5", "--calibration", "configs"], "--calibration configs: no images"),
@@ -478,3 +486,33 @@ def test_an_existing_output_is_kept_unless_overwrite(tmp_path):
     # With --overwrite the output is no obstacle: the next check (the checkpoint) is what stops it.
     proc = run_tool(ROOT / "tools" / "export.py", "--weights", missing, "--output", out, "--overwrite", check=False)
     assert proc.returncode == 2 and "already exists" not in proc.stderr and "no_such_checkpoint.pth" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------- TorchScript, retired
+
+
+def test_torchscript_is_retired_with_one_line_that_points_to_pt2(exported, tmp_path):
+    _, _, weights, _, onnx_path, _ = exported
+    proc = run_tool(
+        ROOT / "tools" / "export.py",
+        "--weights",
+        weights,
+        "--format",
+        "torchscript",
+        "--output",
+        tmp_path / "m.pt",
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert len(error_lines(proc)) == 1 and "TorchScript was retired" in proc.stderr and "--format pt2" in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing exported
+    # A .pt file from an earlier detkit, or any file run with --backend torchscript: the same pointer.
+    old = tmp_path / "model.pt"
+    old.write_bytes(b"an earlier TorchScript export")
+    with pytest.raises(ConfigError, match=r"TorchScript was retired.*--format pt2"):
+        ExportedPredictor(old)
+    with pytest.raises(ConfigError, match=r"TorchScript was retired.*--backend pt2"):
+        ExportedPredictor(onnx_path, backend="torchscript")
+    with pytest.raises(ExportError, match=r"--format torchscript: TorchScript was retired"):
+        export_model(exported[3], tmp_path / "m.pt", "torchscript")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]

@@ -1,6 +1,6 @@
 """tools/benchmark.py --mode export (detkit.export.benchmark) on a tiny R18: the calibrated model
 is reproducible from the options alone (benchmarks.trace_export_parity rebuilds it), the RPN keeps the
-full top-k, TorchScript is bit-identical, ONNX Runtime gives the same detections, and every backend
+full top-k, the pt2 file is bit-identical, ONNX Runtime gives the same detections, and every backend
 (the int8 res5 file included) is timed."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from detkit.export.benchmark import (
     run_export_benchmark,
 )
 
-pytestmark = pytest.mark.slow  # one ONNX and one TorchScript export of an R18 and an int8 quantization (~30 s)
+pytestmark = pytest.mark.slow  # one ONNX and one pt2 export of an R18 and an int8 quantization (~30 s)
 
 OPTIONS = dict(
     depth=18,
@@ -48,7 +48,7 @@ def test_export_benchmark_times_four_backends_and_checks_parity(tmp_path):
     assert sorted(p.name for p in files.iterdir()) == [
         "int8_calibration",
         "model.onnx",
-        "model.pt",
+        "model.pt2",
         "model_int8_res5.onnx",
     ]
     calibration = sorted((files / "int8_calibration").iterdir())
@@ -59,11 +59,11 @@ def test_export_benchmark_times_four_backends_and_checks_parity(tmp_path):
     )
     assert [r["backend"] for r in result["rows"]] == [
         "pytorch eager",
-        "torchscript",
+        "pt2",
         "onnxruntime",
         "onnxruntime int8 res5",
     ]
-    assert sorted(result["export_s"]) == ["int8 res5", "onnx", "torchscript"]
+    assert sorted(result["export_s"]) == ["int8 res5", "onnx", "pt2"]
     for row in result["rows"]:
         assert len(row["times_s"]) == 2 and all(t > 0 for t in row["times_s"])
         assert row["time_ms_min"] == pytest.approx(min(row["times_s"]) * 1000)
@@ -72,8 +72,8 @@ def test_export_benchmark_times_four_backends_and_checks_parity(tmp_path):
     by_backend = {}
     for p in result["parity"]:
         by_backend.setdefault(p["backend"], []).append(p)
-    assert [p["size"] for p in by_backend["torchscript"]] == [[96, 128], [64, 96], [112, 80]]
-    for p in by_backend["torchscript"]:
+    assert [p["size"] for p in by_backend["pt2"]] == [[96, 128], [64, 96], [112, 80]]
+    for p in by_backend["pt2"]:
         assert p["eager"] > 0 and p["same_count_and_labels"]
         assert p["max_box_diff_px"] == 0.0 and p["max_score_diff"] == 0.0
     for p in by_backend["onnxruntime"]:
