@@ -169,6 +169,9 @@ class TestConfig:
     eval_backend: Literal["auto", "pycocotools", "faster_coco_eval"] = "auto"
     ims_per_batch: int = 8
     amp: Literal["off", "bf16", "fp16", "auto"] = "off"  # inference precision (Detectron2: fp32)
+    # Each image of a test batch gets its detections alone (docs/numerics.md); false: Detectron2's
+    # padded-batch arithmetic, where the other images' padding changes an image's detections.
+    batch_invariant: bool = True
 
 
 @dataclass(frozen=True)

@@ -40,13 +40,19 @@ class FasterRCNN(nn.Module):
         pixel_std: Sequence[float],
         input_format: str = "RGB",
         size_divisibility: int = 32,
+        batch_invariant: bool = True,
     ):
+        """batch_invariant: at test time, give each image of a batch the detections it gets alone
+        (own_sizes, docs/numerics.md "Batch-invariant inference"); False runs the padded batch as
+        one tensor through every stage, as Detectron2 does (then the padding changes an image's
+        detections). Training is the same either way."""
         super().__init__()
         self.backbone = backbone
         self.rpn = rpn
         self.roi_heads = roi_heads
         self.input_format = input_format
         self.size_divisibility = size_divisibility
+        self.batch_invariant = batch_invariant
         self.register_buffer(
             "pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
         )
@@ -62,9 +68,25 @@ class FasterRCNN(nn.Module):
         if not isinstance(images, ImageBatch):
             images = ImageBatch.from_tensors(list(images), self.size_divisibility)
         device = self.pixel_mean.device
+        own = None
+        if not self.training and self.batch_invariant:
+            own = self.own_sizes(images.image_sizes, images.tensor.shape[-2:])  # (N, 2), or None: no image is padded
         images = images.to(device, non_blocking=True)
         image_sizes = images.image_sizes
         x = self.normalize(images)
+        if own is not None:
+            own = own.to(device)
+            features = self.backbone(x, own)  # (N, C4, Hp/16, Wp/16), zero outside each image's own map
+            grid_sizes = torch.div(own + (self.backbone.stride - 1), self.backbone.stride, rounding_mode="floor")
+            proposals, proposals_valid, _ = self.rpn(features, image_sizes, grid_sizes=grid_sizes)
+            return self.roi_heads(
+                features,
+                proposals,
+                proposals_valid,
+                image_sizes,
+                original_sizes=images.original_sizes,
+                feature_sizes=grid_sizes,
+            )
         features = self.backbone(x)  # (N, C4, Hp/16, Wp/16)
 
         if self.training:
@@ -87,6 +109,24 @@ class FasterRCNN(nn.Module):
 
         proposals, proposals_valid, _ = self.rpn(features, image_sizes)
         return self.roi_heads(features, proposals, proposals_valid, image_sizes, original_sizes=images.original_sizes)
+
+    def own_sizes(self, image_sizes: Tensor, padded_hw: Sequence[int]) -> Tensor | None:
+        """The size each image is padded to when it runs alone: image_sizes (N, 2) (h, w) rounded up
+        to `size_divisibility`, at most the batch's padded_hw (Hp, Wp). None when every image fills
+        the batch (one image, or all of one padded size): the batch is then each image's own input.
+
+        Its detections alone are the reference of batch-invariant inference: the padding beyond
+        this size is kept out of every stage (ResNetTrunk.forward, RPN.predict_proposals_per_image,
+        Res5ROIHeads.box_features). One host-device sync when the sizes live on a GPU.
+        """
+        sizes = image_sizes.to(torch.int64)
+        d = self.size_divisibility
+        if d > 1:
+            sizes = torch.div(sizes + (d - 1), d, rounding_mode="floor") * d
+        sizes = torch.minimum(sizes, torch.tensor(list(padded_hw), dtype=torch.int64, device=sizes.device))
+        if bool((sizes == sizes.new_tensor(list(padded_hw))).all()):
+            return None
+        return sizes
 
     def normalize(self, images: ImageBatch) -> Tensor:
         """(N, 3, Hp, Wp) 0..255 -> (pixel - mean) / std, with the padding set to 0 after normalising
