@@ -184,32 +184,6 @@ class Conv2d(nn.Conv2d):
         return super()._conv_forward(input, weight, bias)
 
 
-def ceil_div(sizes: Tensor, stride: int) -> Tensor:
-    """(N, 2) int64 map sizes -> the sizes after a stride-`stride` layer: ceil(size / stride).
-
-    Every strided layer of the trunk (7x7 pad 3, 3x3 pad 1, 1x1 pad 0 convs, the 3x3 pad 1 max-pool)
-    maps a size s to floor((s - 1) / stride) + 1 = ceil(s / stride), and ceil(ceil(s / a) / b) =
-    ceil(s / (a * b)): the res4 map of an image is ceil(s / 16) in each direction.
-    """
-    return torch.div(sizes + (stride - 1), stride, rounding_mode="floor")
-
-
-def mask_outside(x: Tensor, valid_hw: Tensor) -> Tensor:
-    """x (N, C, H, W) with zeros outside each image's own map: rows >= valid_hw[n, 0] or columns
-    >= valid_hw[n, 1] (valid_hw (N, 2) int64, at x's stride).
-
-    Test-time batch invariance (FasterRCNN.batch_invariant): where a batch is padded beyond an
-    image's own size, the padding holds relu(BN shift) after the first layer, not the zeros a
-    convolution of the image alone reads at its border. Zeroing it before every spatial kernel makes
-    the batch give each image its single-image arithmetic. A multiply by the (N, 1, H, W) mask, not
-    indexing: one graph for any batch (exportable with a dynamic batch size).
-    """
-    h, w = x.shape[-2:]
-    rows = torch.arange(h, device=x.device)[None, :, None] < valid_hw[:, 0, None, None]  # (N, H, 1)
-    cols = torch.arange(w, device=x.device)[None, None, :] < valid_hw[:, 1, None, None]  # (N, 1, W)
-    return x * (rows & cols)[:, None].to(x.dtype)  # (N, H, W) -> (N, 1, H, W)
-
-
 def conv_init_(conv: nn.Conv2d) -> None:
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
     if conv.bias is not None:
@@ -263,18 +237,11 @@ class BasicBlock(nn.Module):
         self.conv2 = Conv2d(channels, out_channels, 3, padding=1, bias=False)
         self.bn2 = norm(out_channels)
         self.downsample = make_shortcut(in_channels, out_channels, stride, shortcut, norm)
-        self.stride = stride
         for conv in (self.conv1, self.conv2):
             conv_init_(conv)
 
-    def forward(self, x: Tensor, valid_hw: Tensor | None = None) -> Tensor:
-        """x (N, C, H, W) -> (N, C', H / stride, W / stride). valid_hw (N, 2): each image's own map
-        size at x's stride; given, both 3x3 convs read zeros outside it (mask_outside)."""
-        if valid_hw is not None:
-            x = mask_outside(x, valid_hw)
+    def forward(self, x: Tensor) -> Tensor:
         out = F.relu_(self.bn1(self.conv1(x)))
-        if valid_hw is not None:
-            out = mask_outside(out, ceil_div(valid_hw, self.stride))
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
         return F.relu_(out + identity)
@@ -302,18 +269,11 @@ class Bottleneck(nn.Module):
         self.conv3 = Conv2d(channels, out_channels, 1, bias=False)
         self.bn3 = norm(out_channels)
         self.downsample = make_shortcut(in_channels, out_channels, stride, shortcut, norm)
-        self.stride = stride
         for conv in (self.conv1, self.conv2, self.conv3):
             conv_init_(conv)
 
-    def forward(self, x: Tensor, valid_hw: Tensor | None = None) -> Tensor:
-        """x (N, C, H, W) -> (N, C', H / stride, W / stride). valid_hw (N, 2): each image's own map
-        size at x's stride; given, the 3x3 conv reads zeros outside it (mask_outside). The 1x1 convs
-        and the shortcut read only their own position (or position * stride, inside the image when
-        the output position is), so what lies outside never reaches the inside through them."""
+    def forward(self, x: Tensor) -> Tensor:
         out = F.relu_(self.bn1(self.conv1(x)))
-        if valid_hw is not None:
-            out = mask_outside(out, ceil_div(valid_hw, self.conv1.stride[0]))
         out = F.relu_(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         identity = x if self.downsample is None else self.downsample(x)
@@ -375,31 +335,12 @@ class ResNetTrunk(nn.Module):
             if freeze_at >= stage_index:
                 freeze_(stage)
 
-    def forward(self, x: Tensor, image_sizes: Tensor | None = None) -> Tensor:
-        """x (N, 3, H, W) -> res4 (N, C4, ceil(H / 16), ceil(W / 16)).
-
-        image_sizes (N, 2) int64, optional: the size of each image's own padded input (its size
-        rounded up to the size divisibility) inside the batch's larger padding. Given, every layer
-        with a spatial kernel reads zeros outside each image's own map, as that image's
-        convolutions alone read their zero padding, and the returned map is zero there too: each
-        image's res4 values are those of the image run alone (FasterRCNN.batch_invariant). None:
-        the plain batched arithmetic (training, Detectron2's).
-        """
+    def forward(self, x: Tensor) -> Tensor:
         x = F.relu_(self.bn1(self.conv1(x)))
-        if image_sizes is None:
-            x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
-            x = self.layer1(x)
-            x = self.layer2(x)
-            return self.layer3(x)
-        valid_hw = ceil_div(image_sizes, 2)
-        # The max-pool pads with -inf; zeros outside are as good since its inputs are >= 0 (ReLU).
-        x = F.max_pool2d(mask_outside(x, valid_hw), kernel_size=3, stride=2, padding=1)
-        valid_hw = ceil_div(valid_hw, 2)
-        for stage in (self.layer1, self.layer2, self.layer3):
-            for block in stage:
-                x = block(x, valid_hw)
-                valid_hw = ceil_div(valid_hw, block.stride)
-        return mask_outside(x, valid_hw)
+        x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        return self.layer3(x)
 
 
 def build_res5(

@@ -68,25 +68,11 @@ class FasterRCNN(nn.Module):
         if not isinstance(images, ImageBatch):
             images = ImageBatch.from_tensors(list(images), self.size_divisibility)
         device = self.pixel_mean.device
-        own = None
-        if not self.training and self.batch_invariant:
-            own = self.own_sizes(images.image_sizes, images.tensor.shape[-2:])  # (N, 2), or None: no image is padded
+        if not self.training and self.batch_invariant and len(images) > 1:
+            return self.per_image(images)
         images = images.to(device, non_blocking=True)
         image_sizes = images.image_sizes
         x = self.normalize(images)
-        if own is not None:
-            own = own.to(device)
-            features = self.backbone(x, own)  # (N, C4, Hp/16, Wp/16), zero outside each image's own map
-            grid_sizes = torch.div(own + (self.backbone.stride - 1), self.backbone.stride, rounding_mode="floor")
-            proposals, proposals_valid, _ = self.rpn(features, image_sizes, grid_sizes=grid_sizes)
-            return self.roi_heads(
-                features,
-                proposals,
-                proposals_valid,
-                image_sizes,
-                original_sizes=images.original_sizes,
-                feature_sizes=grid_sizes,
-            )
         features = self.backbone(x)  # (N, C4, Hp/16, Wp/16)
 
         if self.training:
@@ -110,23 +96,35 @@ class FasterRCNN(nn.Module):
         proposals, proposals_valid, _ = self.rpn(features, image_sizes)
         return self.roi_heads(features, proposals, proposals_valid, image_sizes, original_sizes=images.original_sizes)
 
-    def own_sizes(self, image_sizes: Tensor, padded_hw: Sequence[int]) -> Tensor | None:
-        """The size each image is padded to when it runs alone: image_sizes (N, 2) (h, w) rounded up
-        to `size_divisibility`, at most the batch's padded_hw (Hp, Wp). None when every image fills
-        the batch (one image, or all of one padded size): the batch is then each image's own input.
+    def own_sizes(self, image_sizes: Tensor, padded_hw: Sequence[int]) -> list[tuple[int, int]]:
+        """The (h, w) each image is padded to when it runs alone: image_sizes (N, 2) rounded up to
+        `size_divisibility`, at most the batch's padded_hw (Hp, Wp)."""
+        d = max(self.size_divisibility, 1)
+        return [
+            (min(-(-h // d) * d, int(padded_hw[0])), min(-(-w // d) * d, int(padded_hw[1])))
+            for h, w in image_sizes.tolist()
+        ]
 
-        Its detections alone are the reference of batch-invariant inference: the padding beyond
-        this size is kept out of every stage (ResNetTrunk.forward, RPN.predict_proposals_per_image,
-        Res5ROIHeads.box_features). One host-device sync when the sizes live on a GPU.
+    def per_image(self, images: ImageBatch) -> list[dict[str, Tensor]]:
+        """Test-time batch invariance: each image runs as a batch of its own, cropped to the size it
+        is padded to alone (own_sizes), so its detections are exactly its detections alone.
+
+        Not one padded tensor: the padding beyond an image holds relu(BN shift) after the first
+        layer (not the zeros its convolutions read at its border alone), anchors, and the rows its
+        RoIAlign would interpolate with; and even zeroing all of that in the batch (tried: a mask
+        after every layer, the RPN and RoIAlign on each image's own grid) leaves the convolution
+        kernels' summation order, which depends on the batch size on the CPU (up to 9e-5 in score
+        and 2e-3 px on an R101-C4). docs/numerics.md, "Batch-invariant inference", has the costs.
+        Returns one detection dict per image (`forward`'s test-time output).
         """
-        sizes = image_sizes.to(torch.int64)
-        d = self.size_divisibility
-        if d > 1:
-            sizes = torch.div(sizes + (d - 1), d, rounding_mode="floor") * d
-        sizes = torch.minimum(sizes, torch.tensor(list(padded_hw), dtype=torch.int64, device=sizes.device))
-        if bool((sizes == sizes.new_tensor(list(padded_hw))).all()):
-            return None
-        return sizes
+        detections: list[dict[str, Tensor]] = []
+        sizes = self.own_sizes(images.image_sizes, images.tensor.shape[-2:])
+        for i, (h, w) in enumerate(sizes):
+            one = ImageBatch(
+                images.tensor[i : i + 1, :, :h, :w], images.image_sizes[i : i + 1], images.original_sizes[i : i + 1]
+            )
+            detections.extend(self(one))
+        return detections
 
     def normalize(self, images: ImageBatch) -> Tensor:
         """(N, 3, Hp, Wp) 0..255 -> (pixel - mean) / std, with the padding set to 0 after normalising

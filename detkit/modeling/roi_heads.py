@@ -86,48 +86,24 @@ class Res5ROIHeads(nn.Module):
         self.detections_per_image = detections_per_image
 
     # ---------------------------------------------------------------- shared by both modes
-    def box_features(
-        self, features: Tensor, rois: Tensor, roi_image_idx: Tensor, feature_sizes: Tensor | None = None
-    ) -> Tensor:
-        """features (N, C4, H, W); rois (R, 4) xyxy input pixels; roi_image_idx (R,) -> (R, C5).
-
-        feature_sizes (N, 2) int64, test only (FasterRCNN.batch_invariant): each image's own res4
-        size inside the batch's; the RoIs must then be image-major (as `forward` gives them at
-        test). roi_align then samples each image's own map: its bilinear sampling clamps at the
-        last row / column of the map it is given (a sample at y > h - 1 reads row h - 1), which
-        in the batch's larger map would interpolate with the row beyond the image instead.
-        """
+    def box_features(self, features: Tensor, rois: Tensor, roi_image_idx: Tensor) -> Tensor:
+        """features (N, C4, H, W); rois (R, 4) xyxy input pixels; roi_image_idx (R,) -> (R, C5)."""
         # (R,) + (R, 4) -> (R, 5) rows (image index, x1, y1, x2, y2), the layout roi_align takes.
         # The boxes stay fp32 under autocast: bf16 keeps 8 mantissa bits, so a coordinate near
         # 1333 px would move by up to 4 px (and training would pool from another box than the one
         # its regression target was computed for). roi_align needs input and boxes of one dtype, so
         # it samples fp32 features and its crops go back to the features' dtype for res5.
         # (Detectron2 instead casts the boxes to the features' dtype; in fp32 the two agree.)
-        if feature_sizes is None:
-            rois_5 = torch.cat((roi_image_idx[:, None].to(torch.float32), rois.float()), dim=1)
-            crops = self.pool(features, rois_5)  # (R, C4, 14, 14)
-        else:
-            # One roi_align per image on its own map, the RoIs of image i as image 0 of that map.
-            counts = torch.bincount(roi_image_idx, minlength=features.shape[0]).tolist()
-            crops = torch.cat(
-                [
-                    self.pool(features[i : i + 1, :, :h_i, :w_i], torch.cat((rois_i.new_zeros(len(rois_i), 1), rois_i), 1))
-                    for i, ((h_i, w_i), rois_i) in enumerate(zip(feature_sizes.tolist(), rois.float().split(counts)))
-                ]
-            )
-        return self.res5(crops).mean(dim=(2, 3))  # (R, C5, 7, 7) -> (R, C5)
-
-    def pool(self, features: Tensor, rois_5: Tensor) -> Tensor:
-        """roi_align: features (N, C4, H, W), rois_5 (R, 5) fp32 rows (image index, x1, y1, x2, y2)
-        -> (R, C4, 14, 14) crops in the features' dtype (sampled in fp32: box_features)."""
-        return roi_align(
+        rois_5 = torch.cat((roi_image_idx[:, None].to(torch.float32), rois.float()), dim=1)
+        crops = roi_align(
             features.float(),
             rois_5,
             output_size=self.pooler_resolution,
             spatial_scale=self.spatial_scale,
             sampling_ratio=self.sampling_ratio,
             aligned=self.aligned,
-        ).to(features.dtype)
+        ).to(features.dtype)  # (R, C4, 14, 14)
+        return self.res5(crops).mean(dim=(2, 3))  # (R, C5, 7, 7) -> (R, C5)
 
     def forward(
         self,
@@ -139,13 +115,11 @@ class Res5ROIHeads(nn.Module):
         gt_boxes: Tensor | None = None,
         gt_labels: Tensor | None = None,
         gt_valid: Tensor | None = None,
-        feature_sizes: Tensor | None = None,
     ):
         """Training: returns a dict of losses. Test: returns detections (see `inference`).
 
         proposals (N, P, 4), proposals_valid (N, P); image_sizes / original_sizes (N, 2) (h, w);
-        gt_boxes (N, G, 4), gt_labels (N, G) in [0, K), gt_valid (N, G); feature_sizes (N, 2),
-        test only: each image's own res4 size (box_features).
+        gt_boxes (N, G, 4), gt_labels (N, G) in [0, K), gt_valid (N, G).
         """
         if self.training:
             if gt_boxes is None or gt_labels is None or gt_valid is None:
@@ -158,8 +132,8 @@ class Res5ROIHeads(nn.Module):
 
         # The number of valid proposals decides the shapes below: one sync.
         roi_image_idx, slot = torch.nonzero(proposals_valid, as_tuple=True)
-        rois = proposals[roi_image_idx, slot]  # (R, 4), image-major
-        cls_logits, box_deltas = self.box_predictor(self.box_features(features, rois, roi_image_idx, feature_sizes))
+        rois = proposals[roi_image_idx, slot]  # (R, 4)
+        cls_logits, box_deltas = self.box_predictor(self.box_features(features, rois, roi_image_idx))
         sizes = original_sizes if original_sizes is not None else image_sizes
         return self.inference(cls_logits, box_deltas, rois, roi_image_idx, image_sizes, sizes)
 

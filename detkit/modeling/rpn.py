@@ -96,12 +96,9 @@ class RPN(nn.Module):
         image_sizes: Tensor,
         gt_boxes: Tensor | None = None,
         gt_valid: Tensor | None = None,
-        grid_sizes: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """features (N, C, H, W); image_sizes (N, 2) (h, w); gt_boxes (N, G, 4), gt_valid (N, G)
-        in training. grid_sizes (N, 2) int64, test only: each image's own (h, w) grid inside the
-        batch's (FasterRCNN.batch_invariant): its proposals then come from its own grid's anchors,
-        in its own order, exactly as when it runs alone (predict_proposals_per_image).
+        in training.
 
         Returns proposals (N, P, 4), proposals_valid (N, P) bool, and the losses (empty at test).
         """
@@ -115,42 +112,8 @@ class RPN(nn.Module):
             losses = self.losses(logits, deltas, gt_labels, gt_deltas)
         with torch.no_grad():
             # Proposals are fixed inputs of the RoI heads: no gradient flows through their coordinates.
-            if grid_sizes is not None and not self.training:
-                proposals, valid = self.predict_proposals_per_image(
-                    logits, deltas, (features.shape[-2], features.shape[-1]), grid_sizes, image_sizes
-                )
-            else:
-                proposals, valid = self.predict_proposals(anchors, logits.detach(), deltas.detach(), image_sizes)
+            proposals, valid = self.predict_proposals(anchors, logits.detach(), deltas.detach(), image_sizes)
         return proposals, valid, losses
-
-    @torch.no_grad()
-    def predict_proposals_per_image(
-        self, logits: Tensor, deltas: Tensor, grid_hw: tuple[int, int], grid_sizes: Tensor, image_sizes: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Each image's proposals from its own grid only, as `predict_proposals` gives them for the
-        image alone.
-
-        logits (N, M), deltas (N, M, 4) over the batch's H x W grid (M = H * W * A, anchors.py's
-        order); grid_sizes (N, 2) int64 each image's own grid (<= (H, W)); image_sizes (N, 2).
-        Cropping each image's logits to its grid, rather than masking the anchors over the
-        padding, also keeps its anchors in its own order (row width w_i, not W), so that top-k and
-        NMS see the candidates of the image alone in the same order and keep the same ties.
-        Returns proposals (N, P, 4) and valid (N, P) as predict_proposals.
-        """
-        n = logits.shape[0]
-        height, width = grid_hw
-        a = self.anchor_generator.num_anchors_per_location
-        logits_grid = logits.view(n, height, width, a)  # (N, M) -> (N, H, W, A)
-        deltas_grid = deltas.view(n, height, width, a, 4)  # (N, M, 4) -> (N, H, W, A, 4)
-        per_image = []
-        for i, (h_i, w_i) in enumerate(grid_sizes.tolist()):
-            own_logits = logits_grid[i, :h_i, :w_i].reshape(1, -1)  # (1, M_i), M_i = h_i * w_i * A
-            own_deltas = deltas_grid[i, :h_i, :w_i].reshape(1, -1, 4)  # (1, M_i, 4)
-            per_image.append(
-                self.predict_proposals(self.anchor_generator((h_i, w_i)), own_logits, own_deltas, image_sizes[i : i + 1])
-            )
-        # (1, P, 4) and (1, P) per image -> (N, P, 4), (N, P)
-        return torch.cat([boxes for boxes, _ in per_image]), torch.cat([kept for _, kept in per_image])
 
     @torch.no_grad()
     def label_and_sample_anchors(self, anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor) -> tuple[Tensor, Tensor]:
