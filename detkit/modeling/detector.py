@@ -123,7 +123,7 @@ class FasterRCNN(nn.Module):
             one = ImageBatch(
                 images.tensor[i : i + 1, :, :h, :w], images.image_sizes[i : i + 1], images.original_sizes[i : i + 1]
             )
-            detections.extend(self(one))
+            detections.extend(self.forward(one))  # forward, not __call__: the batch's hooks ran once already
         return detections
 
     def normalize(self, images: ImageBatch) -> Tensor:
