@@ -127,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sync()
                 if round_index > 0:
                     times[name].append((time.perf_counter() - start) / len(images))
+            print(f"round {round_index}/{args.rounds} done" + (" (warm-up)" if round_index == 0 else ""), flush=True)
     model.batch_invariant = True
 
     rows = {}
