@@ -91,6 +91,15 @@ STEPS = [
     )
     for amp in ("off", "bf16")
 ]
+STEPS.append(
+    Step(
+        "batch_invariance",
+        "batch-invariant inference: R101-C4, 8 mixed-size COCO-like images, batch 1 vs 8 (fails if detections differ)",
+        '$PY -m benchmarks.batch_invariance --device cuda --rounds 10 --json "$OUT/batch_invariance.json"',
+        150,
+        tail_lines=8,
+    )
+)
 
 
 def run_step(step: Step, out: Path, env: dict, results: dict, start: float) -> None:
@@ -157,6 +166,7 @@ def main() -> int:
         "bench_train": read_json(out / "bench_train.json"),
         "shapes_train": read_json(out / "shapes" / "summary.json"),
         **{f"shapes_ap_{amp}": read_json(out / f"shapes_eval_{amp}" / "metrics.json") for amp in ("off", "bf16")},
+        "batch_invariance": read_json(out / "batch_invariance.json"),
     }
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
     bad = [f"{n} {r['status']}" for n, r in results.items() if r["status"] != "passed"]

@@ -189,6 +189,9 @@ class TestConfig:
     # early_stop_min_delta over the best value (0 = never stop early).
     early_stop_patience: int = 0
     early_stop_min_delta: float = 0.0
+    # Each image of a test batch gets its detections alone (docs/numerics.md); false: Detectron2's
+    # padded-batch arithmetic, where the other images' padding changes an image's detections.
+    batch_invariant: bool = True
 
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")

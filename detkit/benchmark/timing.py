@@ -60,6 +60,9 @@ class DetkitRunner:
 
     def __init__(self, model: FasterRCNN):
         self.model = model
+        # torchvision runs a test batch as one padded tensor; so does detkit here (like with like:
+        # its batch-invariant default would run the images one by one).
+        model.batch_invariant = False
         self.counter = _Counter()
         model.rpn.register_forward_hook(self._on_rpn)
         heads = model.roi_heads

@@ -8,8 +8,9 @@
 Everything comes from the file's metadata (exporter.export_metadata): the resize (the same
 `Preprocessor` as the PyTorch backend, rebuilt from the stored config), the class names and
 category ids, the score threshold. The exported graph takes one image at a time, so a batch is
-run image by image, each padded to `size_divisibility` on its own (the eager model pads a batch
-to its largest image; the two agree exactly on batches of one image or of equal sizes).
+run image by image, each padded to `size_divisibility` on its own: what the batch-invariant eager
+model (test.batch_invariant, the default) does with each image of a batch, so both give an image
+the same detections at any batch size.
 
 Shapes: D detections of one image; h x w the resized image; (h0, w0) the original size.
 """

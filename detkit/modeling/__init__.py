@@ -96,6 +96,7 @@ def build_model(cfg, device: torch.device | str | None = None, load_weights: boo
         pixel_std=m.pixel_std,
         input_format=m.input_format,
         size_divisibility=cfg.data.size_divisibility if hasattr(cfg, "data") else 32,
+        batch_invariant=cfg.test.batch_invariant if hasattr(cfg, "test") else True,
     )
     if load_weights and b.weights:
         load_backbone_weights(model, resolve_backbone_weights(b.weights, m.depth), fmt=b.weights_format)

@@ -40,13 +40,19 @@ class FasterRCNN(nn.Module):
         pixel_std: Sequence[float],
         input_format: str = "RGB",
         size_divisibility: int = 32,
+        batch_invariant: bool = True,
     ):
+        """batch_invariant: at test time, give each image of a batch the detections it gets alone
+        (own_sizes, docs/numerics.md "Batch-invariant inference"); False runs the padded batch as
+        one tensor through every stage, as Detectron2 does (then the padding changes an image's
+        detections). Training is the same either way."""
         super().__init__()
         self.backbone = backbone
         self.rpn = rpn
         self.roi_heads = roi_heads
         self.input_format = input_format
         self.size_divisibility = size_divisibility
+        self.batch_invariant = batch_invariant
         self.register_buffer(
             "pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
         )
@@ -62,6 +68,8 @@ class FasterRCNN(nn.Module):
         if not isinstance(images, ImageBatch):
             images = ImageBatch.from_tensors(list(images), self.size_divisibility)
         device = self.pixel_mean.device
+        if not self.training and self.batch_invariant and len(images) > 1:
+            return self.per_image(images)
         images = images.to(device, non_blocking=True)
         image_sizes = images.image_sizes
         x = self.normalize(images)
@@ -87,6 +95,36 @@ class FasterRCNN(nn.Module):
 
         proposals, proposals_valid, _ = self.rpn(features, image_sizes)
         return self.roi_heads(features, proposals, proposals_valid, image_sizes, original_sizes=images.original_sizes)
+
+    def own_sizes(self, image_sizes: Tensor, padded_hw: Sequence[int]) -> list[tuple[int, int]]:
+        """The (h, w) each image is padded to when it runs alone: image_sizes (N, 2) rounded up to
+        `size_divisibility`, at most the batch's padded_hw (Hp, Wp)."""
+        d = max(self.size_divisibility, 1)
+        return [
+            (min(-(-h // d) * d, int(padded_hw[0])), min(-(-w // d) * d, int(padded_hw[1])))
+            for h, w in image_sizes.tolist()
+        ]
+
+    def per_image(self, images: ImageBatch) -> list[dict[str, Tensor]]:
+        """Test-time batch invariance: each image runs as a batch of its own, cropped to the size it
+        is padded to alone (own_sizes), so its detections are exactly its detections alone.
+
+        Not one padded tensor: the padding beyond an image holds relu(BN shift) after the first
+        layer (not the zeros its convolutions read at its border alone), anchors, and the rows its
+        RoIAlign would interpolate with; and even zeroing all of that in the batch (tried: a mask
+        after every layer, the RPN and RoIAlign on each image's own grid) leaves the convolution
+        kernels' summation order, which depends on the batch size on the CPU (up to 9e-5 in score
+        and 2e-3 px on an R101-C4). docs/numerics.md, "Batch-invariant inference", has the costs.
+        Returns one detection dict per image (`forward`'s test-time output).
+        """
+        detections: list[dict[str, Tensor]] = []
+        sizes = self.own_sizes(images.image_sizes, images.tensor.shape[-2:])
+        for i, (h, w) in enumerate(sizes):
+            one = ImageBatch(
+                images.tensor[i : i + 1, :, :h, :w], images.image_sizes[i : i + 1], images.original_sizes[i : i + 1]
+            )
+            detections.extend(self.forward(one))  # forward, not __call__: the batch's hooks ran once already
+        return detections
 
     def normalize(self, images: ImageBatch) -> Tensor:
         """(N, 3, Hp, Wp) 0..255 -> (pixel - mean) / std, with the padding set to 0 after normalising

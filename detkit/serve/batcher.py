@@ -69,10 +69,11 @@ class Batcher:
     counts as ready. on_batch(batch_size, seconds): called after each forward pass (metrics).
 
     split_by_padded_size: run the images of a collected batch in one pass per padded size (their
-    resized size rounded up to the model's data.size_divisibility). An image
-    then sees exactly the padding it gets alone (`detkit infer --batch-size 1`), so its detections
-    do not depend on which other images shared its batch. Images of one camera or one dataset
-    share a size, so this rarely splits a batch; with a batch-invariant model it can be False.
+    resized size rounded up to the model's data.size_divisibility). An image then sees exactly the
+    padding it gets alone (`detkit infer --batch-size 1`), so its detections do not depend on which
+    other images shared its batch. None (the default): split only for a model that is not
+    batch-invariant (a checkpoint served with test.batch_invariant=false); a batch-invariant model
+    (the default) and the exported files give each image its own detections in any batch.
     """
 
     def __init__(
@@ -86,7 +87,7 @@ class Batcher:
         threads: int = 1,
         warmup_hw: tuple[int, int] = (480, 640),
         on_batch: Callable[[int, float], None] | None = None,
-        split_by_padded_size: bool = True,
+        split_by_padded_size: bool | None = None,
     ):
         self.load_predictor = load_predictor
         self.max_batch = max_batch
@@ -229,9 +230,12 @@ class Batcher:
 
     def _run(self, predictor, batch: list[_Job]) -> None:
         """Run `batch` in one forward pass per padded size (see `split_by_padded_size`)."""
+        split = self.split_by_padded_size
+        if split is None:  # a PyTorch Predictor's model says; the exported files run image by image
+            split = not getattr(getattr(predictor, "model", None), "batch_invariant", True)
         groups: dict[tuple[int, int], list[_Job]] = {}
         for job in batch:
-            key = self._padded_hw(job.tensor) if self.split_by_padded_size else (0, 0)
+            key = self._padded_hw(job.tensor) if split else (0, 0)
             groups.setdefault(key, []).append(job)
         for jobs in groups.values():
             self._run_pass(predictor, jobs)

@@ -42,9 +42,9 @@ class ServeOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     name: str | None = None  # the model's name in the answers (default: the file's stem)
     # One forward pass per padded size within a collected batch (detkit.serve.batcher.Batcher):
-    # keeps each image's detections those of `detkit infer --batch-size 1` while padding a batch
-    # changes them; False batches mixed sizes together once inference is batch-invariant.
-    split_by_padded_size: bool = True
+    # keeps each image's detections those of `detkit infer --batch-size 1` where padding a batch
+    # would change them. None: only for a model served with test.batch_invariant=false.
+    split_by_padded_size: bool | None = None
 
     def check(self) -> ServeOptions:
         """Raise ConfigError naming the option and the fix when a value cannot work; return self."""

@@ -19,6 +19,7 @@ STEPS = [
     "shapes_train",
     "shapes_eval_off",
     "shapes_eval_bf16",
+    "batch_invariance",
 ]
 
 
@@ -48,6 +49,7 @@ def test_a_failing_step_fails_the_check_and_its_dependents_are_skipped(tmp_path)
         "failed",
         "skipped",
         "skipped",
+        "passed",
     ]
     assert steps["cuda_tests"]["reason"] == "exit status 3: 3 failed, 40 passed"
     assert steps["shapes_train"]["reason"] == "exit status 2: CUDA error: out of memory"

@@ -122,12 +122,13 @@ def test_bf16_inference_pools_the_fp32_proposals_and_returns_fp32_detections(roi
     images, _ = images_and_targets()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         detections = model(images)
-    ((_, boxes),) = roi_align_calls
-    ((rpn_boxes, rpn_valid, _),) = proposals
-    assert rpn_boxes.dtype == torch.float32 and boxes.dtype == torch.float32
-    image_idx, slot = torch.nonzero(rpn_valid, as_tuple=True)
-    assert torch.equal(boxes[:, 1:], rpn_boxes[image_idx, slot])
-    assert torch.equal(boxes[:, 0], image_idx.float())
+    # Batch-invariant inference runs the images one at a time: one RPN and one RoIAlign call each.
+    assert len(roi_align_calls) == len(proposals) == len(images) > 1
+    for (_, boxes), (rpn_boxes, rpn_valid, _) in zip(roi_align_calls, proposals):
+        assert rpn_boxes.dtype == torch.float32 and boxes.dtype == torch.float32
+        image_idx, slot = torch.nonzero(rpn_valid, as_tuple=True)
+        assert torch.equal(boxes[:, 1:], rpn_boxes[image_idx, slot])
+        assert torch.equal(boxes[:, 0], image_idx.float())
     for det in detections:
         assert det["boxes"].dtype == torch.float32 and det["scores"].dtype == torch.float32
         assert len(det["scores"]) > 0 and torch.isfinite(det["boxes"]).all()

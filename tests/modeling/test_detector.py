@@ -88,18 +88,24 @@ def test_detections_do_not_depend_on_the_other_images_of_the_batch(model):
     """Image a alone vs next to a bigger image b, both padded to the same size (224 x 160): the
     per-image steps (RPN top-k and NMS, sampling, class-wise NMS, top-k) must not mix images.
 
-    Padded to a *different* size the outputs differ by design (as in Detectron2): convolutions near
-    the border of the image see the activations of the padding, which are not zero after the first
-    layer, so the res4 map near the border changes."""
+    This is the padded batch of test.batch_invariant false (Detectron2's). Padded to a *different*
+    size its outputs differ by design (as in Detectron2): convolutions near the border of the image
+    see the activations of the padding, which are not zero after the first layer, so the res4 map
+    near the border changes; the default, batch-invariant path runs each image on its own input
+    instead (tests/modeling/test_batch_invariance.py)."""
     model.eval()
     a, b = random_image(96, 128, 5), random_image(200, 160, 6)
     batch = ImageBatch.from_tensors([a, b], size_divisibility=32)
     assert batch.tensor.shape[-2:] == (224, 160)
     alone = ImageBatch(batch.tensor[:1].clone(), batch.image_sizes[:1], batch.original_sizes[:1])
-    with torch.no_grad():
-        in_batch = model(batch)
-        (by_itself,) = model(alone)
-        (b_alone,) = model(ImageBatch(batch.tensor[1:].clone(), batch.image_sizes[1:], batch.original_sizes[1:]))
+    model.batch_invariant = False
+    try:
+        with torch.no_grad():
+            in_batch = model(batch)
+            (by_itself,) = model(alone)
+            (b_alone,) = model(ImageBatch(batch.tensor[1:].clone(), batch.image_sizes[1:], batch.original_sizes[1:]))
+    finally:
+        model.batch_invariant = True
     assert by_itself["scores"].numel() > 0
     assert_same_detections(in_batch[0], by_itself)
     assert_same_detections(in_batch[1], b_alone)

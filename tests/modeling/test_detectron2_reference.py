@@ -729,7 +729,17 @@ def check_inference_end_to_end(device):
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in [(96, 128), (120, 80)]]
     original_sizes = [(144, 192), (301, 200)]
     with torch.no_grad():
+        # Batched: Detectron2 pads the batch and runs it as one tensor (test.batch_invariant false).
+        model.batch_invariant = False
         got = model(ImageBatch.from_tensors(images, size_divisibility=0, original_sizes=original_sizes))
+        # One image at a time (how Detectron2 evaluates C4 models): the batch-invariant model runs
+        # it unchanged, so its detections are Detectron2's as well.
+        model.batch_invariant = True
+        model.size_divisibility = 0
+        alone = [
+            model(ImageBatch.from_tensors([img], size_divisibility=0, original_sizes=[size]))[0]
+            for img, size in zip(images, original_sizes)
+        ]
         features = model.backbone(d2_preprocess(model, [img.to(device) for img in images]))
         logits, deltas, anchors = d2_rpn_head(model, features)
         image_sizes = [tuple(img.shape[1:]) for img in images]
@@ -743,11 +753,27 @@ def check_inference_end_to_end(device):
         assert torch.equal(det["labels"], classes)
         assert torch.equal(det["scores"], scores)
         assert torch.equal(det["boxes"], boxes)
+    with torch.no_grad():
+        for i, (img, size) in enumerate(zip(images, original_sizes)):
+            x = d2_preprocess(model, [img.to(device)])
+            features = model.backbone(x)
+            logits, deltas, anchors = d2_rpn_head(model, features)
+            proposals = d2_rpn_proposals(anchors, logits, deltas, [tuple(img.shape[1:])], 0.7, 400, 60, 0.0, False)
+            pooled = heads.res5(d2_pooler(features, proposals, 14, 1.0 / 16, 0)).mean(dim=[2, 3])
+            cls_logits, box_deltas = heads.box_predictor.cls_score(pooled), heads.box_predictor.bbox_pred(pooled)
+            boxes, scores, classes = d2_box_inference(
+                cls_logits, box_deltas, proposals, [tuple(img.shape[1:])], [size], 0.05, 0.5, 100
+            )[0]
+            assert len(scores) > 20
+            assert torch.equal(alone[i]["labels"], classes)
+            assert torch.equal(alone[i]["scores"], scores)
+            assert torch.equal(alone[i]["boxes"], boxes)
 
 
 def test_inference_end_to_end_bit_identical():
     """R18-C4 eval on two images of different sizes, rescaled to other original sizes: detkit's
-    detections equal Detectron2's pipeline run through the same modules, bit for bit."""
+    detections equal Detectron2's pipeline run through the same modules, bit for bit, as one padded
+    batch (test.batch_invariant false) and one image at a time (batch-invariant)."""
     check_inference_end_to_end(torch.device("cpu"))
 
 
