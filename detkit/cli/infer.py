@@ -69,12 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", help="detkit checkpoint (.pth); brings config and class names (--backend pytorch)")
     parser.add_argument(
         "--backend",
-        choices=("pytorch", "onnxruntime", "torchscript"),
+        choices=("pytorch", "onnxruntime", "openvino", "torchscript"),
         default="pytorch",
-        help="pytorch: the checkpoint in --weights; onnxruntime / torchscript: the file in --model "
-        "written by detkit export (README, Export)",
+        help="pytorch: the checkpoint in --weights; onnxruntime / openvino / torchscript: the file in --model "
+        'written by detkit export (README, Export; openvino reads the .onnx file, pip install "detkit[openvino]")',
     )
-    parser.add_argument("--model", help="exported model (.onnx, .pt) for --backend onnxruntime / torchscript")
+    parser.add_argument(
+        "--model", help="exported model (.onnx, .pt) for --backend onnxruntime / openvino (.onnx) / torchscript (.pt)"
+    )
     parser.add_argument(
         "--input",
         required=True,

@@ -77,3 +77,11 @@ def test_the_openvino_backend_names_its_extra_when_openvino_is_missing(monkeypat
     model.write_bytes(b"not read: the missing package is named first")
     with pytest.raises(ExportError, match=r"detkit\[openvino\]"):
         load_exported(model, "openvino")
+
+
+def test_eval_runtime_is_for_exported_files_only(tmp_path):
+    from detkit.cli import eval as eval_cli
+    from detkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--runtime openvino runs an exported file: give --model FILE.onnx"):
+        eval_cli.main(["--weights", str(tmp_path / "model.pth"), "--runtime", "openvino"])
