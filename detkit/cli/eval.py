@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  detkit eval configs/shapes_r18.yaml --weights output/shapes_r18/model_final.pth output_dir=output/eval\n"
         "  detkit eval --model model.onnx output_dir=output/eval_onnx          # an exported file, its own config\n"
+        "  detkit eval --model model.onnx --runtime openvino output_dir=output/eval_openvino\n"
         "  detkit eval --gt annotations/instances_val2017.json --predictions predictions.json\n"
         "  detkit eval configs/frcnn_r101_voc.yaml --weights model_final.pth    # test.metric: voc07 in the config\n"
         "  detkit eval --gt voc2007_test.json --predictions predictions.json --metric voc07",
@@ -51,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         help="model mode: an exported model (.onnx: ONNX Runtime, .pt2: torch.export or AOTInductor) "
         "written by detkit export, instead of --weights",
+    )
+    parser.add_argument(
+        "--runtime",
+        choices=("onnxruntime", "openvino"),
+        default=None,
+        help="model mode with --model FILE.onnx: the runtime that runs it (default onnxruntime; openvino "
+        'needs pip install "detkit[openvino]")',
     )
     parser.add_argument("--gt", help="file mode: COCO instances json (ground truth)")
     parser.add_argument("--predictions", help="file mode: COCO results json to evaluate")
@@ -95,6 +103,8 @@ def main(argv: Sequence[str]) -> int:
         raise ConfigError(
             "nothing to evaluate: give CONFIG --weights CKPT (model mode) or --gt and --predictions (file mode)"
         )
+    if args.runtime and not args.model:
+        raise ConfigError(f"--runtime {args.runtime} runs an exported file: give --model FILE.onnx (not --weights)")
     if args.out:
         raise ConfigError("--out is for file mode; in model mode metrics.json goes to output_dir (output_dir=DIR)")
     if args.metric:
@@ -157,7 +167,7 @@ def _model_mode(args: argparse.Namespace) -> int:
     if args.model:
         from detkit.export.runtime import ExportedPredictor
 
-        exported = ExportedPredictor(args.model)
+        exported = ExportedPredictor(args.model, backend=args.runtime)
         state = {
             "config": config_to_dict(exported.cfg),
             "class_names": exported.class_names,

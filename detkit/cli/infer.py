@@ -70,13 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", help="detkit checkpoint (.pth); brings config and class names (--backend pytorch)")
     parser.add_argument(
         "--backend",
-        choices=("pytorch", "onnxruntime", "pt2", "aoti", "torchscript"),
-        metavar="{pytorch,onnxruntime,pt2,aoti}",
+        choices=("pytorch", "onnxruntime", "openvino", "pt2", "aoti", "torchscript"),
+        metavar="{pytorch,onnxruntime,openvino,pt2,aoti}",
         default="pytorch",
-        help="pytorch: the checkpoint in --weights; onnxruntime / pt2 / aoti: the file in --model "
-        "written by detkit export (README, Export); torchscript was retired (export with --format pt2)",
+        help="pytorch: the checkpoint in --weights; onnxruntime / openvino / pt2 / aoti: the file in --model "
+        'written by detkit export (README, Export; openvino reads the .onnx file, pip install "detkit[openvino]"); '
+        "torchscript was retired (export with --format pt2)",
     )
-    parser.add_argument("--model", help="exported model (.onnx, .pt2) for --backend onnxruntime / pt2 / aoti")
+    parser.add_argument(
+        "--model", help="exported model (.onnx, .pt2) for --backend onnxruntime / openvino (.onnx) / pt2 / aoti (.pt2)"
+    )
     parser.add_argument(
         "--input",
         required=True,

@@ -1,6 +1,7 @@
-"""Run an exported detkit model (ONNX Runtime, torch.export, AOTInductor) behind the `Predictor` interface.
+"""Run an exported detkit model (ONNX Runtime, OpenVINO, torch.export, AOTInductor) behind the `Predictor` interface.
 
     predictor = ExportedPredictor("model.onnx")                 # or "model.pt2" (pt2 or aoti)
+    predictor = ExportedPredictor("model.onnx", backend="openvino")  # the same ONNX file on OpenVINO
     dets = predictor(read_image("street.jpg"))                   # same Detections as Predictor
     predictor.predict_preprocessed(tensors, original_sizes)      # what tools/infer.py calls
     predictor.as_module()                                        # ImageBatch -> detections, for tools/eval.py
@@ -27,13 +28,13 @@ import torch
 from torch import nn
 
 from detkit.engine.predictor import Detections, Preprocessor, detections_from_arrays
-from detkit.errors import CheckpointError, ConfigError
+from detkit.errors import CheckpointError, ConfigError, ExportError
 from detkit.export.exporter import check_metadata, one_line, require_export_packages
 from detkit.structures.image_batch import ImageBatch
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("onnxruntime", "pt2", "aoti")
+BACKENDS = ("onnxruntime", "openvino", "pt2", "aoti")
 RETIRED_BACKENDS = {
     "torchscript": "TorchScript was retired (PyTorch deprecates it; torch.jit.load is not supported on "
     "Python 3.14+): export the checkpoint again with tools/export.py --format pt2 and run it with --backend pt2",
@@ -78,6 +79,54 @@ class _OnnxRuntimeModel:
 
     def __call__(self, image: torch.Tensor, original_size: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         boxes, scores, labels = self.session.run(None, {"image": image.numpy(), "original_size": original_size.numpy()})
+        return boxes, scores, labels
+
+
+def require_openvino() -> None:
+    """ExportError naming the `openvino` extra when openvino (or onnx, which reads the metadata) is missing."""
+    import importlib.util
+
+    missing = [name for name in ("openvino", "onnx") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ExportError(
+            f"{', '.join(missing)} not installed: --backend openvino needs the openvino extra, "
+            'pip install "detkit[openvino]"'
+        )
+
+
+class _OpenVinoModel:
+    """The exported ONNX file compiled by OpenVINO for the CPU (its ONNX reader; no conversion step).
+
+    Float32 arithmetic is forced (INFERENCE_PRECISION_HINT f32): on CPUs with bf16 units OpenVINO
+    would otherwise run in bf16 and the detections would move. An int8 res5 file (QDQ nodes from
+    detkit.export.quantize) runs as OpenVINO's own int8 kernels. One stream, `num_threads` threads."""
+
+    def __init__(self, path: Path, num_threads: int | None):
+        require_openvino()
+        import onnx
+        import openvino
+
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # noqa: BLE001 - protobuf decode errors have no common base class
+            raise CheckpointError(f"--model {path} is not an ONNX file: {one_line(exc)}") from None
+        self.metadata = check_metadata({p.key: p.value for p in proto.metadata_props}, path)
+        del proto  # OpenVINO reads the file itself; the weights need not stay in memory twice
+        config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        if num_threads:
+            config["INFERENCE_NUM_THREADS"] = num_threads
+        core = openvino.Core()
+        try:
+            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
+            raise CheckpointError(f"--model {path}: OpenVINO cannot compile it: {one_line(exc)}") from None
+        self.request = self.compiled.create_infer_request()
+        self.outputs = [self.compiled.output(name) for name in ("boxes", "scores", "labels")]
+
+    def __call__(self, image: torch.Tensor, original_size: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out = self.request.infer({"image": image.numpy(), "original_size": original_size.numpy()})
+        # The result arrays are views of the request's buffers, which the next call overwrites.
+        boxes, scores, labels = (np.array(out[port], copy=True) for port in self.outputs)
         return boxes, scores, labels
 
 
@@ -126,9 +175,9 @@ class _AotiModel:
 
 
 def load_exported(path: str | Path, backend: str | None = None, num_threads: int | None = None):
-    """The runnable model and its metadata: backend 'onnxruntime' (.onnx), 'pt2' or 'aoti' (.pt2;
-    None: from the file). num_threads: ONNX Runtime's intra-op threads (pt2 and aoti follow
-    torch.set_num_threads)."""
+    """The runnable model and its metadata: backend 'onnxruntime' (.onnx), 'openvino' (the same .onnx
+    file), 'pt2' or 'aoti' (.pt2; None: from the file). num_threads: ONNX Runtime's intra-op threads /
+    OpenVINO's inference threads (pt2 and aoti follow torch.set_num_threads)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"--model {path}: no such file")
@@ -139,6 +188,8 @@ def load_exported(path: str | Path, backend: str | None = None, num_threads: int
         raise ConfigError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend == "onnxruntime":
         return _OnnxRuntimeModel(path, num_threads)
+    if backend == "openvino":
+        return _OpenVinoModel(path, num_threads)
     if backend == "aoti":
         return _AotiModel(path)
     return _ExportedProgramModel(path)
@@ -147,10 +198,12 @@ def load_exported(path: str | Path, backend: str | None = None, num_threads: int
 class ExportedPredictor:
     """An exported model with the interface of `detkit.engine.predictor.Predictor`.
 
-    model: a file written by tools/export.py. backend: "onnxruntime" | "pt2" | "aoti" (None: from
-    the file). score_thresh: keep detections scoring at least this (None: the exported model's own
-    threshold). batch_size: images per `predict` chunk (run one by one). num_threads: ONNX Runtime
-    intra-op threads (None: its default; pt2 and aoti follow torch.set_num_threads).
+    model: a file written by tools/export.py. backend: "onnxruntime" | "openvino" | "pt2" | "aoti"
+    (None: from the file; .onnx files run on ONNX Runtime unless "openvino" is asked for).
+    score_thresh: keep detections scoring at least this (None: the exported model's own threshold).
+    batch_size: images per `predict` chunk (run one by one). num_threads: ONNX Runtime intra-op
+    threads / OpenVINO inference threads (None: their default; pt2 and aoti follow
+    torch.set_num_threads).
     """
 
     def __init__(
