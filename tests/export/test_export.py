@@ -119,6 +119,19 @@ def test_onnx_runtime_gives_the_pytorch_detections_at_three_sizes(exported):
     assert shapes == {(3, 58, 96), (3, 96, 58), (3, 64, 64)}
 
 
+def test_openvino_runs_the_onnx_file_with_the_pytorch_detections_at_three_sizes(exported):
+    """--backend openvino: the same .onnx file compiled by OpenVINO (float32 forced) keeps eager's
+    detections within the ONNX Runtime bounds."""
+    _, _, _, predictor, onnx_path, _ = exported
+    on_openvino = ExportedPredictor(onnx_path, backend="openvino", score_thresh=predictor.score_thresh)
+    assert on_openvino.backend == "openvino"
+    report = compare_backends(predictor, on_openvino, PARITY_SIZES)
+    for row in report["rows"]:
+        assert row["same"], row
+        assert row["reference"] >= 10
+        assert row["max_box_diff_px"] <= 1e-3 and row["max_score_diff"] <= 1e-4, row
+
+
 def test_pt2_is_bit_identical_to_pytorch_at_three_sizes(exported, loaded_pt2):
     predictor, program = exported[3], loaded_pt2
     assert program.backend == "pt2" and program.score_thresh == predictor.score_thresh
