@@ -16,7 +16,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL
 
 from detkit.config import config_to_dict, load_config
 from detkit.engine.checkpoint import save_checkpoint
@@ -27,6 +26,7 @@ from detkit.export.exporter import smooth_random_image
 from detkit.export.parity import compare_backends
 from detkit.export.runtime import backend_for
 from detkit.modeling import build_model
+from tests.conftest import TINY_MODEL
 
 pytestmark = pytest.mark.slow  # one AOTInductor compile of an R18 (minutes on 2 cores)
 
