@@ -1,6 +1,6 @@
 """The whole detector can learn: overfit one image with three boxes on CPU.
 
-R18-C4 with trainable BatchNorm (random init: FrozenBN would be an identity and let activations
+R18-C4 on a 128 x 128 image, with trainable BatchNorm (random init: FrozenBN would be an identity and let activations
 grow), RoIAlign 7x7 (res5 -> 4x4) and 16 RoIs per step to keep 200 steps within CI's budget.
 The RPN keeps 20 proposals after an NMS at 0.5: with the default 0.7, each object keeps a ring of
 proposals at IoU 0.4-0.7 that are resampled every step and sit on the fg/bg boundary (IoU 0.5), so
@@ -23,8 +23,8 @@ ITERATIONS = 200
 
 
 def _image_with_three_boxes():
-    image = torch.full((3, 256, 256), 40, dtype=torch.uint8)
-    boxes = torch.tensor([[20.0, 20.0, 100.0, 100.0], [40.0, 120.0, 120.0, 220.0], [140.0, 60.0, 240.0, 180.0]])
+    image = torch.full((3, 128, 128), 40, dtype=torch.uint8)
+    boxes = torch.tensor([[10.0, 10.0, 50.0, 50.0], [20.0, 60.0, 60.0, 110.0], [70.0, 30.0, 120.0, 90.0]])
     for channel, (x1, y1, x2, y2) in enumerate(boxes.int().tolist()):
         image[channel, y1:y2, x1:x2] = 220  # one colour per class
     return image, boxes, torch.tensor([0, 1, 2])
@@ -40,7 +40,7 @@ def test_overfit_one_image_loss_falls_and_boxes_are_recovered():
             "model.num_classes=3",
             "model.backbone.norm=BN",
             "model.backbone.freeze_at=0",
-            "model.rpn.anchor_sizes=[32, 64, 128]",
+            "model.rpn.anchor_sizes=[16, 32, 64]",
             "model.rpn.pre_nms_topk_train=300",
             "model.rpn.post_nms_topk_train=20",
             "model.rpn.nms_thresh=0.5",
