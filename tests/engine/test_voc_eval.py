@@ -472,18 +472,8 @@ def test_trainer_evaluation_and_eval_command_report_voc_metrics(tmp_path, capsys
     from detkit.data.synthetic import ShapesParams, ensure_shapes_dataset
     from detkit.engine.trainer import evaluate_model
     from detkit.modeling import build_model
+    from tests.conftest import TINY_MODEL as tiny_model  # a random ResNet-18 C4 on 64 px inputs
 
-    # tests/conftest.py's TINY_MODEL: a random ResNet-18 C4 on 64 px inputs, few proposals.
-    tiny_model = [
-        "device=cpu",
-        "model.depth=18",
-        "model.num_classes=3",
-        "model.rpn.pre_nms_topk_test=100",
-        "model.rpn.post_nms_topk_test=16",
-        "model.roi_heads.pooler_resolution=4",
-        "data.min_size_test=64",
-        "data.max_size_test=96",
-    ]
     ann_file, image_root = ensure_shapes_dataset(
         ShapesParams(split="val", num_images=3, image_size=(64, 64), num_classes=3, max_objects=2), tmp_path
     )
