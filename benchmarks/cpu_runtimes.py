@@ -6,6 +6,8 @@ once to ONNX and its res5 quantized to int8 (detkit.export.quantize, calibrated 
 images generated like the timed one); then these runtimes run the same timed image:
 
 - pytorch eager (torch.set_num_threads(--threads));
+- with --programs pt2 aoti: the torch.export file (torch.export.load, the same kernels as eager)
+  and the AOTInductor package compiled on this machine (tens of minutes on 2 cores for R101-C4);
 - ONNX Runtime float32 at each --ort-levels graph optimisation level (intra-op threads = --threads,
   inter-op 1, sequential execution);
 - ONNX Runtime on the int8 res5 file;
@@ -46,6 +48,7 @@ from detkit.cli.common import run_cli
 logger = logging.getLogger(__name__)
 
 ORT_LEVELS = ("all", "extended", "basic", "disabled")
+PROGRAM_FILES = {"pt2": "model.pt2", "aoti": "model_aoti.pt2"}  # the torch.export formats, by name
 
 
 def ort_runner(path: Path, threads: int, level: str) -> Callable:
@@ -71,9 +74,12 @@ def ort_runner(path: Path, threads: int, level: str) -> Callable:
     return run
 
 
-def build_files(options, folder: Path, int8_images: int, reuse: bool) -> tuple[Path, Path, dict]:
-    """model.onnx and model_int8_res5.onnx of the calibrated model in `folder` (kept when `reuse`
-    and present); returns their paths and the seconds each step took."""
+def build_files(
+    options, folder: Path, int8_images: int, reuse: bool, programs: Sequence[str] = ()
+) -> tuple[Path, Path, dict]:
+    """model.onnx and model_int8_res5.onnx of the calibrated model in `folder`, and model.pt2 /
+    model_aoti.pt2 for "pt2" / "aoti" in `programs` (each kept when `reuse` and present); returns
+    the two ONNX paths and the seconds each step took."""
     from detkit.export.benchmark import calibrated_model, write_calibration_images
     from detkit.export.exporter import export_model
     from detkit.export.quantize import quantize_res5
@@ -89,6 +95,12 @@ def build_files(options, folder: Path, int8_images: int, reuse: bool) -> tuple[P
         calibration = write_calibration_images(options, folder / "int8_calibration")
         quantize_res5(fp32, int8, calibration, int8_images)
         seconds["int8 res5 quantization"] = time.perf_counter() - start
+    for fmt in programs:
+        path = folder / PROGRAM_FILES[fmt]
+        if not (reuse and path.is_file()):
+            start = time.perf_counter()
+            export_model(calibrated_model(options), path, fmt)
+            seconds[f"{fmt} export"] = time.perf_counter() - start
     return fp32, int8, seconds
 
 
@@ -99,6 +111,7 @@ def run_cpu_runtimes(
     openvino: bool = True,
     int8_images: int = 16,
     reuse: bool = False,
+    programs: Sequence[str] = (),
 ) -> dict:
     """Returns {"threads", "files_s", "parity": [...], "rows": [...]} (rows in the order run)."""
     from detkit.benchmark.timing import summarize_times, time_interleaved
@@ -108,10 +121,14 @@ def run_cpu_runtimes(
     threads = options.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     folder.mkdir(parents=True, exist_ok=True)
-    fp32, int8, files_s = build_files(options, folder, int8_images, reuse)
+    fp32, int8, files_s = build_files(options, folder, int8_images, reuse, programs)
     model = calibrated_model(options).model
 
     runners: dict[str, Callable] = {}
+    for fmt in programs:
+        runners[{"pt2": "torch.export (pt2)", "aoti": "AOTInductor"}[fmt]] = load_exported(
+            folder / PROGRAM_FILES[fmt], fmt, threads
+        )
     for level in ort_levels:
         runners[f"onnxruntime fp32 ({level})"] = ort_runner(fp32, threads, level)
     runners["onnxruntime int8 res5"] = ort_runner(int8, threads, "all")
@@ -220,6 +237,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--ort-levels", nargs="+", choices=ORT_LEVELS, default=["all", "basic"], help="ONNX Runtime levels to time"
     )
     parser.add_argument("--no-openvino", action="store_true", help="leave OpenVINO out (when it is not installed)")
+    parser.add_argument(
+        "--programs",
+        nargs="*",
+        choices=sorted(PROGRAM_FILES),
+        default=[],
+        help="also time the torch.export file (pt2) and the AOTInductor package (aoti: a long compile)",
+    )
     parser.add_argument("--int8-images", type=int, default=16, help="int8 res5 calibration images (generated)")
     parser.add_argument("--export-dir", type=Path, required=True, help="folder for the ONNX files")
     parser.add_argument("--reuse", action="store_true", help="reuse the files already in --export-dir")
@@ -240,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     start = time.perf_counter()
     result = run_cpu_runtimes(
-        options, args.export_dir, args.ort_levels, not args.no_openvino, args.int8_images, args.reuse
+        options, args.export_dir, args.ort_levels, not args.no_openvino, args.int8_images, args.reuse, args.programs
     )
     result["settings"] = vars(args) | {"export_dir": str(args.export_dir), "json": str(args.json)}
     result["total_s"] = time.perf_counter() - start
