@@ -9,6 +9,8 @@ torch.export (pt2) or AOTInductor (aoti) file.
 The file takes one resized image (3, h, w) uint8 in the model's channel order (any h, w) and its
 original size (2,) int64, and returns boxes (D, 4) xyxy in original pixels, scores (D,) and
 labels (D,); class names, the resize rule and the rest travel in the file (README, Export).
+--batched (onnx, pt2) writes a file that takes N images of their own sizes in one call (a padded
+(N, 3, H, W) batch with each image's size) and gives each image its one-image detections.
 --check SIZES runs the exported file (ONNX Runtime / pt2 / aoti) and the PyTorch model on smooth
 random images of those original sizes and reports the largest differences; a different number
 of detections or different labels is an error (exit 1).
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from detkit.cli.common import run_cli, setup_logging
 from detkit.errors import ConfigError
-from detkit.export.exporter import FORMATS, RETIRED_FORMATS
+from detkit.export.exporter import BATCHED_FORMATS, FORMATS, RETIRED_FORMATS
 
 logger = logging.getLogger("detkit.cli.export")
 
@@ -42,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  detkit export --weights output/model_final.pth --format pt2 --output model.pt2 "
         "--check 300x400,480x640\n"
         "  detkit export --weights output/model_final.pth --format onnx --output model_int8.onnx "
-        "--int8-res5 --calibration datasets/coco/val2017",
+        "--int8-res5 --calibration datasets/coco/val2017\n"
+        "  detkit export --weights output/model_final.pth --format onnx --batched --output model_batched.onnx",
     )
     parser.add_argument("--weights", required=True, help="detkit checkpoint (.pth); brings config and class names")
     parser.add_argument(
@@ -60,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="file to write (.onnx, or .pt2 for pt2 / aoti); an existing file is kept unless --overwrite",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --output when it exists")
+    parser.add_argument(
+        "--batched",
+        action="store_true",
+        help="onnx / pt2: the file takes a batch of N images of their own sizes (padded, with their sizes) and "
+        "returns (N, D, ...) detections plus num_detections; each image gets its one-image detections",
+    )
     parser.add_argument("--config", help="YAML config replacing the checkpoint's (e.g. another test size)")
     parser.add_argument(
         "overrides", nargs="*", help="config overrides key=value, e.g. model.roi_heads.score_thresh=0.3"
@@ -113,7 +122,17 @@ def main(argv: Sequence[str]) -> int:
         raise ConfigError(f"--output {output} is a folder; give a file name such as {output / 'model.onnx'}")
     if output.exists() and not args.overwrite:
         raise ConfigError(f"--output {output} already exists: add --overwrite to replace it, or give another file name")
+    if args.batched and args.fmt not in BATCHED_FORMATS:
+        raise ConfigError(
+            f"--batched --format {args.fmt}: batched files are {' and '.join(BATCHED_FORMATS)} only (AOTInductor "
+            "cannot compile the loop over images yet); drop --batched or use --format pt2"
+        )
     if args.int8_res5:
+        if args.batched:
+            raise ConfigError(
+                "--int8-res5 with --batched: the int8 quantizer does not reach into the batched file's loop; "
+                "quantize a one-image file (drop --batched)"
+            )
         if args.fmt != "onnx":
             raise ConfigError("--int8-res5 needs --format onnx (the quantized file runs in ONNX Runtime)")
         if not args.calibration:
@@ -146,8 +165,8 @@ def main(argv: Sequence[str]) -> int:
             fp32 = export_model(predictor, Path(work) / "model_fp32.onnx", "onnx")
             quantize_res5(fp32, output, args.calibration, args.num_calibration)
     else:
-        export_model(predictor, output, args.fmt)
-    kind = "onnx, int8 res5" if args.int8_res5 else args.fmt
+        export_model(predictor, output, args.fmt, batched=args.batched)
+    kind = "onnx, int8 res5" if args.int8_res5 else args.fmt + (", batched" if args.batched else "")
     print(f"exported {args.weights} -> {output} ({kind}, {output.stat().st_size / 2**20:.1f} MB)")
     if not sizes:
         return 0

@@ -46,12 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", help="detkit checkpoint (.pth); brings config and class names (--backend pytorch)")
     parser.add_argument(
         "--backend",
-        choices=("pytorch", "onnxruntime", "pt2", "aoti"),
+        choices=("pytorch", "onnxruntime", "openvino", "pt2", "aoti"),
         default="pytorch",
-        help="pytorch: the checkpoint in --weights; onnxruntime / pt2 / aoti: the file in --model written by "
-        "detkit export",
+        help="pytorch: the checkpoint in --weights; onnxruntime / openvino / pt2 / aoti: the file in --model "
+        "written by detkit export (openvino runs the .onnx file; pip install 'detkit[openvino]')",
     )
-    parser.add_argument("--model", help="exported model (.onnx, .pt2) for --backend onnxruntime / pt2 / aoti")
+    parser.add_argument(
+        "--model", help="exported model (.onnx, .pt2) for --backend onnxruntime / openvino / pt2 / aoti"
+    )
     parser.add_argument("--config", help="YAML config replacing the checkpoint's (e.g. another test size)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. data.min_size_test=600")
     parser.add_argument("--name", help="the model's name in the answers (default: the checkpoint's folder or stem)")

@@ -11,6 +11,16 @@ C (RoI, class) candidates above the score threshold; D detections (<= detections
       -> score > thresh -> class-wise NMS -> top-D -> rescale to (h0, w0) -> clip -> drop empty
       -> boxes (D, 4) xyxy float32, scores (D,) float32, labels (D,) int64 in [0, K), best first
 
+`BatchedDetector` runs that one-image graph on each image of a batch (N images zero-padded to a
+common H x W, each with its own size): the pt2 file holds it as torch's `map` over the images, the
+ONNX file as a `Loop` node around the one-image graph (exporter.batch_onnx_model). Each image is
+cropped to its own size first, so it gives exactly its single-image detections in any batch:
+
+    images (N, 3, H, W) uint8; image_sizes (N, 2) int64 (h_i, w_i); original_sizes (N, 2) int64
+      -> for each i: SingleImageDetector(images[i, :, :h_i, :w_i], original_sizes[i])
+      -> boxes (N, D, 4) float32, scores (N, D) float32, labels (N, D) int64, num_detections (N,)
+         int64; image i's detections are the first num_detections[i] rows (the rest: 0, 0, -1)
+
 Every step is the eager model's own code on one image: its modules, and for the post-processing
 the very functions of detkit.modeling.postprocess that `RPN.predict_proposals` and
 `Res5ROIHeads.inference` call (with N = 1), in the same order, so fp32 outputs match the eager
@@ -28,6 +38,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from functorch.experimental.control_flow import map as map_over_batch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -151,3 +162,42 @@ class SingleImageDetector(nn.Module):
         det_boxes, det_scores, det_labels = det_boxes[keep], det_scores[keep], det_labels[keep]
         det_boxes, nonempty = rescale_detections(det_boxes, image_size[None, :], original_size[None, :])
         return det_boxes[nonempty], det_scores[nonempty], det_labels[nonempty]
+
+
+class BatchedDetector(nn.Module):
+    """`SingleImageDetector` on each image of a padded batch (module docstring), with D fixed to the
+    model's detections per image so that every image's outputs have one shape.
+
+    forward(images (N, 3, H, W) uint8, image_sizes (N, 2) int64, original_sizes (N, 2) int64)
+    -> boxes (N, D, 4), scores (N, D), labels (N, D) (-1 past an image's detections), num_detections (N,).
+    torch.export records the loop over N as one `map` node whose body has h_i and w_i as
+    data-dependent sizes, so N, H and W are all free in the exported program.
+    """
+
+    def __init__(self, detector: SingleImageDetector):
+        super().__init__()
+        self.detector = detector
+        self.max_detections = detector.detections_per_image
+
+    def forward(self, images: Tensor, image_sizes: Tensor, original_sizes: Tensor) -> tuple[Tensor, ...]:
+        return map_over_batch(self.one_image, (images, image_sizes, original_sizes))
+
+    def one_image(self, inputs: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """image (3, H, W), its size (2,), original size (2,) -> boxes (D, 4), scores (D,), labels (D,), count ()."""
+        image, size, original_size = inputs
+        h, w = size[0].item(), size[1].item()
+        # What torch.export must know of the data-dependent h and w; the runtime checks them.
+        torch._check(h >= 1)
+        torch._check(w >= 1)
+        torch._check(h <= image.shape[1])
+        torch._check(w <= image.shape[2])
+        boxes, scores, labels = self.detector(image[:, :h, :w], original_size)
+        count = scores.shape[0]
+        torch._check(count <= self.max_detections)
+        pad = self.max_detections - count
+        return (
+            F.pad(boxes, [0, 0, 0, pad]),
+            F.pad(scores, [0, pad]),
+            F.pad(labels, [0, pad], value=-1),
+            torch.full((), count, dtype=torch.int64),
+        )

@@ -8,10 +8,12 @@
 
 Everything comes from the file's metadata (exporter.export_metadata): the resize (the same
 `Preprocessor` as the PyTorch backend, rebuilt from the stored config), the class names and
-category ids, the score threshold. The exported graph takes one image at a time, so a batch is
-run image by image, each padded to `size_divisibility` on its own: what the batch-invariant eager
-model (test.batch_invariant, the default) does with each image of a batch, so both give an image
-the same detections at any batch size.
+category ids, the score threshold. A one-image file (the default export) runs a batch image by
+image, each padded to `size_divisibility` on its own: what the batch-invariant eager model
+(test.batch_invariant, the default) does with each image of a batch. A batched file
+(`tools/export.py --batched`, metadata "batched": "true") takes up to `batch_size` images per call,
+zero-padded to the largest, and crops each to its own size inside (graph.BatchedDetector). Either
+way an image gets the same detections at any batch size.
 
 Shapes: D detections of one image; h x w the resized image; (h0, w0) the original size.
 """
@@ -29,7 +31,13 @@ from torch import nn
 
 from detkit.engine.predictor import Detections, Preprocessor, detections_from_arrays
 from detkit.errors import CheckpointError, ConfigError, ExportError
-from detkit.export.exporter import check_metadata, one_line, require_export_packages
+from detkit.export.exporter import (
+    BATCHED_OUTPUT_NAMES,
+    OUTPUT_NAMES,
+    check_metadata,
+    one_line,
+    require_export_packages,
+)
 from detkit.structures.image_batch import ImageBatch
 
 logger = logging.getLogger(__name__)
@@ -76,10 +84,20 @@ class _OnnxRuntimeModel:
             options.intra_op_num_threads = num_threads
             options.inter_op_num_threads = 1
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.batched = is_batched(self.metadata)
 
     def __call__(self, image: torch.Tensor, original_size: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.batched:
+            return first_image(self.run_batch(*batch_of_one(image, original_size)))
         boxes, scores, labels = self.session.run(None, {"image": image.numpy(), "original_size": original_size.numpy()})
         return boxes, scores, labels
+
+    def run_batch(self, images: torch.Tensor, image_sizes: torch.Tensor, original_sizes: torch.Tensor) -> BatchOutputs:
+        boxes, scores, labels, counts = self.session.run(
+            None,
+            {"images": images.numpy(), "image_sizes": image_sizes.numpy(), "original_sizes": original_sizes.numpy()},
+        )
+        return boxes, scores, labels, counts
 
 
 def require_openvino() -> None:
@@ -121,13 +139,24 @@ class _OpenVinoModel:
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
             raise CheckpointError(f"--model {path}: OpenVINO cannot compile it: {one_line(exc)}") from None
         self.request = self.compiled.create_infer_request()
-        self.outputs = [self.compiled.output(name) for name in ("boxes", "scores", "labels")]
+        self.batched = is_batched(self.metadata)
+        names = BATCHED_OUTPUT_NAMES if self.batched else OUTPUT_NAMES
+        self.outputs = [self.compiled.output(name) for name in names]
 
     def __call__(self, image: torch.Tensor, original_size: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.batched:
+            return first_image(self.run_batch(*batch_of_one(image, original_size)))
         out = self.request.infer({"image": image.numpy(), "original_size": original_size.numpy()})
         # The result arrays are views of the request's buffers, which the next call overwrites.
         boxes, scores, labels = (np.array(out[port], copy=True) for port in self.outputs)
         return boxes, scores, labels
+
+    def run_batch(self, images: torch.Tensor, image_sizes: torch.Tensor, original_sizes: torch.Tensor) -> BatchOutputs:
+        out = self.request.infer(
+            {"images": images.numpy(), "image_sizes": image_sizes.numpy(), "original_sizes": original_sizes.numpy()}
+        )
+        boxes, scores, labels, counts = (np.array(out[port], copy=True) for port in self.outputs)
+        return boxes, scores, labels, counts
 
 
 class _ExportedProgramModel:
@@ -146,11 +175,19 @@ class _ExportedProgramModel:
             raise CheckpointError(f"--model {path} is not a torch.export (.pt2) file: {one_line(exc)}") from None
         self.metadata = check_metadata({k: v for k, v in files.items() if v}, path)
         self.module = program.module()
+        self.batched = is_batched(self.metadata)
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor, original_size: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.batched:
+            return first_image(self.run_batch(*batch_of_one(image, original_size)))
         boxes, scores, labels = self.module(image, original_size)
         return boxes.numpy(), scores.numpy(), labels.numpy()
+
+    @torch.no_grad()
+    def run_batch(self, images: torch.Tensor, image_sizes: torch.Tensor, original_sizes: torch.Tensor) -> BatchOutputs:
+        boxes, scores, labels, counts = self.module(images, image_sizes, original_sizes)
+        return boxes.numpy(), scores.numpy(), labels.numpy(), counts.numpy()
 
 
 class _AotiModel:
@@ -167,11 +204,52 @@ class _AotiModel:
                 "compile it here with tools/export.py --format aoti, or export --format pt2 to run anywhere"
             ) from None
         self.metadata = check_metadata(self.module.get_metadata(), path)
+        self.batched = False  # exporter.BATCHED_FORMATS: AOTInductor packages take one image
 
     @torch.no_grad()
     def __call__(self, image: torch.Tensor, original_size: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         boxes, scores, labels = self.module(image, original_size)
         return boxes.numpy(), scores.numpy(), labels.numpy()
+
+
+BatchOutputs = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # boxes, scores, labels, num_detections
+
+
+def is_batched(metadata: dict[str, str]) -> bool:
+    """Whether the file takes N images (exporter.BATCHED_INPUTS); files without the key take one."""
+    return metadata.get("batched") == "true"
+
+
+def pad_batch(
+    images: Sequence[torch.Tensor], image_sizes: Sequence[Sequence[int]], original_sizes: Sequence[Sequence[int]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(3, h_i, w_i) uint8 images -> a batched file's inputs: (N, 3, H, W) uint8 zero-padded at the
+    bottom and right, image_sizes (N, 2) and original_sizes (N, 2) int64. image_sizes[i] may be
+    smaller than images[i] (an image of an already padded batch): the file crops to it."""
+    height = max(int(image.shape[1]) for image in images)
+    width = max(int(image.shape[2]) for image in images)
+    batch = torch.zeros((len(images), 3, height, width), dtype=torch.uint8)
+    for i, image in enumerate(images):
+        batch[i, :, : image.shape[1], : image.shape[2]] = image
+    return (
+        batch,
+        torch.as_tensor([[int(v) for v in size] for size in image_sizes], dtype=torch.int64).reshape(-1, 2),
+        torch.as_tensor([[int(v) for v in size] for size in original_sizes], dtype=torch.int64).reshape(-1, 2),
+    )
+
+
+def batch_of_one(image: torch.Tensor, original_size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return image[None], torch.tensor([list(image.shape[1:])], dtype=torch.int64), original_size.reshape(1, 2)
+
+
+def split_batch(outputs: BatchOutputs) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """A batched file's outputs -> per image (boxes (D_i, 4), scores (D_i,), labels (D_i,))."""
+    boxes, scores, labels, counts = outputs
+    return [(boxes[i, :n], scores[i, :n], labels[i, :n]) for i, n in enumerate(np.asarray(counts).tolist())]
+
+
+def first_image(outputs: BatchOutputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return split_batch(outputs)[0]
 
 
 def load_exported(path: str | Path, backend: str | None = None, num_threads: int | None = None):
@@ -201,7 +279,7 @@ class ExportedPredictor:
     model: a file written by tools/export.py. backend: "onnxruntime" | "openvino" | "pt2" | "aoti"
     (None: from the file; .onnx files run on ONNX Runtime unless "openvino" is asked for).
     score_thresh: keep detections scoring at least this (None: the exported model's own threshold).
-    batch_size: images per `predict` chunk (run one by one). num_threads: ONNX Runtime intra-op
+    batch_size: images per `predict` chunk (one call of a batched file; one call per image otherwise). num_threads: ONNX Runtime intra-op
     threads / OpenVINO inference threads (None: their default; pt2 and aoti follow
     torch.set_num_threads).
     """
@@ -236,6 +314,7 @@ class ExportedPredictor:
         self.device = torch.device("cpu")
         self.amp_dtype = None
         self.iteration = int(meta.get("iteration", 0))
+        self.batched = is_batched(meta)
         self.preprocessor = Preprocessor(self.cfg)
         logger.info(
             "Loaded %s (%s, %d classes), score >= %.2f", model, self.backend, len(self.class_names), self.score_thresh
@@ -254,6 +333,18 @@ class ExportedPredictor:
         self, tensors: Sequence[torch.Tensor], original_sizes: Sequence[Sequence[int]]
     ) -> list[Detections]:
         """Detections of (3, h_i, w_i) tensors from `preprocess`; original_sizes (N, 2) (h, w)."""
+        if self.batched:
+            results: list[Detections] = []
+            for start in range(0, len(tensors), self.batch_size):
+                chunk = [tensor.to(torch.uint8) for tensor in tensors[start : start + self.batch_size]]
+                inputs = pad_batch(
+                    chunk, [tensor.shape[1:] for tensor in chunk], original_sizes[start : start + len(chunk)]
+                )
+                results += [
+                    detections_from_arrays(*arrays, self.score_thresh, self.class_names)
+                    for arrays in split_batch(self.runner.run_batch(*inputs))
+                ]
+            return results
         return [
             detections_from_arrays(*self.run(tensor, size), self.score_thresh, self.class_names)
             for tensor, size in zip(tensors, original_sizes)
@@ -281,8 +372,21 @@ class _ExportedBatchModule(nn.Module):
 
     def forward(self, images: ImageBatch) -> list[dict[str, torch.Tensor]]:
         outputs = []
-        for tensor, (h, w), original in zip(images.tensor, images.image_sizes.tolist(), images.original_sizes.tolist()):
-            boxes, scores, labels = self.predictor.run(tensor[:, :h, :w], original)  # crop the batch padding
+        sizes, originals = images.image_sizes.tolist(), images.original_sizes.tolist()
+        if self.predictor.batched:  # the padded batch as it is: the file crops each image to its size
+            per_image = split_batch(
+                self.predictor.runner.run_batch(
+                    images.tensor.to(torch.uint8).contiguous(),
+                    images.image_sizes.to(torch.int64),
+                    images.original_sizes.to(torch.int64),
+                )
+            )
+        else:  # crop the batch padding, one call per image
+            per_image = [
+                self.predictor.run(tensor[:, :h, :w], original)
+                for tensor, (h, w), original in zip(images.tensor, sizes, originals)
+            ]
+        for boxes, scores, labels in per_image:
             outputs.append(
                 {
                     "boxes": torch.from_numpy(boxes),

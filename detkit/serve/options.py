@@ -16,7 +16,7 @@ class ServeOptions:
     """What to serve and how.
 
     weights (+ config, overrides): a detkit checkpoint (backend "pytorch"); model: an exported file
-    for backend "onnxruntime" / "pt2" / "aoti". score_thresh: the default of a request's score_thresh;
+    for backend "onnxruntime" / "openvino" / "pt2" / "aoti". score_thresh: the default of a request's score_thresh;
     the model itself runs at its own floor (the config's model.roi_heads.score_thresh, or the
     exported file's) so that a request may ask for any threshold in [floor, 1].
     max_batch: images per forward pass; max_wait_ms: how long the first image of a batch waits for

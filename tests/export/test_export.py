@@ -260,6 +260,211 @@ def test_export_cli_check_reports_parity_and_writes_a_loadable_file(exported, tm
     assert "max |box| diff 0.00e+00 px" in proc.stdout
 
 
+# ------------------------------------------------------------------------------------- batched files
+
+# Three batch compositions (original sizes of the images; the tests feed them unresized, so each
+# image keeps its own size): one size three times, four mixed sizes, a small image with a large one.
+# Every res4 map has more than 16 cells (backbone.small_map_conv2d takes the same path in all runs).
+COMPOSITIONS = {
+    "same size": [(58, 96)] * 3,
+    "mixed sizes": [(58, 96), (96, 58), (80, 80), (72, 130)],
+    "small with large": [(72, 72), (192, 288)],
+}
+
+
+@pytest.fixture(scope="module")
+def batched(exported):
+    """(batched ONNX path written by `detkit export --batched`, batched pt2 path)."""
+    from detkit.cli.export import main as export_main
+
+    tmp, _, weights, predictor, _, _ = exported
+    onnx_path = tmp / "model_batched.onnx"
+    assert export_main(["--weights", str(weights), "--format", "onnx", "--batched", "--output", str(onnx_path)]) == 0
+    pt2_path = export_model(predictor, tmp / "model_batched.pt2", "pt2", batched=True)
+    return onnx_path, pt2_path
+
+
+def composition(name: str) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+    """(3, h, w) uint8 images of COMPOSITIONS[name] and their 'original' sizes (twice as large)."""
+    sizes = COMPOSITIONS[name]
+    images = [
+        torch.from_numpy(smooth_random_image(h, w, seed=i)).permute(2, 0, 1).contiguous()
+        for i, (h, w) in enumerate(sizes)
+    ]
+    return images, [(2 * h, 2 * w) for h, w in sizes]
+
+
+def assert_same_detections(got, ref) -> None:
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+        assert len(b) >= 5  # random weights: enough detections to pin
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        np.testing.assert_array_equal(a.scores, b.scores)
+        np.testing.assert_array_equal(a.labels, b.labels)
+
+
+@pytest.mark.parametrize("name", list(COMPOSITIONS))
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "pt2"])
+def test_a_batched_file_gives_each_image_its_single_image_detections(exported, batched, loaded_pt2, backend, name):
+    """One call of the batched file on the padded batch equals the one-image file run image by image,
+    bit for bit, on the same runtime; for pt2 also the eager model."""
+    _, _, _, predictor, onnx_path, _ = exported
+    images, originals = composition(name)
+    if backend == "pt2":
+        single, ref_eager = (
+            loaded_pt2,
+            [predictor.predict_preprocessed([im], [o])[0] for im, o in zip(images, originals)],
+        )
+        many = ExportedPredictor(batched[1], batch_size=8)
+    else:
+        single, ref_eager = ExportedPredictor(onnx_path, backend=backend, batch_size=1), None
+        many = ExportedPredictor(batched[0], backend=backend, batch_size=8)
+    assert many.batched and not single.batched
+    ref = single.predict_preprocessed(images, originals)
+    assert_same_detections(many.predict_preprocessed(images, originals), ref)
+    if ref_eager is not None:
+        assert_same_detections(ref, ref_eager)
+
+
+def test_a_batched_file_takes_n_h_w_free_and_pads_past_each_image(exported, batched):
+    import onnx
+
+    from detkit.export.runtime import pad_batch
+
+    model = onnx.load(str(batched[0]), load_external_data=False)
+    assert [i.name for i in model.graph.input] == ["images", "image_sizes", "original_sizes"]
+    assert [o.name for o in model.graph.output] == ["boxes", "scores", "labels", "num_detections"]
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and dims[1].dim_value == 3 and dims[2].dim_param and dims[3].dim_param
+    assert [node.op_type for node in model.graph.node][-1] == "Loop"
+    images, originals = composition("mixed sizes")
+    for path in batched:
+        runner = ExportedPredictor(path)
+        assert runner.metadata["batched"] == "true" and "num_detections" in runner.metadata["outputs"]
+        boxes, scores, labels, counts = runner.runner.run_batch(
+            *pad_batch(images, [im.shape[1:] for im in images], originals)
+        )
+        d = exported[3].cfg.model.roi_heads.detections_per_image
+        assert boxes.shape == (4, d, 4) and scores.shape == labels.shape == (4, d) and counts.shape == (4,)
+        for i, n in enumerate(counts.tolist()):
+            assert 5 <= n < d
+            assert (labels[i, n:] == -1).all() and (scores[i, n:] == 0).all() and (boxes[i, n:] == 0).all()
+            assert (labels[i, :n] >= 0).all() and (np.diff(scores[i, :n]) <= 0).all()  # best first
+
+
+def test_infer_and_eval_run_a_batched_onnx_file_as_the_one_image_file(exported, batched, tmp_path):
+    tmp, cfg_path, _, _, onnx_path, _ = exported
+    import cv2
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index, (h, w) in enumerate(PARITY_SIZES):
+        cv2.imwrite(str(photos / f"img{index}.png"), smooth_random_image(h, w, seed=index)[:, :, ::-1])
+    for model, out in ((onnx_path, "one"), (batched[0], "batched")):
+        run_tool(
+            ROOT / "tools" / "infer.py",
+            "--backend",
+            "onnxruntime",
+            "--model",
+            model,
+            "--input",
+            photos,
+            "--output",
+            tmp_path / out,
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+            "--score-thresh",
+            "0.1",
+        )
+    ref = json.loads((tmp_path / "one" / "predictions.json").read_text())
+    assert len(ref) >= 20 and json.loads((tmp_path / "batched" / "predictions.json").read_text()) == ref
+    # tools/eval.py hands the padded batch (test.ims_per_batch 2) to the file in one call.
+    run_tool(ROOT / "tools" / "eval.py", "--model", batched[0], cfg_path, f"output_dir={tmp_path / 'eval'}")
+    if not (tmp / "eval_onnx" / "predictions.json").exists():
+        run_tool(ROOT / "tools" / "eval.py", "--model", onnx_path, cfg_path, f"output_dir={tmp / 'eval_onnx'}")
+    ref = json.loads((tmp / "eval_onnx" / "predictions.json").read_text())
+    assert len(ref) >= 20 and json.loads((tmp_path / "eval" / "predictions.json").read_text()) == ref
+
+
+def test_serve_runs_a_batched_file_on_openvino_one_call_per_batch(exported, batched, tmp_path):
+    """`detkit serve --backend openvino --model model_batched.onnx`: concurrent requests of three
+    sizes run as one call of the batched file, each answered with its one-image file's detections."""
+    import cv2
+
+    from detkit.data import read_image
+    from tests.serve.test_server import detect, in_threads, start_server, wait_ready
+
+    onnx_path = exported[4]
+    sizes = [(90, 150), (150, 90), (70, 70)]
+    files = []
+    for index, (h, w) in enumerate(sizes):
+        files.append(tmp_path / f"img{index}.png")
+        cv2.imwrite(str(files[-1]), smooth_random_image(h, w, seed=index)[:, :, ::-1])
+    server = start_server(
+        *("--backend", "openvino", "--model", str(batched[0]), "--max-batch", "8", "--max-wait-ms", "1500"),
+        *("--threads", "1", "--score-thresh", "0.05"),
+    )
+    try:
+        wait_ready(server)
+        threads, answers = in_threads(lambda path: detect(server, path.read_bytes(), "", "image/png"), files)
+        for thread in threads:
+            thread.join(120)
+    finally:
+        server.proc.terminate()
+        server.proc.wait(60)
+    single = ExportedPredictor(onnx_path, backend="openvino")
+    for path, answer in zip(files, answers):
+        assert not isinstance(answer, Exception), answer
+        status, _, result = answer
+        assert status == 200, result
+        assert result["batch_size"] == 3  # all three in one call of the batched file
+        ref = single(read_image(path))
+        assert len(ref) >= 5 and result["labels"] == ref.labels.tolist()
+        np.testing.assert_array_equal(np.float32(result["boxes"]), ref.boxes)
+        np.testing.assert_array_equal(np.float32(result["scores"]), ref.scores)
+
+
+def test_batched_files_benchmark_reuses_the_files_and_finds_them_equal(exported, batched, capsys):
+    from benchmarks.batched_files import main as bench_main
+
+    tmp, _, weights, _, _, _ = exported
+    before = {p.name: p.stat().st_mtime_ns for p in tmp.glob("model*")}
+    code = bench_main(
+        [str(weights), "--export-dir", str(tmp), "--batch-size", "3", "--rounds", "2", "--warmup", "0", "--pt2"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and {p.name: p.stat().st_mtime_ns for p in tmp.glob("model*")} == before  # nothing re-exported
+    for backend in ("onnxruntime", "openvino", "pt2"):
+        assert f"| {backend} batched file |" in out and f"- {backend}: detections per image" in out
+    assert out.count("bit-identical") == 3
+
+
+def test_batched_aoti_and_batched_int8_are_refused_with_one_line(exported, tmp_path):
+    from detkit.cli.export import main as export_main
+
+    weights = str(exported[2])
+    with pytest.raises(ConfigError, match="batched files are onnx and pt2 only"):
+        export_main(["--weights", weights, "--format", "aoti", "--batched", "--output", str(tmp_path / "m.pt2")])
+    with pytest.raises(ConfigError, match="--int8-res5 with --batched"):
+        export_main(
+            [
+                "--weights",
+                weights,
+                "--batched",
+                "--int8-res5",
+                "--calibration",
+                str(tmp_path),
+                "--output",
+                str(tmp_path / "m.onnx"),
+            ]
+        )
+    with pytest.raises(ExportError, match="batched files are onnx and pt2 only"):
+        export_model(exported[3], tmp_path / "m.pt2", "aoti", batched=True)
+    assert not list(tmp_path.iterdir())
+
+
 # ------------------------------------------------------------------------------------- errors
 
 
