@@ -275,13 +275,21 @@ def _spell_out_sym_sums(program: torch.export.ExportedProgram) -> None:
         module.recompile()
 
 
+# layout_optimization off: with it (the default), torch 2.14's AOTInductor on the CPU computes wrong
+# convolutions whose batch size is data-dependent (res5 on the RPN's surviving proposals): the
+# R101-C4 package kept 0 of eager's 100 detections, and a three-convolution model on `x[nonzero]`
+# rows is off by 0.34 (4e-8 without it). The tiny test model hid it: its res5 maps take the GEMM
+# path (backbone.small_map_conv2d), not a convolution.
+AOTI_CONFIGS = {"layout_optimization": False}
+
+
 def _export_aoti(program: torch.export.ExportedProgram, metadata: dict[str, str], path: str) -> None:
     """AOTInductor: the program compiled to C++ / a shared library for this machine's CPU, packaged
     with its weights and `metadata` (AOTIModelPackageLoader::get_metadata in C++) into `path`."""
     try:
         # torch 2.14 has no public successor of this entry point yet (torch._inductor's own docs use it).
         torch._inductor.aoti_compile_and_package(
-            program, package_path=path, inductor_configs={"aot_inductor.metadata": dict(metadata)}
+            program, package_path=path, inductor_configs={**AOTI_CONFIGS, "aot_inductor.metadata": dict(metadata)}
         )
     except Exception as exc:  # a C++ compiler error, a missing compiler, an unsupported op
         raise ExportError(
