@@ -7,7 +7,6 @@ elsewhere, and the header says so; `make gpu-check` (benchmarks/gpu_check.sh) ru
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 
 import cv2
@@ -102,22 +101,6 @@ def write_standin_imagenet_resnet(path: Path, depth: int = 18, seed: int = 0) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return path
-
-
-@pytest.fixture(autouse=True)
-def restore_sigchld():
-    """Give SIGCHLD back its disposition after each test. A DataLoader with worker processes installs
-    a Python SIGCHLD handler for the rest of the process (torch.utils.data._utils.signal_handling), and
-    Python installs handlers without SA_RESTART: from then on every child that exits (each subprocess
-    a test runs) can interrupt a system call in any native thread. With the handler of test_loader's
-    2-worker test left in place, the export tests (OpenVINO and ONNX Runtime thread pools alive,
-    subprocesses ending) segfaulted in malloc, a corrupted heap, at the same test in each of 8 runs;
-    with it restored after each test, in none. Which native library mishandles the interruption was
-    not found."""
-    before = signal.getsignal(signal.SIGCHLD)
-    yield
-    if signal.getsignal(signal.SIGCHLD) is not before:
-        signal.signal(signal.SIGCHLD, before)
 
 
 @pytest.fixture(scope="session")
