@@ -20,9 +20,12 @@ Shapes: D detections of one image; h x w the resized image; (h0, w0) the origina
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +115,39 @@ def require_openvino() -> None:
         )
 
 
+class _SignalStack(ctypes.Structure):
+    """Linux's stack_t (sigaltstack(2))."""
+
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextmanager
+def keep_signal_stack() -> Iterator[None]:
+    """Give the calling thread back its alternate signal stack after the block (Linux; elsewhere a no-op).
+
+    Building an OpenVINO model installs an alternate signal stack on the calling thread, and freeing
+    the model puts back the stack that was there before it, but only when the model's own stack is
+    still the current one: with two models freed in the order they were built, the thread is left
+    with the first model's freed stack. Python runs its signal handlers on that stack (SA_ONSTACK),
+    so the next signal the thread takes (Ctrl-C, SIGTERM, a SIGCHLD with a handler) writes into freed
+    memory and corrupts the heap; the crash comes later, anywhere. Measured with openvino 2026.4.1: two
+    models built and freed, then SIGINT to the process: segfault every time; with this, none. Putting
+    the caller's stack back right after building keeps OpenVINO's stack from ever being the current
+    one, so freeing a model changes nothing."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    before = _SignalStack()
+    if libc.sigaltstack(None, ctypes.byref(before)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(before), None)
+
+
 class _OpenVinoModel:
     """The exported ONNX file compiled by OpenVINO for the CPU (its ONNX reader; no conversion step).
 
@@ -133,12 +169,13 @@ class _OpenVinoModel:
         config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         if num_threads:
             config["INFERENCE_NUM_THREADS"] = num_threads
-        core = openvino.Core()
-        try:
-            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
-        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
-            raise CheckpointError(f"--model {path}: OpenVINO cannot compile it: {one_line(exc)}") from None
-        self.request = self.compiled.create_infer_request()
+        with keep_signal_stack():  # OpenVINO would leave the thread a stack it frees later
+            core = openvino.Core()
+            try:
+                self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+            except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
+                raise CheckpointError(f"--model {path}: OpenVINO cannot compile it: {one_line(exc)}") from None
+            self.request = self.compiled.create_infer_request()
         self.batched = is_batched(self.metadata)
         names = BATCHED_OUTPUT_NAMES if self.batched else OUTPUT_NAMES
         self.outputs = [self.compiled.output(name) for name in names]

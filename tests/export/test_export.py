@@ -132,6 +132,38 @@ def test_openvino_runs_the_onnx_file_with_the_pytorch_detections_at_three_sizes(
         assert row["max_box_diff_px"] <= 1e-3 and row["max_score_diff"] <= 1e-4, row
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's stack_t through ctypes")
+def test_openvino_models_leave_the_threads_signal_stack_as_they_found_it(exported):
+    """Two OpenVINO models built, then freed in the order they were built. Without
+    runtime.keep_signal_stack the thread was left with the first model's freed alternate signal
+    stack, and the next signal handled in Python (Ctrl-C, or SIGCHLD once a DataLoader had installed
+    its handler) ran on freed memory: the whole test suite segfaulted in malloc, tests later."""
+    import ctypes
+    import gc
+
+    from detkit.export.runtime import _SignalStack
+
+    libc = ctypes.CDLL(None)
+
+    def current() -> tuple:
+        stack = _SignalStack()
+        assert libc.sigaltstack(None, ctypes.byref(stack)) == 0
+        return stack.ss_sp, stack.ss_flags, stack.ss_size
+
+    before = current()
+    first = ExportedPredictor(exported[4], backend="openvino")
+    second = ExportedPredictor(exported[4], backend="openvino")
+    image = smooth_random_image(70, 70)
+    assert len(first(image)) == len(second(image)) >= 10
+    assert current() == before
+    del first
+    gc.collect()
+    assert current() == before
+    del second
+    gc.collect()
+    assert current() == before
+
+
 def test_pt2_is_bit_identical_to_pytorch_at_three_sizes(exported, loaded_pt2):
     predictor, program = exported[3], loaded_pt2
     assert program.backend == "pt2" and program.score_thresh == predictor.score_thresh
