@@ -28,7 +28,7 @@ from pathlib import Path
 
 from detkit.cli.common import run_cli, setup_logging
 from detkit.errors import ConfigError
-from detkit.export.exporter import BATCHED_FORMATS, FORMATS, RETIRED_FORMATS
+from detkit.export.exporter import BATCHED_FORMATS, FORMATS, NOT_BATCHED, RETIRED_FORMATS
 
 logger = logging.getLogger("detkit.cli.export")
 
@@ -123,10 +123,7 @@ def main(argv: Sequence[str]) -> int:
     if output.exists() and not args.overwrite:
         raise ConfigError(f"--output {output} already exists: add --overwrite to replace it, or give another file name")
     if args.batched and args.fmt not in BATCHED_FORMATS:
-        raise ConfigError(
-            f"--batched --format {args.fmt}: batched files are {' and '.join(BATCHED_FORMATS)} only (AOTInductor "
-            "cannot compile the loop over images yet); drop --batched or use --format pt2"
-        )
+        raise ConfigError(f"--batched --format {args.fmt}: {NOT_BATCHED}; drop --batched or use --format pt2")
     if args.int8_res5:
         if args.batched:
             raise ConfigError(

@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "pt2", "aoti")
 BATCHED_FORMATS = ("onnx", "pt2")  # formats that can hold graph.BatchedDetector (aoti: not yet)
+NOT_BATCHED = "batched files are onnx and pt2 only (AOTInductor cannot compile the loop over images yet)"
 # Formats detkit wrote before, with the one-line reason and replacement shown to whoever asks for them.
 RETIRED_FORMATS = {
     "torchscript": "TorchScript was retired: PyTorch deprecates it in favour of torch.export, and torch 2.14 "
@@ -163,8 +164,7 @@ def export_model(predictor, output: str | Path, fmt: str, batched: bool = False)
         raise ExportError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     if batched and fmt not in BATCHED_FORMATS:
         raise ExportError(
-            f"--batched --format {fmt}: batched files are {' and '.join(BATCHED_FORMATS)} only (AOTInductor cannot "
-            f"compile the loop over images yet); export --format {fmt} without --batched, or --batched --format pt2"
+            f"--batched --format {fmt}: {NOT_BATCHED}; export --format {fmt} without --batched, or --batched --format pt2"
         )
     output = Path(output)
     if not output.parent.is_dir():
@@ -210,9 +210,14 @@ def export_program(detector, image: torch.Tensor, original_size: torch.Tensor) -
     from torch.export import Dim
 
     dynamic_shapes = ({1: Dim.DYNAMIC, 2: Dim.DYNAMIC}, None)  # image (3, h, w): h and w free
+    return _torch_export(detector, (image, original_size), dynamic_shapes)
+
+
+def _torch_export(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple) -> torch.export.ExportedProgram:
+    """Non-strict torch.export of `module` on `args`; ExportError naming the failing line of detkit's code."""
     try:
         with torch.no_grad():
-            return torch.export.export(detector, (image, original_size), dynamic_shapes=dynamic_shapes, strict=False)
+            return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # torch.export raises many kinds; name the part instead of a trace
         where, error = _failing_part(exc)
         raise ExportError(f"torch.export failed at {where}: {type(error).__name__}: {one_line(error)}") from exc
@@ -239,14 +244,7 @@ def export_batched_program(
 
     free = Dim.DYNAMIC
     dynamic_shapes = ({0: free, 2: free, 3: free}, {0: free}, {0: free})
-    try:
-        with torch.no_grad():
-            program = torch.export.export(
-                detector, (images, image_sizes, original_sizes), dynamic_shapes=dynamic_shapes, strict=False
-            )
-    except Exception as exc:  # torch.export raises many kinds; name the part instead of a trace
-        where, error = _failing_part(exc)
-        raise ExportError(f"torch.export failed at {where}: {type(error).__name__}: {one_line(error)}") from exc
+    program = _torch_export(detector, (images, image_sizes, original_sizes), dynamic_shapes)
     _spell_out_sym_sums(program)
     return program
 

@@ -35,7 +35,9 @@ from torch import nn
 from detkit.engine.predictor import Detections, Preprocessor, detections_from_arrays
 from detkit.errors import CheckpointError, ConfigError, ExportError
 from detkit.export.exporter import (
+    BATCHED_INPUT_NAMES,
     BATCHED_OUTPUT_NAMES,
+    INPUT_NAMES,
     OUTPUT_NAMES,
     check_metadata,
     one_line,
@@ -92,15 +94,19 @@ class _OnnxRuntimeModel:
     def __call__(self, image: torch.Tensor, original_size: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self.batched:
             return first_image(self.run_batch(*batch_of_one(image, original_size)))
-        boxes, scores, labels = self.session.run(None, {"image": image.numpy(), "original_size": original_size.numpy()})
+        boxes, scores, labels = self.session.run(None, feeds(INPUT_NAMES, image, original_size))
         return boxes, scores, labels
 
     def run_batch(self, images: torch.Tensor, image_sizes: torch.Tensor, original_sizes: torch.Tensor) -> BatchOutputs:
         boxes, scores, labels, counts = self.session.run(
-            None,
-            {"images": images.numpy(), "image_sizes": image_sizes.numpy(), "original_sizes": original_sizes.numpy()},
+            None, feeds(BATCHED_INPUT_NAMES, images, image_sizes, original_sizes)
         )
         return boxes, scores, labels, counts
+
+
+def feeds(names: Sequence[str], *tensors: torch.Tensor) -> dict[str, np.ndarray]:
+    """The ONNX file's inputs by name (exporter.INPUT_NAMES or BATCHED_INPUT_NAMES), as numpy arrays."""
+    return {name: tensor.numpy() for name, tensor in zip(names, tensors, strict=True)}
 
 
 def require_openvino() -> None:
@@ -183,15 +189,13 @@ class _OpenVinoModel:
     def __call__(self, image: torch.Tensor, original_size: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self.batched:
             return first_image(self.run_batch(*batch_of_one(image, original_size)))
-        out = self.request.infer({"image": image.numpy(), "original_size": original_size.numpy()})
+        out = self.request.infer(feeds(INPUT_NAMES, image, original_size))
         # The result arrays are views of the request's buffers, which the next call overwrites.
         boxes, scores, labels = (np.array(out[port], copy=True) for port in self.outputs)
         return boxes, scores, labels
 
     def run_batch(self, images: torch.Tensor, image_sizes: torch.Tensor, original_sizes: torch.Tensor) -> BatchOutputs:
-        out = self.request.infer(
-            {"images": images.numpy(), "image_sizes": image_sizes.numpy(), "original_sizes": original_sizes.numpy()}
-        )
+        out = self.request.infer(feeds(BATCHED_INPUT_NAMES, images, image_sizes, original_sizes))
         boxes, scores, labels, counts = (np.array(out[port], copy=True) for port in self.outputs)
         return boxes, scores, labels, counts
 
@@ -351,7 +355,7 @@ class ExportedPredictor:
         self.device = torch.device("cpu")
         self.amp_dtype = None
         self.iteration = int(meta.get("iteration", 0))
-        self.batched = is_batched(meta)
+        self.batched = self.runner.batched
         self.preprocessor = Preprocessor(self.cfg)
         logger.info(
             "Loaded %s (%s, %d classes), score >= %.2f", model, self.backend, len(self.class_names), self.score_thresh
